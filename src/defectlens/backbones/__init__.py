@@ -1,0 +1,13 @@
+"""Frozen pretrained feature extractors, defined in plain torch."""
+
+from .registry import (
+    BackboneSpec,
+    FeatureExtractor,
+    available_backbones,
+    create_backbone,
+    fuse_conv_bn,
+    get_spec,
+    register_backbone,
+)
+
+__all__ = ["BackboneSpec", "FeatureExtractor", "available_backbones", "create_backbone", "fuse_conv_bn", "get_spec", "register_backbone"]

@@ -1,0 +1,124 @@
+"""Speed and memory figures of fit and inspect on one data set, printed by `defectlens benchmark`.
+
+Performance targets live here, not in timed tests: figures depend on the machine, so they are
+measured and reported with the machine's description.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .bundle import library_versions
+from .data.datasets import load_dataset
+from .detectors import create_detector
+from .evaluation import load_mask
+from .metrics import image_auroc, pixel_auroc
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.system()} {platform.release()}"
+
+
+@dataclass
+class BenchmarkResult:
+    dataset: str
+    machine: str
+    detector: str
+    backbone: str
+    image_size: int
+    train_images: int
+    test_images: int
+    memory_bank: int
+    fit_s: float
+    inspect_images_per_s: float
+    latency_ms_median: float
+    stage_ms: dict[str, float]
+    peak_rss_mib: float
+    image_auroc: float
+    pixel_auroc: float
+
+    def text(self) -> str:
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in self.stage_ms.items())
+        return "\n".join([
+            f"benchmark: {self.detector} / {self.backbone} @ {self.image_size}px on '{self.dataset}'",
+            f"  machine:               {self.machine}",
+            f"  fit:                   {self.fit_s:.1f} s for {self.train_images} images (memory bank {self.memory_bank} patches)",
+            f"  inspect (batched):     {self.inspect_images_per_s:.1f} images/s over {self.test_images} images",
+            f"  inspect (one image):   {self.latency_ms_median:.1f} ms median latency",
+            f"  stages (ms/image):     {stages}",
+            f"  peak memory (RSS):     {self.peak_rss_mib:.0f} MiB",
+            f"  image AUROC:           {self.image_auroc:.4f}",
+            f"  pixel AUROC:           {self.pixel_auroc:.4f}",
+        ])
+
+
+def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 20, **params) -> BenchmarkResult:
+    ds = load_dataset(data, validation_fraction=0.0)
+    det = create_detector(detector, **params)
+    t0 = time.perf_counter()
+    det.fit(ds.train_good)
+    fit_s = time.perf_counter() - t0
+
+    paths = [s.path for s in ds.test] or ds.train_good
+    det.score(paths[: det.batch_size])  # warm-up: first-call allocations are not throughput
+    scores, maps, stage_totals = [], [], {}
+    t0 = time.perf_counter()
+    for out in det.score_batches(paths):
+        scores.append(out.scores)
+        maps.append(out.maps)
+        for k, v in out.timings_ms.items():
+            stage_totals[k] = stage_totals.get(k, 0.0) + v
+    throughput = len(paths) / (time.perf_counter() - t0)
+    scores_all, maps_all = np.concatenate(scores), np.concatenate(maps)
+
+    latencies = []
+    for p in paths[:latency_images]:
+        t1 = time.perf_counter()
+        det.score([p])
+        latencies.append((time.perf_counter() - t1) * 1000.0)
+
+    labels = np.array([s.label for s in ds.test])
+    img_auc = pix_auc = float("nan")
+    if ds.test:
+        img_auc = image_auroc(labels, scores_all)
+        masks = np.stack([load_mask(s.mask_path, det.image_size) for s in ds.test])
+        pix_auc = pixel_auroc(masks, maps_all)
+    bank = getattr(det, "memory_bank_", None)
+    return BenchmarkResult(
+        dataset=ds.name,
+        machine=machine_description(),
+        detector=detector,
+        backbone=det.get_params().get("backbone", ""),
+        image_size=det.image_size,
+        train_images=len(ds.train_good),
+        test_images=len(paths),
+        memory_bank=0 if bank is None else len(bank),
+        fit_s=fit_s,
+        inspect_images_per_s=throughput,
+        latency_ms_median=statistics.median(latencies),
+        stage_ms={k: v / len(paths) for k, v in stage_totals.items()},
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        image_auroc=img_auc,
+        pixel_auroc=pix_auc,
+    )
+
+
+def result_dict(result: BenchmarkResult) -> dict:
+    return {**asdict(result), "versions": library_versions()}

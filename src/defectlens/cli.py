@@ -1,0 +1,248 @@
+"""`defectlens` command line: fit | inspect | evaluate | benchmark | demo.
+
+Every user-caused failure prints one line `defectlens: error: ...` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import DefectLensError
+
+EXIT_USAGE = 2
+DEMO_DATA_CANDIDATES = ("../shared/datasets/mvtec_ad/bottle", "shared/datasets/mvtec_ad/bottle")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detector", default="patchcore", help="detector to fit (default: patchcore)")
+    p.add_argument("--backbone", default="mobilenet_v2", help="feature backbone (mobilenet_v2, efficientnet_lite0)")
+    p.add_argument("--weights", default=None, help="local backbone weights file (default: the installed package's)")
+    p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default: 256)")
+    p.add_argument("--coreset-ratio", type=float, default=0.01, help="fraction of patches kept in memory (default: 0.01)")
+    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+
+def _detector_params(args: argparse.Namespace) -> dict:
+    return {
+        "backbone": args.backbone,
+        "weights": args.weights,
+        "image_size": args.image_size,
+        "coreset_ratio": args.coreset_ratio,
+        "batch_size": args.batch_size,
+        "random_state": args.seed,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="defectlens", description="Visual defect detection trained on good parts only.")
+    parser.add_argument("--version", action="version", version=f"defectlens {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fit", help="fit a model on good images and save it", description=(
+        "Fit a model on the good training images of DATA (MVTec layout, good/ + defect folders, or a folder of good images), "
+        "calibrate its threshold on held-out good images, and save one model file."))
+    p.add_argument("data", help="data set or category folder")
+    p.add_argument("-o", "--output", required=True, help="model file to write (.dlens)")
+    p.add_argument("--validation-fraction", type=float, default=0.1, help="good images held out to calibrate the threshold (default: 0.1)")
+    p.add_argument("--k-sigma", type=float, default=3.0, help="threshold = mean + k * std of held-out good scores (default: 3)")
+    _add_model_options(p)
+
+    p = sub.add_parser("inspect", help="inspect images with a model", description=(
+        "Inspect images or folders of images; print one JSON record per image, and with --out write results.jsonl "
+        "and heat-map overlays."))
+    p.add_argument("model", help="model file (.dlens)")
+    p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--out", default=None, help="folder for results.jsonl and overlays/")
+    p.add_argument("--no-overlay", action="store_true", help="do not write overlay PNGs")
+
+    p = sub.add_parser("evaluate", help="measure a model on a labelled test split", description=(
+        "Score the test split of DATA and print image AUROC, AUPR, F1-max, pixel AUROC and AUPRO."))
+    p.add_argument("model", help="model file (.dlens)")
+    p.add_argument("data", help="data set or category folder with test images")
+    p.add_argument("--out", default=None, help="JSON file for metrics and per-image records (default: evaluation_<name>.json)")
+
+    p = sub.add_parser("benchmark", help="measure fit and inspect speed and memory", description=(
+        "Fit on all training images of DATA, then print fit seconds, batched images/s, single-image latency, "
+        "per-stage times, peak memory and accuracy."))
+    p.add_argument("data", help="data set or category folder")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    _add_model_options(p)
+
+    p = sub.add_parser("demo", help="fit, evaluate and draw overlays on built-in data", description=(
+        "Run the main job end to end: on MVTec bottle when ../shared/datasets is present, otherwise on a generated data set."))
+    p.add_argument("--data", default=None, help="use this data set instead of the built-in choice")
+    p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    return parser
+
+
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .detectors import create_detector
+
+    ds = load_dataset(args.data, validation_fraction=args.validation_fraction, seed=args.seed)
+    print(ds.summary())
+    det = create_detector(args.detector, verbose=True, **_detector_params(args))
+    det.fit(ds.train_good)
+    meta = {"name": ds.name, "data": str(ds.root), "train_images": len(ds.train_good)}
+    if ds.validation:
+        bundle = det.calibrate(ds.validation, k_sigma=args.k_sigma, metadata=meta)
+        cal = bundle.calibration
+        print(f"calibrated on {cal.n_images} held-out good images: image threshold {cal.image_threshold:.4f}, pixel threshold {cal.pixel_threshold:.4f}")
+    else:
+        from .bundle import Bundle
+
+        bundle = Bundle(det, None, meta)
+        print("warning: no held-out good images, so the model has no threshold (verdicts will be 'uncalibrated')")
+    path = bundle.save(args.output)
+    print(f"saved {path} ({path.stat().st_size / 2**20:.1f} MiB, checksum {bundle.checksum[:12]})")
+    return 0
+
+
+def _write_inspections(inspector, paths: Sequence[Path], out: Path | None, overlays: bool) -> tuple[int, int, int]:
+    from .data.images import load_rgb
+    from .errors import ImageError
+    from .overlay import save_overlay
+
+    counts = {"good": 0, "defect": 0, "uncalibrated": 0, "error": 0}
+    used: set[str] = set()
+    pixel_threshold = inspector.calibration.pixel_threshold if inspector.calibration else None
+    with contextlib.ExitStack() as stack:
+        results = None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            results = stack.enter_context(open(out / "results.jsonl", "w"))
+        for path, result in zip(paths, inspector.inspect_many(paths, progress=out is not None), strict=True):
+            if isinstance(result, ImageError):
+                counts["error"] += 1
+                record = {"source": str(path), "error": str(result)}
+                print(f"defectlens: skipped: {result}", file=sys.stderr)
+            else:
+                counts[result.verdict] += 1
+                record = result.to_record()
+                if out is not None and overlays:
+                    name = f"{path.parent.name}_{path.stem}"  # test/<type>/000.png -> <type>_000
+                    base, n = name, 1
+                    while name in used:
+                        n += 1
+                        name = f"{base}-{n}"
+                    used.add(name)
+                    record["overlay"] = str(save_overlay(out / "overlays" / f"{name}.png", load_rgb(path), result, pixel_threshold))
+            line = json.dumps(record)
+            if results is not None:
+                results.write(line + "\n")
+            else:
+                print(line)
+    return counts["good"], counts["defect"], counts["error"]
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .data.images import flatten_inputs
+    from .inspector import Inspector
+
+    inspector = Inspector.load(args.model)
+    paths = flatten_inputs(args.inputs)
+    out = Path(args.out) if args.out else None
+    good, defect, errors = _write_inspections(inspector, paths, out, not args.no_overlay)
+    summary = f"inspected {len(paths) - errors} images: {good} good, {defect} defect" + (f", {errors} unreadable (skipped)" if errors else "")
+    print(summary + (f"; results in {out / 'results.jsonl'}" if out else ""), file=sys.stderr if out is None else sys.stdout)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    from .data import load_dataset
+    from .evaluation import evaluate
+
+    bundle = Bundle.load(args.model)
+    ds = load_dataset(args.data, validation_fraction=0.0)
+    print(ds.summary())
+    result = evaluate(bundle, ds, progress=True)
+    print(result.table())
+    out = Path(args.out or f"evaluation_{ds.name}.json")
+    result.save_json(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import result_dict, run_benchmark
+
+    result = run_benchmark(args.data, args.detector, **_detector_params(args))
+    print(result.text())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result_dict(result), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _find_demo_data() -> Path | None:
+    for candidate in DEMO_DATA_CANDIDATES:
+        path = Path(candidate)
+        if (path / "train" / "good").is_dir():
+            return path.resolve()
+    return None
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    from .data import load_dataset
+    from .data.synthetic import make_synthetic_dataset
+    from .detectors import create_detector
+    from .evaluation import evaluate
+    from .inspector import Inspector
+
+    out = Path(args.out)
+    data = Path(args.data) if args.data else _find_demo_data()
+    if data is None:
+        print("no real data set found beside the project: generating the demo data set (machined discs)")
+        data = make_synthetic_dataset(out / "data")
+    ds = load_dataset(data)
+    print(ds.summary())
+    det = create_detector("patchcore", verbose=True).fit(ds.train_good)
+    bundle = det.calibrate(ds.validation, metadata={"name": ds.name, "data": str(ds.root)})
+    model_path = bundle.save(out / f"{ds.name}.dlens")
+    print(f"model saved to {model_path}")
+    bundle = Bundle.load(model_path)
+    result = evaluate(bundle, ds, progress=True)
+    print(result.table())
+    result.save_json(out / "evaluation.json")
+    # overlays for a few images of each test type
+    picks = []
+    for t in sorted({s.defect_type for s in ds.test}):
+        picks += [s.path for s in ds.test if s.defect_type == t][:3]
+    good, defect, _ = _write_inspections(Inspector(bundle), picks, out / "inspections", overlays=True)
+    print(f"inspected {len(picks)} sample images ({good} good, {defect} defect): overlays in {out / 'inspections' / 'overlays'}")
+    print(f"evaluation written to {out / 'evaluation.json'}")
+    return 0
+
+
+COMMANDS = {"fit": _cmd_fit, "inspect": _cmd_inspect, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark, "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    try:
+        return COMMANDS[args.command](args)
+    except DefectLensError as exc:
+        print(f"defectlens: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("defectlens: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

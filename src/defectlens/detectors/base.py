@@ -1,0 +1,116 @@
+"""The interface every detector implements, scikit-learn style.
+
+The constructor only stores settings; ``fit`` learns from good images and returns ``self``;
+learned state ends in ``_``. ``get_state``/``set_state`` move learned state in and out as
+plain arrays so a bundle can save any detector without pickle.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from tqdm.auto import tqdm
+
+from ..data.images import Batch, ImageInput, iter_batches
+from ..errors import DefectLensError
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+
+
+@dataclass
+class BatchScores:
+    """Scores of one batch: image scores (n,), maps (n, size, size) at the model input size."""
+
+    batch: Batch
+    scores: np.ndarray
+    maps: np.ndarray
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, for the whole batch
+
+
+class Stopwatch:
+    """Accumulates wall time per named stage, in milliseconds."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.ms[stage] = self.ms.get(stage, 0.0) + (now - self._t) * 1000.0
+        self._t = now
+
+
+class Detector(BaseEstimator, ABC):
+    """Base class: subclasses set ``name`` and implement fit, _score_pixels, get/set_state."""
+
+    name: str = ""
+    image_size: int
+    batch_size: int
+    verbose: bool
+
+    @abstractmethod
+    def fit(self, images: Sequence[ImageInput]) -> Detector:
+        """Learn what good looks like from good images only."""
+
+    @abstractmethod
+    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (n,) and maps (n, size, size) for preprocessed images (n, 3, size, size)."""
+
+    @abstractmethod
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Learned state as named arrays (what a bundle stores)."""
+
+    @abstractmethod
+    def set_state(self, state: dict[str, np.ndarray]) -> Detector:
+        """Restore learned state saved by :meth:`get_state`; returns self."""
+
+    @property
+    def is_fitted(self) -> bool:
+        return any(k.endswith("_") and not k.startswith("_") for k in vars(self))
+
+    def _require_fitted(self) -> None:
+        if not self.is_fitted:
+            raise DefectLensError(f"{type(self).__name__} is not fitted: call fit() or load a bundle first")
+
+    def score_batches(self, images: Sequence[ImageInput], skip_errors: bool = False, progress: bool = False) -> Iterator[BatchScores]:
+        """Stream scores batch by batch: memory stays flat however many images there are."""
+        self._require_fitted()
+        bar = tqdm(total=len(images), desc="scoring", unit="img", disable=not progress, leave=False)
+        watch = Stopwatch()
+        for batch in iter_batches(images, self.image_size, self.batch_size, skip_errors=skip_errors):
+            watch.lap("decode")
+            if len(batch.indices) == 0:
+                scores, maps = np.zeros(0, np.float32), np.zeros((0, self.image_size, self.image_size), np.float32)
+            else:
+                with torch.inference_mode():
+                    scores, maps = self._score_pixels(torch.from_numpy(batch.pixels), watch)
+            yield BatchScores(batch, scores, maps, dict(watch.ms))
+            watch = Stopwatch()
+            bar.update(len(batch.indices) + len(batch.errors))
+        bar.close()
+
+    def calibrate(self, good_images: Sequence[ImageInput], k_sigma: float = 3.0, metadata: dict | None = None) -> Bundle:
+        """Fit thresholds on held-out good images and package everything as a Bundle."""
+        from ..bundle import Bundle
+        from ..calibration import calibrate_good_only
+
+        scores, maps = self.score(list(good_images), progress=self.verbose)
+        return Bundle(self, calibrate_good_only(scores, maps, k_sigma), dict(metadata or {}))
+
+    def score(self, images: Sequence[ImageInput], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (N,) and anomaly maps (N, size, size) for all images, in input order."""
+        scores, maps = [], []
+        for out in self.score_batches(images, progress=progress):
+            scores.append(out.scores)
+            maps.append(out.maps)
+        if not scores:
+            return np.zeros(0, np.float32), np.zeros((0, self.image_size, self.image_size), np.float32)
+        return np.concatenate(scores), np.concatenate(maps)

@@ -1,0 +1,206 @@
+"""PatchCore (Roth et al., CVPR 2022): nearest-neighbour distance to a coreset of good patches.
+
+Fit: embed every patch of every good image, keep a greedy coreset as the memory bank.
+Score: each test patch's distance to its nearest memory-bank patch is its anomaly score;
+the image score is the largest patch score (optionally reweighted as in the paper, eq. 7).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..backbones import create_backbone, get_spec
+from ..data.images import ImageInput, iter_batches
+from ..errors import DefectLensError
+from ..postprocess import AnomalyMapHead
+from .base import Detector, Stopwatch
+from .coreset import greedy_coreset
+from .features import PatchEmbedder
+from .registry import register_detector
+
+_BACKBONE_PREFIX = "backbone."
+
+
+@register_detector
+class PatchCore(Detector):
+    """Memory-bank detector; the default, and the most accurate with few good images.
+
+    Parameters
+    ----------
+    backbone : registered backbone name.
+    weights : optional local weights file for the backbone (otherwise the installed package's).
+    image_size : images are resized to image_size x image_size.
+    coreset_ratio : fraction of training patches kept. 1 % keeps inference fast on CPU and
+        loses little accuracy (the paper's PatchCore-1 %); raise it for highly varied parts.
+    projection_dim : dimensions of the random projection used only to select the coreset.
+    num_neighbors : neighbourhood size for the paper's reweighting.
+    reweight : apply the paper's image-score reweighting (eq. 7); off = plain max.
+    smoothing_sigma : Gaussian sigma in pixels for the anomaly map (at image_size).
+    batch_size : images per forward pass; small batches stay in CPU cache and run faster.
+    random_state : seed for the coreset's start point and projection.
+    verbose : show progress bars.
+    """
+
+    name = "patchcore"
+
+    def __init__(
+        self,
+        backbone: str = "mobilenet_v2",
+        weights: str | None = None,
+        image_size: int = 256,
+        coreset_ratio: float = 0.01,
+        projection_dim: int = 64,
+        num_neighbors: int = 9,
+        reweight: bool = False,
+        smoothing_sigma: float = 4.0,
+        batch_size: int = 2,
+        random_state: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        self.backbone = backbone
+        self.weights = weights
+        self.image_size = image_size
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.num_neighbors = num_neighbors
+        self.reweight = reweight
+        self.smoothing_sigma = smoothing_sigma
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _validate_params(self) -> None:
+        get_spec(self.backbone)
+        if not (isinstance(self.image_size, int) and 32 <= self.image_size <= 4096 and self.image_size % 16 == 0):
+            raise DefectLensError(f"image_size must be a multiple of 16 between 32 and 4096, got {self.image_size}")
+        if not 0 < self.coreset_ratio <= 1:
+            raise DefectLensError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.num_neighbors < 1 or self.batch_size < 1:
+            raise DefectLensError("num_neighbors and batch_size must be at least 1")
+
+    # -- fitting ---------------------------------------------------------------------------
+    def fit(self, images: Sequence[ImageInput]) -> PatchCore:
+        self._validate_params()
+        images = list(images)
+        if not images:
+            raise DefectLensError("fit needs at least one good image, got none")
+        extractor, digest = create_backbone(self.backbone, self.weights)
+        self.embedder_ = PatchEmbedder(extractor)
+        self.backbone_sha256_ = digest or ""
+        self._prepare_inference()
+        features = self._embed_all(images)
+        n_select = max(1, int(round(len(features) * self.coreset_ratio)))
+        with tqdm(total=n_select, desc="coreset", unit="patch", disable=not self.verbose, leave=False) as bar:
+            keep = greedy_coreset(features, n_select, self.projection_dim, self.random_state, bar.update)
+        self.memory_bank_ = np.ascontiguousarray(features[keep])
+        self.n_train_images_ = len(images)
+        self.n_train_patches_ = len(features)
+        self._build_index()
+        return self
+
+    def _embed_all(self, images: list[ImageInput]) -> np.ndarray:
+        features: np.ndarray | None = None
+        per_image = 0
+        bar = tqdm(total=len(images), desc="features", unit="img", disable=not self.verbose, leave=False)
+        with torch.inference_mode():
+            for batch in iter_batches(images, self.image_size, self.batch_size):
+                emb = self._embed(torch.from_numpy(batch.pixels))
+                if features is None:
+                    _, d, h, w = emb.shape
+                    per_image = h * w
+                    self.feature_shape_ = (h, w)
+                    features = np.empty((len(images) * per_image, d), dtype=np.float32)
+                flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+                start = batch.indices[0] * per_image
+                features[start : start + flat.shape[0]] = flat.numpy()
+                bar.update(len(batch.indices))
+        bar.close()
+        assert features is not None
+        return features
+
+    # -- scoring ---------------------------------------------------------------------------
+    def _prepare_inference(self) -> None:
+        self._fast_embedder = self.embedder_.for_inference()
+        self._map_head = AnomalyMapHead(self.image_size, self.smoothing_sigma)
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._fast_embedder(pixels.contiguous(memory_format=torch.channels_last)).contiguous()
+
+    def _build_index(self) -> None:
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        self._index = faiss.IndexFlatL2(self.memory_bank_.shape[1])
+        self._index.add(self.memory_bank_)
+
+    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
+        emb = self._embed(pixels)
+        watch.lap("backbone")
+        n, d, h, w = emb.shape
+        queries = np.ascontiguousarray(emb.permute(0, 2, 3, 1).reshape(-1, d).numpy())
+        sq_dist, nn_idx = self._index.search(queries, 1)
+        patch = np.sqrt(np.maximum(sq_dist[:, 0], 0.0)).reshape(n, h * w)
+        watch.lap("search")
+        best = patch.argmax(axis=1)
+        scores = patch[np.arange(n), best].astype(np.float64)
+        if self.reweight:
+            scores *= self._reweight(queries.reshape(n, h * w, d)[np.arange(n), best], nn_idx[:, 0].reshape(n, -1)[np.arange(n), best])
+        maps = self._map_head(torch.from_numpy(patch.reshape(n, h, w).astype(np.float32))).numpy()
+        watch.lap("postprocess")
+        return scores.astype(np.float32), maps
+
+    def _reweight(self, worst_patches: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+        """Paper eq. 7: trust a high score less when its nearest good patch sits in a dense
+        neighbourhood of the memory bank that the test patch is also close to."""
+        k = min(self.num_neighbors, len(self.memory_bank_))
+        _, support = self._index.search(self.memory_bank_[nearest], k)
+        diffs = self.memory_bank_[support] - worst_patches[:, None, :]
+        dists = np.linalg.norm(diffs.astype(np.float64), axis=2)
+        softmax0 = 1.0 / np.exp(dists - dists[:, :1]).sum(axis=1)
+        return 1.0 - softmax0
+
+    # -- state -----------------------------------------------------------------------------
+    def get_state(self) -> dict[str, np.ndarray]:
+        self._require_fitted()
+        state = {
+            "memory_bank": self.memory_bank_,
+            "feature_shape": np.asarray(self.feature_shape_, dtype=np.int64),
+            "n_train": np.asarray([self.n_train_images_, self.n_train_patches_], dtype=np.int64),
+            "backbone_sha256": np.frombuffer(self.backbone_sha256_.encode(), dtype=np.uint8),
+        }
+        for key, value in self.embedder_.extractor.state_dict().items():
+            state[_BACKBONE_PREFIX + key] = value.numpy()
+        return state
+
+    def set_state(self, state: dict[str, np.ndarray]) -> PatchCore:
+        self._validate_params()
+        extractor, _ = create_backbone(self.backbone, pretrained=False)
+        weights = {k[len(_BACKBONE_PREFIX) :]: torch.from_numpy(np.array(v)) for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
+        missing, unexpected = extractor.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise DefectLensError(f"saved backbone state does not fit '{self.backbone}' ({len(missing)} missing, {len(unexpected)} unexpected keys)")
+        self.embedder_ = PatchEmbedder(extractor)
+        self.memory_bank_ = np.ascontiguousarray(state["memory_bank"], dtype=np.float32)
+        self.feature_shape_ = tuple(int(v) for v in state["feature_shape"])
+        self.n_train_images_, self.n_train_patches_ = (int(v) for v in state["n_train"])
+        self.backbone_sha256_ = bytes(state["backbone_sha256"]).decode()
+        self._prepare_inference()
+        self._build_index()
+        return self
+
+    def __getstate__(self) -> dict:
+        # faiss indexes and the fused copy are rebuilt, not pickled (e.g. for Ray workers)
+        return {k: v for k, v in vars(self).items() if k not in ("_index", "_fast_embedder", "_map_head")}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        if "memory_bank_" in state:
+            self._prepare_inference()
+            self._build_index()
+
+
+__all__ = ["PatchCore"]

@@ -1,0 +1,64 @@
+"""Heat-map overlays a person can read: the image beside it with the anomaly map on top.
+
+Colours are scaled by the calibrated pixel threshold (threshold = middle of the colour map), so
+the same colour means the same evidence in every image; per-image min-max scaling would paint
+every good image bright red somewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .inspection import Inspection
+
+_VERDICT_COLOURS = {"defect": (230, 40, 40), "good": (40, 180, 70), "uncalibrated": (200, 200, 200)}
+
+
+def _jet_lut() -> np.ndarray:
+    import matplotlib
+
+    return (matplotlib.colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+
+
+_LUT: np.ndarray | None = None
+
+
+def colourise(anomaly_map: np.ndarray, vmax: float | None = None) -> np.ndarray:
+    global _LUT
+    if _LUT is None:
+        _LUT = _jet_lut()
+    lo = 0.0 if vmax is not None else float(anomaly_map.min())
+    hi = vmax if vmax is not None else float(anomaly_map.max())
+    scaled = np.clip((anomaly_map - lo) / max(hi - lo, 1e-12), 0, 1)
+    return _LUT[(scaled * 255).astype(np.uint8)]
+
+
+def render_overlay(rgb: np.ndarray, inspection: Inspection, pixel_threshold: float | None = None, alpha: float = 0.5) -> Image.Image:
+    """Side by side: the image, and the image under the heat map with region boxes."""
+    base = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+    heat = colourise(inspection.anomaly_map, None if pixel_threshold is None else 2.0 * pixel_threshold)
+    blended = (base * (1 - alpha) + heat * alpha).astype(np.uint8)
+    h, w = base.shape[:2]
+    band = max(16, h // 16)
+    canvas = Image.new("RGB", (2 * w, h + band), (20, 20, 20))
+    canvas.paste(Image.fromarray(base), (0, band))
+    canvas.paste(Image.fromarray(blended), (w, band))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=int(band * 0.7))
+    colour = _VERDICT_COLOURS[inspection.verdict]
+    for region in inspection.regions:
+        x0, y0, x1, y1 = region.box
+        draw.rectangle((w + x0, band + y0, w + x1 - 1, band + y1 - 1), outline=(255, 255, 255), width=max(1, w // 256))
+    draw.text((4, 2), f"{inspection.verdict.upper()}  score {inspection.score:.3f}", fill=colour, font=font)
+    if inspection.threshold is not None:
+        draw.text((w + 4, 2), f"threshold {inspection.threshold:.3f}  regions {len(inspection.regions)}", fill=(220, 220, 220), font=font)
+    return canvas
+
+
+def save_overlay(path: Path, rgb: np.ndarray, inspection: Inspection, pixel_threshold: float | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render_overlay(rgb, inspection, pixel_threshold).save(path)
+    return path
