@@ -26,6 +26,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default="mobilenet_v2", help="feature backbone (mobilenet_v2, efficientnet_lite0)")
     p.add_argument("--weights", default=None, help="local backbone weights file (default: the installed package's)")
     p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default: 256)")
+    p.add_argument("--embed-dim", type=int, default=256, help="patch embedding size; 0 keeps all channels (default: 256)")
     p.add_argument("--coreset-ratio", type=float, default=0.01, help="fraction of patches kept in memory (default: 0.01)")
     p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -36,6 +37,7 @@ def _detector_params(args: argparse.Namespace) -> dict:
         "backbone": args.backbone,
         "weights": args.weights,
         "image_size": args.image_size,
+        "embed_dim": args.embed_dim or None,
         "coreset_ratio": args.coreset_ratio,
         "batch_size": args.batch_size,
         "random_state": args.seed,
@@ -228,9 +230,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"fit": _cmd_fit, "inspect": _cmd_inspect, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark, "demo": _cmd_demo}
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"defectlens: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    warnings.showwarning = _one_line_warning
     try:
         return COMMANDS[args.command](args)
     except DefectLensError as exc:

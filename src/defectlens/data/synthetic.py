@@ -59,7 +59,7 @@ def _save(path: Path, rgb: np.ndarray) -> None:
     Image.fromarray((rgb * 255).astype(np.uint8)).save(path)
 
 
-def make_synthetic_dataset(root: str | Path, n_train: int = 60, n_test_good: int = 12, n_test_defect: int = 10, size: int = 256, seed: int = 0) -> Path:
+def make_synthetic_dataset(root: str | Path, n_train: int = 100, n_test_good: int = 12, n_test_defect: int = 10, size: int = 256, seed: int = 0) -> Path:
     """Write a demo category 'discs' under ``root`` (MVTec layout) and return its folder."""
     root = Path(root) / "discs"
     rng = np.random.default_rng(seed)

@@ -17,10 +17,11 @@ from ..backbones import FeatureExtractor, fuse_conv_bn
 
 
 class PatchEmbedder(nn.Module):
-    def __init__(self, extractor: FeatureExtractor, aggregation: int = 3) -> None:
+    def __init__(self, extractor: FeatureExtractor, aggregation: int = 3, embed_dim: int | None = None) -> None:
         super().__init__()
         self.extractor = extractor
         self.aggregation = aggregation
+        self.embed_dim = embed_dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         taps = self.extractor(images)
@@ -32,7 +33,14 @@ class PatchEmbedder(nn.Module):
             if t.shape[-2:] != (h, w):
                 t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
             out.append(t)
-        return torch.cat(out, dim=1)
+        emb = torch.cat(out, dim=1)
+        if self.embed_dim and self.embed_dim < emb.shape[1]:
+            # PatchCore's channel reduction: average adjacent channels (adaptive pooling over the
+            # channel axis). Nearest-neighbour search cost is linear in this dimension.
+            n, d, h, w = emb.shape
+            emb = F.adaptive_avg_pool1d(emb.permute(0, 2, 3, 1).reshape(-1, 1, d), self.embed_dim)
+            emb = emb.reshape(n, h, w, self.embed_dim).permute(0, 3, 1, 2)
+        return emb
 
     def for_inference(self) -> PatchEmbedder:
         """A copy with batch norms folded and channels-last layout: ~2x faster on CPU."""

@@ -36,6 +36,9 @@ class PatchCore(Detector):
     backbone : registered backbone name.
     weights : optional local weights file for the backbone (otherwise the installed package's).
     image_size : images are resized to image_size x image_size.
+    embed_dim : patch embedding size after averaging adjacent channels (PatchCore's reduction);
+        None keeps all backbone channels (768 for MobileNetV2). Search time and fit memory are
+        linear in it; 256 kept bottle's AUROC (see the issue notes) at 3x less search time.
     coreset_ratio : fraction of training patches kept. 1 % keeps inference fast on CPU and
         loses little accuracy (the paper's PatchCore-1 %); raise it for highly varied parts.
     projection_dim : dimensions of the random projection used only to select the coreset.
@@ -54,6 +57,7 @@ class PatchCore(Detector):
         backbone: str = "mobilenet_v2",
         weights: str | None = None,
         image_size: int = 256,
+        embed_dim: int | None = 256,
         coreset_ratio: float = 0.01,
         projection_dim: int = 64,
         num_neighbors: int = 9,
@@ -66,6 +70,7 @@ class PatchCore(Detector):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
+        self.embed_dim = embed_dim
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
         self.num_neighbors = num_neighbors
@@ -81,6 +86,8 @@ class PatchCore(Detector):
             raise DefectLensError(f"image_size must be a multiple of 16 between 32 and 4096, got {self.image_size}")
         if not 0 < self.coreset_ratio <= 1:
             raise DefectLensError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.embed_dim is not None and self.embed_dim < 1:
+            raise DefectLensError(f"embed_dim must be positive or None, got {self.embed_dim}")
         if self.num_neighbors < 1 or self.batch_size < 1:
             raise DefectLensError("num_neighbors and batch_size must be at least 1")
 
@@ -91,7 +98,7 @@ class PatchCore(Detector):
         if not images:
             raise DefectLensError("fit needs at least one good image, got none")
         extractor, digest = create_backbone(self.backbone, self.weights)
-        self.embedder_ = PatchEmbedder(extractor)
+        self.embedder_ = PatchEmbedder(extractor, embed_dim=self.embed_dim)
         self.backbone_sha256_ = digest or ""
         self._prepare_inference()
         features = self._embed_all(images)
@@ -183,7 +190,7 @@ class PatchCore(Detector):
         missing, unexpected = extractor.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise DefectLensError(f"saved backbone state does not fit '{self.backbone}' ({len(missing)} missing, {len(unexpected)} unexpected keys)")
-        self.embedder_ = PatchEmbedder(extractor)
+        self.embedder_ = PatchEmbedder(extractor, embed_dim=self.embed_dim)
         self.memory_bank_ = np.ascontiguousarray(state["memory_bank"], dtype=np.float32)
         self.feature_shape_ = tuple(int(v) for v in state["feature_shape"])
         self.n_train_images_, self.n_train_patches_ = (int(v) for v in state["n_train"])

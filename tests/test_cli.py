@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from defectlens import Bundle
+from defectlens.cli import COMMANDS, main
+
+SMALL = ["--image-size", "64", "--coreset-ratio", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dataset, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny.dlens"
+    assert main(["fit", str(tiny_dataset), "-o", str(path), "--validation-fraction", "0.25", *SMALL]) == 0
+    return path
+
+
+@pytest.mark.parametrize("verb", sorted(COMMANDS))
+def test_help_on_every_verb(verb, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([verb, "--help"])
+    assert exc.value.code == 0
+    assert "usage: defectlens" in capsys.readouterr().out
+
+
+def test_fit_saves_a_calibrated_model(model):
+    bundle = Bundle.load(model)
+    assert bundle.calibration is not None and bundle.calibration.n_images == 4
+    assert bundle.metadata["name"] == "discs" and bundle.metadata["train_images"] == 12
+
+
+def test_inspect_writes_records_and_overlays(model, tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["inspect", str(model), str(tiny_dataset / "test"), "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 12
+    for r in records:
+        assert r["verdict"] in ("good", "defect") and r["score"] > 0 and "backbone" in r["timings_ms"]
+        assert (out / "overlays").joinpath(r["overlay"].split("/")[-1]).is_file()
+    spots = [r for r in records if "/spot/" in r["source"]]
+    assert sum(r["verdict"] == "defect" for r in spots) >= 3
+    assert any(r["regions"] for r in spots)
+    assert "inspected 12 images" in capsys.readouterr().out
+
+
+def test_inspect_skips_unreadable_files(model, tiny_dataset, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    good = next((tiny_dataset / "test" / "good").iterdir())
+    assert main(["inspect", str(model), str(good), str(bad)]) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert lines[0]["source"] == str(good) and "error" in lines[1]
+    assert "bad.png" in captured.err and "Traceback" not in captured.err
+
+
+def test_evaluate_prints_table_and_writes_json(model, tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", str(model), str(tiny_dataset), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "image AUROC" in text and "AUPRO" in text
+    result = json.loads(out.read_text())
+    assert result["metrics"]["image_auroc"] > 0.8
+    assert len(result["records"]) == 12 and set(result["per_type"]) == {"scratch", "spot"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["inspect", "missing.dlens", "x.png"], "model file not found"),
+        (["fit", "no/such/folder", "-o", "m.dlens"], "data set folder not found"),
+        (["fit", "{data}", "-o", "{tmp}/m.dlens", "--backbone", "resnet9000"], "unknown backbone"),
+        (["evaluate", "{data}/test/good/000.png", "{data}"], "not a DefectLens model"),
+        (["inspect", "{model}", "{tmp}/nothing.png"], "nothing.png: file not found"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(argv, message, model, tiny_dataset, tmp_path, capsys):
+    argv = [a.format(data=tiny_dataset, tmp=tmp_path, model=model) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("defectlens: error:")
+
+
+def test_demo_runs_on_generated_data_when_no_real_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no ../shared from here
+    assert main(["demo", "--out", "demo"]) == 0
+    out = capsys.readouterr().out
+    assert "generating the demo data set" in out
+    result = json.loads((tmp_path / "demo" / "evaluation.json").read_text())
+    assert result["metrics"]["image_auroc"] >= 0.95
+    assert list((tmp_path / "demo" / "inspections" / "overlays").glob("*.png"))
+    assert (tmp_path / "demo" / "discs.dlens").is_file()

@@ -1,0 +1,95 @@
+"""The conformance suite every registered detector must pass (as scikit-learn's check_estimator).
+
+A new detector registers itself and adds its small-and-fast settings to CONFORMANCE_PARAMS;
+the first test fails until it does, so no detector escapes these checks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from defectlens import Bundle, DefectLensError, Inspector, available_detectors, create_detector
+from defectlens.data import load_dataset
+from defectlens.errors import ImageError
+
+CONFORMANCE_PARAMS = {
+    "patchcore": {"image_size": 64, "coreset_ratio": 0.1},
+}
+
+
+def test_every_registered_detector_has_conformance_settings():
+    assert set(available_detectors()) <= set(CONFORMANCE_PARAMS)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFORMANCE_PARAMS))
+def fitted(request, tiny_dataset):
+    ds = load_dataset(tiny_dataset, validation_fraction=0.2)
+    det = create_detector(request.param, **CONFORMANCE_PARAMS[request.param])
+    assert det.fit(ds.train_good) is det, "fit must return self"
+    return det, ds
+
+
+def test_constructor_only_stores_settings(fitted):
+    det, _ = fitted
+    fresh = create_detector(det.name, **CONFORMANCE_PARAMS[det.name])
+    assert not fresh.is_fitted
+    assert not [k for k in vars(fresh) if k.endswith("_")], "learned state must only appear after fit"
+    assert clone(det).get_params() == det.get_params()
+
+
+def test_learned_state_ends_in_underscore(fitted):
+    det, _ = fitted
+    learned = [k for k in vars(det) if k.endswith("_") and not k.startswith("_")]
+    assert learned, "fit must set learned attributes ending in '_'"
+    assert set(det.get_state()), "get_state must expose the learned state"
+
+
+def test_score_shapes_and_ranking(fitted):
+    det, ds = fitted
+    paths = [s.path for s in ds.test]
+    scores, maps = det.score(paths)
+    assert scores.shape == (len(paths),)
+    assert maps.shape == (len(paths), det.image_size, det.image_size)
+    assert np.isfinite(scores).all() and np.isfinite(maps).all()
+    labels = np.array([s.label for s in ds.test])
+    # the generated defects are obvious: every defect must outscore the typical good image
+    assert scores[labels == 1].mean() > scores[labels == 0].mean()
+
+
+def test_deterministic_with_seed(fitted, tiny_dataset):
+    det, ds = fitted
+    again = create_detector(det.name, **CONFORMANCE_PARAMS[det.name]).fit(ds.train_good)
+    paths = [s.path for s in ds.test[:4]]
+    np.testing.assert_array_equal(det.score(paths)[0], again.score(paths)[0])
+
+
+def test_bundle_round_trip_scores_identically(fitted, tmp_path):
+    det, ds = fitted
+    bundle = det.calibrate(ds.validation)
+    path = bundle.save(tmp_path / "m.dlens")
+    loaded = Bundle.load(path)
+    paths = [s.path for s in ds.test]
+    s0, m0 = det.score(paths)
+    s1, m1 = loaded.detector.score(paths)
+    np.testing.assert_array_equal(s0, s1)
+    np.testing.assert_array_equal(m0, m1)
+    assert loaded.calibration == bundle.calibration
+    assert loaded.detector.get_params() == det.get_params()
+    insp = Inspector(loaded).inspect(paths[0])
+    assert insp.score == pytest.approx(float(s0[0]))
+
+
+def test_refuses_bad_input(fitted, tmp_path):
+    det, _ = fitted
+    with pytest.raises(DefectLensError, match="at least one"):
+        create_detector(det.name, **CONFORMANCE_PARAMS[det.name]).fit([])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ImageError, match="broken.png"):
+        det.score([broken])
+    with pytest.raises(DefectLensError, match="not fitted"):
+        create_detector(det.name, **CONFORMANCE_PARAMS[det.name]).score([broken])
+    with pytest.raises(DefectLensError, match="no setting"):
+        create_detector(det.name, no_such_setting=1)

@@ -1,0 +1,44 @@
+"""PatchCore specifics beyond the shared conformance suite."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from defectlens import DefectLensError, create_detector
+from defectlens.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def ds(tiny_dataset):
+    return load_dataset(tiny_dataset, validation_fraction=0.0)
+
+
+def test_embedding_size_and_coreset_size(ds):
+    full = create_detector("patchcore", image_size=64, embed_dim=None, coreset_ratio=0.25).fit(ds.train_good)
+    small = create_detector("patchcore", image_size=64, embed_dim=96, coreset_ratio=0.25).fit(ds.train_good)
+    assert full.memory_bank_.shape == (round(16 * 8 * 8 * 0.25), 192 + 576)
+    assert small.memory_bank_.shape[1] == 96
+    assert full.n_train_patches_ == 16 * 8 * 8
+
+
+def test_reweighting_scales_scores_into_0_1_of_max(ds):
+    plain = create_detector("patchcore", image_size=64, coreset_ratio=0.2).fit(ds.train_good)
+    weighted = create_detector("patchcore", image_size=64, coreset_ratio=0.2, reweight=True).fit(ds.train_good)
+    paths = [s.path for s in load_dataset(ds.root).test]
+    s_plain, m_plain = plain.score(paths)
+    s_weighted, m_weighted = weighted.score(paths)
+    np.testing.assert_array_equal(m_plain, m_weighted)  # maps are not reweighted
+    assert np.all(s_weighted <= s_plain + 1e-6) and np.all(s_weighted >= 0)
+
+
+def test_training_images_score_near_zero_with_full_memory_bank(ds):
+    det = create_detector("patchcore", image_size=64, coreset_ratio=1.0).fit(ds.train_good[:3])
+    scores, _ = det.score(ds.train_good[:3])
+    np.testing.assert_allclose(scores, 0.0, atol=1e-2)
+
+
+@pytest.mark.parametrize("bad", [{"coreset_ratio": 0}, {"image_size": 50}, {"embed_dim": 0}, {"backbone": "nope"}])
+def test_invalid_settings_are_refused_at_fit(ds, bad):
+    with pytest.raises(DefectLensError):
+        create_detector("patchcore", **bad).fit(ds.train_good[:1])
