@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import zipfile
 
 import pytest
@@ -35,6 +37,12 @@ def test_manifest_records_versions_and_settings(saved):
     assert manifest["calibration"]["image_threshold"] > 0
     assert not [n for n in names if n.endswith((".pkl", ".pt"))], "no pickle in bundles"
     assert Bundle.load(saved).checksum == manifest["checksum"]
+
+
+def test_saved_file_has_normal_permissions(saved):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o666 & ~umask
 
 
 def test_altered_array_is_refused(saved, tmp_path):

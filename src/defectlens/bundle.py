@@ -95,6 +95,11 @@ class Bundle:
                 fh.write(buffer.getvalue())
                 fh.flush()
                 os.fsync(fh.fileno())
+            # mkstemp creates 0600; give the model file the permissions a normal file would get,
+            # so a service running as another user can read it
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
