@@ -13,7 +13,7 @@ import io
 import json
 import os
 import platform
-import tempfile
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -89,20 +89,17 @@ class Bundle:
             manifest["checksum"] = _manifest_checksum(manifest)
             zf.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        # A unique sibling created like any other file (so the umask, not mkstemp's 0600, sets
+        # its permissions and a service running as another user can read it), then renamed.
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            with os.fdopen(fd, "wb") as fh:
+            with open(tmp, "xb") as fh:
                 fh.write(buffer.getvalue())
                 fh.flush()
                 os.fsync(fh.fileno())
-            # mkstemp creates 0600; give the model file the permissions a normal file would get,
-            # so a service running as another user can read it
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         self.checksum = manifest["checksum"]
         return path

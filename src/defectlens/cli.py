@@ -22,14 +22,18 @@ DEMO_DATA_CANDIDATES = ("../shared/datasets/mvtec_ad/bottle", "shared/datasets/m
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
+    # Defaults come from the detector itself, so the CLI and the Python API never disagree.
+    from .detectors import PatchCore
+
+    d = PatchCore().get_params()
     p.add_argument("--detector", default="patchcore", help="detector to fit (default: patchcore)")
-    p.add_argument("--backbone", default="mobilenet_v2", help="feature backbone (mobilenet_v2, efficientnet_lite0)")
+    p.add_argument("--backbone", default=d["backbone"], help=f"feature backbone (mobilenet_v2, efficientnet_lite0; default: {d['backbone']})")
     p.add_argument("--weights", default=None, help="local backbone weights file (default: the installed package's)")
-    p.add_argument("--image-size", type=int, default=256, help="square input size in pixels (default: 256)")
-    p.add_argument("--embed-dim", type=int, default=256, help="patch embedding size; 0 keeps all channels (default: 256)")
-    p.add_argument("--coreset-ratio", type=float, default=0.01, help="fraction of patches kept in memory (default: 0.01)")
-    p.add_argument("--batch-size", type=int, default=2, help="images per forward pass (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--image-size", type=int, default=d["image_size"], help=f"square input size in pixels (default: {d['image_size']})")
+    p.add_argument("--embed-dim", type=int, default=d["embed_dim"] or 0, help=f"patch embedding size; 0 keeps all channels (default: {d['embed_dim']})")
+    p.add_argument("--coreset-ratio", type=float, default=d["coreset_ratio"], help=f"fraction of patches kept in memory (default: {d['coreset_ratio']})")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"images per forward pass (default: {d['batch_size']})")
+    p.add_argument("--seed", type=int, default=d["random_state"], help=f"random seed (default: {d['random_state']})")
 
 
 def _detector_params(args: argparse.Namespace) -> dict:
@@ -236,7 +240,13 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.showwarning = _one_line_warning
+    # scoped: callers of main() (tests, scripts) keep their own warning display afterwards
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command](args)
     except DefectLensError as exc:
