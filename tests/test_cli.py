@@ -27,8 +27,12 @@ def test_help_on_every_verb(verb, capsys):
 
 def test_fit_saves_a_calibrated_model(model):
     bundle = Bundle.load(model)
-    assert bundle.calibration is not None and bundle.calibration.n_images == 4
-    assert bundle.metadata["name"] == "discs" and bundle.metadata["train_images"] == 12
+    # 4 held-out images are too few for a holdout: auto calibration switches to k-fold over all 16
+    cal = bundle.calibration
+    assert cal is not None and cal.n_good == 16 and cal.source == "kfold-5" and cal.strategy == "target_frr"
+    assert 0 <= cal.expected_frr["ci95"][0] <= cal.expected_frr["expected"] <= cal.expected_frr["ci95"][1] <= 1
+    assert bundle.metadata["name"] == "discs" and bundle.metadata["train_images"] == 16
+    assert len(bundle.metadata["train_files"]) == 16
 
 
 def test_inspect_writes_records_and_overlays(model, tiny_dataset, tmp_path, capsys):

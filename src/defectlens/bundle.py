@@ -24,11 +24,14 @@ import numpy as np
 
 from . import __version__
 from .calibration import Calibration
+from .defect_types import DefectTyper
 from .detectors import Detector, create_detector
 from .errors import BundleError, DefectLensError
+from .jsonutil import finite
 
 FORMAT = "defectlens-bundle"
 FORMAT_VERSION = 1
+_TYPER_PREFIX = "typer."  # defect-typing arrays live beside the detector's, under this prefix
 SUFFIX = ".dlens"
 
 
@@ -61,11 +64,16 @@ class Bundle:
     detector: Detector
     calibration: Calibration | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    typer: DefectTyper | None = None  # learned from labelled defects, when the user had some
     checksum: str = ""  # set on save and load: identifies exactly this model in records
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        state = self.detector.get_state()
+        state = dict(self.detector.get_state())
+        typer_meta = None
+        if self.typer is not None:
+            typer_arrays, typer_meta = self.typer.get_state()
+            state.update({_TYPER_PREFIX + k: v for k, v in typer_arrays.items()})
         arrays: dict[str, dict] = {}
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zf:
@@ -82,12 +90,13 @@ class Bundle:
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "versions": library_versions(),
                 "detector": {"name": self.detector.name, "params": self.detector.get_params()},
-                "calibration": self.calibration.to_dict() if self.calibration else None,
-                "metadata": self.metadata,
+                "calibration": finite(self.calibration.to_dict()) if self.calibration else None,
+                "metadata": finite(self.metadata),
+                "typer": finite(typer_meta),
                 "arrays": arrays,
             }
             manifest["checksum"] = _manifest_checksum(manifest)
-            zf.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
+            zf.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
         path.parent.mkdir(parents=True, exist_ok=True)
         # A unique sibling created like any other file (so the umask, not mkstemp's 0600, sets
         # its permissions and a service running as another user can read it), then renamed.
@@ -123,12 +132,14 @@ class Bundle:
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, KeyError, ValueError) as exc:
             raise BundleError(f"{path}: not a DefectLens model, or truncated/damaged ({type(exc).__name__})") from None
         spec = manifest["detector"]
+        typer_arrays = {k[len(_TYPER_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(_TYPER_PREFIX)}
         try:
             detector = create_detector(spec["name"], **spec["params"]).set_state(state)
-        except DefectLensError as exc:
+            calibration = Calibration.from_dict(manifest["calibration"]) if manifest.get("calibration") else None
+            typer = DefectTyper().set_state(typer_arrays, manifest["typer"]) if manifest.get("typer") else None
+        except (DefectLensError, KeyError) as exc:
             raise BundleError(f"{path}: {exc}") from None
-        calibration = Calibration.from_dict(manifest["calibration"]) if manifest.get("calibration") else None
-        return cls(detector, calibration, manifest.get("metadata", {}), manifest["checksum"])
+        return cls(detector, calibration, manifest.get("metadata", {}), typer, manifest["checksum"])
 
     @staticmethod
     def _read_manifest(zf: zipfile.ZipFile, path: Path) -> dict:

@@ -14,7 +14,11 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
+from .calibration.calibrate import GOOD_ONLY, STRATEGIES
+from .calibration.fitting import SCHEMES
 from .errors import DefectLensError
 
 EXIT_USAGE = 2
@@ -34,6 +38,25 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coreset-ratio", type=float, default=d["coreset_ratio"], help=f"fraction of patches kept in memory (default: {d['coreset_ratio']})")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"images per forward pass (default: {d['batch_size']})")
     p.add_argument("--seed", type=int, default=d["random_state"], help=f"random seed (default: {d['random_state']})")
+
+
+def _add_calibration_options(p: argparse.ArgumentParser, strategies: Sequence[str]) -> None:
+    from .calibration import CalibrationSettings
+
+    d = CalibrationSettings()
+    p.add_argument("--strategy", choices=strategies, default=d.strategy, help=(
+        f"threshold rule (default: {d.strategy}). Good images only: target_frr (reject a target share of good parts), "
+        "k_sigma (mean + k std). With labelled defects: f1, target_recall, zero_false_rejects"))
+    p.add_argument("--target-frr", type=float, default=d.target_frr, help=f"false-reject rate to aim for (default: {d.target_frr})")
+    p.add_argument("--k-sigma", type=float, default=d.k_sigma, help=f"k for the k_sigma rule (default: {d.k_sigma})")
+    p.add_argument("--target-recall", type=float, default=d.target_recall, help=f"defect recall to reach (default: {d.target_recall})")
+
+
+def _settings(args: argparse.Namespace, symmetry: str | None = None):
+    from .calibration import CalibrationSettings
+
+    return CalibrationSettings(strategy=args.strategy, target_frr=args.target_frr, k_sigma=args.k_sigma,
+                               target_recall=args.target_recall, symmetry=symmetry, seed=getattr(args, "seed", 0))
 
 
 def _detector_params(args: argparse.Namespace) -> dict:
@@ -59,8 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="data set or category folder")
     p.add_argument("-o", "--output", required=True, help="model file to write (.dlens)")
     p.add_argument("--validation-fraction", type=float, default=0.1, help="good images held out to calibrate the threshold (default: 0.1)")
-    p.add_argument("--k-sigma", type=float, default=3.0, help="threshold = mean + k * std of held-out good scores (default: 3)")
+    p.add_argument("--scheme", choices=SCHEMES, default="auto", help=(
+        "where unseen good scores come from: holdout, kfold (few images: k models score the images they did not see), "
+        "single-image (one image, augmented); auto picks holdout with 10+ held-out images, else kfold (default: auto)"))
+    p.add_argument("--folds", type=int, default=5, help="folds for kfold calibration (default: 5)")
+    _add_calibration_options(p, GOOD_ONLY)
     _add_model_options(p)
+
+    p = sub.add_parser("calibrate", help="re-calibrate a model's threshold without refitting", description=(
+        "Choose a model's thresholds again. Without DATA, good-only rules reuse the good scores stored in the model. "
+        "With DATA, its good images the model was not fitted on are scored; labelled rules (f1, target_recall, "
+        "zero_false_rejects) also use a share of its labelled test images, which evaluation then leaves out. "
+        "Labelled images also teach the model to name defect types."))
+    p.add_argument("model", help="model file (.dlens); rewritten in place unless --output is given")
+    p.add_argument("data", nargs="?", default=None, help="data set or category folder (optional for good-only rules)")
+    p.add_argument("-o", "--output", default=None, help="write the re-calibrated model here instead")
+    p.add_argument("--labelled-fraction", type=float, default=0.5, help=(
+        "share of the labelled test images (per defect type) used to calibrate; the rest stay for evaluation (default: 0.5)"))
+    p.add_argument("--symmetry", choices=("lr", "tb", "lrtb"), default=None, help=(
+        "for symmetric parts: try adding a left-right / top-bottom asymmetry score; kept only if it raises AUROC on the labelled images"))
+    p.add_argument("--seed", type=int, default=0, help="seed for the labelled split (default: 0)")
+    _add_calibration_options(p, STRATEGIES)
 
     p = sub.add_parser("inspect", help="inspect images with a model", description=(
         "Inspect images or folders of images; print one JSON record per image, and with --out write results.jsonl "
@@ -90,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fit_bundle(det, ds, settings, scheme: str = "auto", folds: int = 5):
+    """Fit and calibrate, recording which files the model saw so re-calibration can avoid them."""
+    from .calibration import fit_calibrated
+    from .calibration.fitting import resolve_scheme
+
+    scheme = resolve_scheme(scheme, len(ds.train_good), len(ds.validation))
+    fitted_on = ds.train_good if scheme == "holdout" else ds.train_good + ds.validation
+    meta = {"name": ds.name, "data": str(ds.root), "train_images": len(fitted_on),
+            "train_files": [str(p.resolve()) for p in fitted_on], "calibration_scheme": scheme}
+    return fit_calibrated(det, ds.train_good, ds.validation, settings, scheme=scheme, folds=folds, metadata=meta)
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .detectors import create_detector
@@ -97,19 +151,70 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data, validation_fraction=args.validation_fraction, seed=args.seed)
     print(ds.summary())
     det = create_detector(args.detector, verbose=True, **_detector_params(args))
-    det.fit(ds.train_good)
-    meta = {"name": ds.name, "data": str(ds.root), "train_images": len(ds.train_good)}
-    if ds.validation:
-        bundle = det.calibrate(ds.validation, k_sigma=args.k_sigma, metadata=meta)
-        cal = bundle.calibration
-        print(f"calibrated on {cal.n_images} held-out good images: image threshold {cal.image_threshold:.4f}, pixel threshold {cal.pixel_threshold:.4f}")
-    else:
-        from .bundle import Bundle
-
-        bundle = Bundle(det, None, meta)
-        print("warning: no held-out good images, so the model has no threshold (verdicts will be 'uncalibrated')")
+    bundle = _fit_bundle(det, ds, _settings(args), args.scheme, args.folds)
+    print(bundle.calibration.describe())
     path = bundle.save(args.output)
     print(f"saved {path} ({path.stat().st_size / 2**20:.1f} MiB, checksum {bundle.checksum[:12]})")
+    return 0
+
+
+def _labelled_split(ds, fraction: float, seed: int) -> tuple[list, list]:
+    """Stratified by defect type, so every type is represented on both sides."""
+    from sklearn.model_selection import train_test_split
+
+    from .errors import DatasetError
+
+    if not 0 < fraction < 1:
+        raise DatasetError(f"--labelled-fraction must be between 0 and 1, got {fraction}")
+    samples = ds.test
+    if not any(s.label for s in samples):
+        raise DatasetError(f"{ds.root}: no labelled defect images for a labelled strategy (use target_frr or k_sigma)")
+    types = [s.defect_type for s in samples]
+    rare = {t for t in set(types) if types.count(t) < 2}
+    if rare:
+        raise DatasetError(f"{ds.root}: defect types {', '.join(sorted(rare))} have a single image; a labelled split needs 2+ per type")
+    calib, _rest = train_test_split(samples, train_size=fraction, stratify=types, random_state=seed)
+    return [s for s in calib if not s.label], [s for s in calib if s.label]
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    from .calibration import LABELLED, ScoredImages, calibrate_bundle, score_images
+    from .data import load_dataset
+    from .errors import DatasetError
+
+    bundle = Bundle.load(args.model)
+    settings = _settings(args, args.symmetry)
+    if args.data is None:
+        if settings.strategy in LABELLED or args.symmetry:
+            raise DatasetError(f"strategy '{settings.strategy}'{' with symmetry' if args.symmetry else ''} needs DATA with labelled defect images")
+        old = bundle.calibration
+        if old is None or not old.good_map_max:
+            raise DatasetError(f"{args.model}: holds no stored good scores to re-calibrate from: give DATA")
+        good = ScoredImages(np.asarray(old.good_scores), np.asarray(old.good_map_max), np.zeros(old.n_good), np.zeros(old.n_good))
+        calibrate_bundle(bundle, good, settings, source=old.source.replace("+labelled", ""), files=[f for f in old.files if f])
+    else:
+        ds = load_dataset(args.data, validation_fraction=0.0)
+        print(ds.summary())
+        fitted = set(bundle.metadata.get("train_files", []))
+        unseen = [p for p in ds.train_good if str(p.resolve()) not in fitted]
+        good_test, defects = [], []
+        if settings.strategy in LABELLED or args.symmetry:
+            good_test, defects = _labelled_split(ds, args.labelled_fraction, args.seed)
+        good_paths = unseen + [s.path for s in good_test]
+        if not good_paths:
+            raise DatasetError(f"{ds.root}: every good image was used to fit this model; add unseen good images, or re-calibrate without DATA")
+        bundle.detector.verbose = True
+        good = score_images(bundle.detector, good_paths, progress=True)
+        calibrate_bundle(bundle, good, settings, [s.path for s in defects], [s.defect_type for s in defects], source="holdout",
+                         files=[str(p.resolve()) for p in good_paths])
+        bundle.calibration.files = [str(Path(f).resolve()) for f in bundle.calibration.files]
+        bundle.detector.verbose = False
+    print(bundle.calibration.describe())
+    if bundle.typer is not None:
+        print(bundle.typer.summary())
+    path = bundle.save(args.output or args.model)
+    print(f"saved {path} (checksum {bundle.checksum[:12]})")
     return 0
 
 
@@ -213,8 +318,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         data = make_synthetic_dataset(out / "data")
     ds = load_dataset(data)
     print(ds.summary())
-    det = create_detector("patchcore", verbose=True).fit(ds.train_good)
-    bundle = det.calibrate(ds.validation, metadata={"name": ds.name, "data": str(ds.root)})
+    from .calibration import CalibrationSettings
+
+    bundle = _fit_bundle(create_detector("patchcore", verbose=True), ds, CalibrationSettings())
+    print(bundle.calibration.describe())
     model_path = bundle.save(out / f"{ds.name}.dlens")
     print(f"model saved to {model_path}")
     bundle = Bundle.load(model_path)
@@ -231,7 +338,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"fit": _cmd_fit, "inspect": _cmd_inspect, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark, "demo": _cmd_demo}
+COMMANDS = {"fit": _cmd_fit, "calibrate": _cmd_calibrate, "inspect": _cmd_inspect, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark, "demo": _cmd_demo}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -15,6 +15,7 @@ from . import metrics
 from .bundle import Bundle
 from .data.datasets import GOOD, Dataset
 from .errors import DatasetError
+from .jsonutil import finite
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Evaluation:
 
     def save_json(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_finite(self.to_dict()), indent=2))
+        path.write_text(json.dumps(finite(self.to_dict()), indent=2))
         return path
 
     def table(self) -> str:
@@ -61,17 +62,6 @@ def _fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _finite(obj):
-    """JSON has no NaN: write null instead."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def load_mask(path: Path | None, size: int) -> np.ndarray:

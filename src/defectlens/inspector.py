@@ -10,8 +10,9 @@ import numpy as np
 
 from .bundle import Bundle
 from .data.images import ImageInput, describe
-from .errors import ImageError
-from .inspection import Inspection, find_regions
+from .defect_types import evidence_weights, pool_features
+from .errors import DefectLensError, ImageError
+from .inspection import MASK_METHODS, Inspection, Region, find_regions, heuristic_type, make_mask, severity
 from .postprocess import resize_map
 
 
@@ -22,15 +23,19 @@ class Inspector:
     library's ``inspect`` (which torch and pytest import).
     """
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, mask_method: str = "threshold") -> None:
+        if mask_method not in MASK_METHODS:
+            raise DefectLensError(f"mask method must be one of {', '.join(MASK_METHODS)}, got {mask_method!r}")
         self.bundle = bundle
         self.detector = bundle.detector
         self.calibration = bundle.calibration
+        self.typer = bundle.typer
+        self.mask_method = mask_method
         self.model_name = bundle.metadata.get("name", self.detector.name)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Inspector:
-        return cls(Bundle.load(path))
+    def load(cls, path: str | os.PathLike, mask_method: str = "threshold") -> Inspector:
+        return cls(Bundle.load(path), mask_method)
 
     def inspect(self, image: ImageInput) -> Inspection:
         for result in self.inspect_many([image]):
@@ -45,20 +50,39 @@ class Inspector:
             results: dict[int, Inspection | ImageError] = dict(out.batch.errors)
             n = max(1, len(out.batch.indices))
             shared = {k: v / n for k, v in out.timings_ms.items()}
+            scores = out.scores if self.calibration is None else self.calibration.combine(out.scores, out.maps)
             for j, i in enumerate(out.batch.indices):
                 t0 = time.perf_counter()
                 height, width = out.batch.sizes[j]
-                inspection = self._decide(describe(images[i]), float(out.scores[j]), resize_map(out.maps[j], height, width))
+                features = None if out.features is None else out.features[j]
+                inspection = self._decide(describe(images[i]), float(scores[j]), resize_map(out.maps[j], height, width), features)
                 inspection.timings_ms = {**shared, "decide": (time.perf_counter() - t0) * 1000.0}
                 results[i] = inspection
             for i in sorted(results):
                 yield results[i]
 
-    def _decide(self, source: str, score: float, anomaly_map: np.ndarray) -> Inspection:
+    def _decide(self, source: str, score: float, anomaly_map: np.ndarray, features: np.ndarray | None) -> Inspection:
         cal = self.calibration
         if cal is None:
             return Inspection(source, score, None, None, anomaly_map, None, model=self.model_name)
         is_defective = score > cal.image_threshold
-        mask = anomaly_map > cal.pixel_threshold
-        regions = find_regions(anomaly_map, mask) if is_defective else []
-        return Inspection(source, score, cal.image_threshold, is_defective, anomaly_map, mask, regions, model=self.model_name)
+        mask = make_mask(anomaly_map, cal.pixel_threshold, self.mask_method)
+        regions: list[Region] = []
+        if is_defective:
+            regions, labels = find_regions(anomaly_map, mask)
+            self._describe_regions(regions, labels, anomaly_map, features)
+        return Inspection(source, score, cal.image_threshold, is_defective, anomaly_map, mask, regions, model=self.model_name,
+                          normalised_score=float(cal.normalise(score)), confidence=cal.confidence(score))
+
+    def _describe_regions(self, regions: list[Region], labels: np.ndarray, anomaly_map: np.ndarray, features: np.ndarray | None) -> None:
+        cal = self.calibration
+        assert cal is not None
+        for region in regions:
+            region.severity = severity(region, cal)
+            region.defect_type, region.type_source = heuristic_type(region), "heuristic"
+        if self.typer is None or features is None or not regions:
+            return
+        pooled = np.stack([pool_features(features, evidence_weights(anomaly_map, cal.pixel_threshold, labels == r.label)) for r in regions])
+        names, confidence = self.typer.predict(pooled)
+        for region, name, conf in zip(regions, names, confidence, strict=True):
+            region.defect_type, region.type_source, region.type_confidence = name, "prototype", float(conf)

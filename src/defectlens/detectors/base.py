@@ -23,6 +23,7 @@ from ..errors import DefectLensError
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
+    from ..calibration import CalibrationSettings
 
 
 @dataclass
@@ -32,6 +33,7 @@ class BatchScores:
     batch: Batch
     scores: np.ndarray
     maps: np.ndarray
+    features: np.ndarray | None = None  # (n, d, h, w) patch embeddings, for region typing
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, for the whole batch
 
 
@@ -61,8 +63,9 @@ class Detector(BaseEstimator, ABC):
         """Learn what good looks like from good images only."""
 
     @abstractmethod
-    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
-        """Scores (n,) and maps (n, size, size) for preprocessed images (n, 3, size, size)."""
+    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Scores (n,), maps (n, size, size) and, where the detector has them, patch embeddings
+        (n, d, h, w) for preprocessed images (n, 3, size, size)."""
 
     @abstractmethod
     def get_state(self) -> dict[str, np.ndarray]:
@@ -88,22 +91,23 @@ class Detector(BaseEstimator, ABC):
         for batch in iter_batches(images, self.image_size, self.batch_size, skip_errors=skip_errors):
             watch.lap("decode")
             if len(batch.indices) == 0:
-                scores, maps = np.zeros(0, np.float32), np.zeros((0, self.image_size, self.image_size), np.float32)
+                scores, maps, features = np.zeros(0, np.float32), np.zeros((0, self.image_size, self.image_size), np.float32), None
             else:
                 with torch.inference_mode():
-                    scores, maps = self._score_pixels(torch.from_numpy(batch.pixels), watch)
-            yield BatchScores(batch, scores, maps, dict(watch.ms))
+                    scores, maps, features = self._score_pixels(torch.from_numpy(batch.pixels), watch)
+            yield BatchScores(batch, scores, maps, features, dict(watch.ms))
             watch = Stopwatch()
             bar.update(len(batch.indices) + len(batch.errors))
         bar.close()
 
-    def calibrate(self, good_images: Sequence[ImageInput], k_sigma: float = 3.0, metadata: dict | None = None) -> Bundle:
-        """Fit thresholds on held-out good images and package everything as a Bundle."""
+    def calibrate(self, good_images: Sequence[ImageInput], settings: CalibrationSettings | None = None, metadata: dict | None = None) -> Bundle:
+        """Set thresholds on held-out good images (not the ones fitted on) and package a Bundle."""
         from ..bundle import Bundle
-        from ..calibration import calibrate_good_only
+        from ..calibration import CalibrationSettings, calibrate_bundle, score_images
 
-        scores, maps = self.score(list(good_images), progress=self.verbose)
-        return Bundle(self, calibrate_good_only(scores, maps, k_sigma), dict(metadata or {}))
+        files = [str(p) for p in good_images if not isinstance(p, np.ndarray)]
+        good = score_images(self, list(good_images), progress=self.verbose)
+        return calibrate_bundle(Bundle(self, None, dict(metadata or {})), good, settings or CalibrationSettings(), files=files)
 
     def score(self, images: Sequence[ImageInput], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Image scores (N,) and anomaly maps (N, size, size) for all images, in input order."""

@@ -145,7 +145,7 @@ class PatchCore(Detector):
         self._index = faiss.IndexFlatL2(self.memory_bank_.shape[1])
         self._index.add(self.memory_bank_)
 
-    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray]:
+    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         emb = self._embed(pixels)
         watch.lap("backbone")
         n, d, h, w = emb.shape
@@ -159,7 +159,7 @@ class PatchCore(Detector):
             scores *= self._reweight(queries.reshape(n, h * w, d)[np.arange(n), best], nn_idx[:, 0].reshape(n, -1)[np.arange(n), best])
         maps = self._map_head(torch.from_numpy(patch.reshape(n, h, w).astype(np.float32))).numpy()
         watch.lap("postprocess")
-        return scores.astype(np.float32), maps
+        return scores.astype(np.float32), maps, emb.numpy()
 
     def _reweight(self, worst_patches: np.ndarray, nearest: np.ndarray) -> np.ndarray:
         """Paper eq. 7: trust a high score less when its nearest good patch sits in a dense

@@ -1,0 +1,217 @@
+"""Where the good scores for calibration come from, and fitting a model together with them.
+
+A threshold is only honest if the good scores it is set on come from images the model was not
+fitted on (a training image scores near zero). Three ways to get them:
+
+* holdout: a share of the good images is kept out of fitting (enough images: the default);
+* k-fold: with few images, k models are fitted on k-1 folds each and score the fold left out;
+  the final model is then fitted on all images, so no image is wasted;
+* one image: the model is fitted on the image and some flips and rotations of it, and
+  calibrated on other small rotations, shifts and brightness changes it has not seen.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import ndimage
+from sklearn.base import clone
+from sklearn.model_selection import KFold
+
+from ..data.images import ImageInput, load_rgb
+from ..defect_types import DefectTyper, evidence_weights, pool_features
+from ..errors import DefectLensError
+from ..symmetry import asymmetry, choose_weight
+from .calibrate import MIN_RECOMMENDED_IMAGES, CalibrationSettings, calibrate_scores, pixel_threshold_for
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+    from ..detectors import Detector
+
+SCHEMES = ("auto", "holdout", "kfold", "single-image")
+
+
+@dataclass
+class ScoredImages:
+    """What calibration needs of each image: score, map maximum, mirror asymmetry."""
+
+    scores: np.ndarray
+    map_max: np.ndarray
+    asym_lr: np.ndarray
+    asym_tb: np.ndarray
+    features: np.ndarray | None = None  # pooled defect-evidence embeddings (n, d), for typing
+
+    def asym(self, axes: str) -> np.ndarray:
+        parts = ([self.asym_lr] if "lr" in axes else []) + ([self.asym_tb] if "tb" in axes else [])
+        return np.max(parts, axis=0)
+
+    @classmethod
+    def concat(cls, parts: Sequence[ScoredImages]) -> ScoredImages:
+        arrays = [np.concatenate([getattr(p, f) for p in parts]) for f in ("scores", "map_max", "asym_lr", "asym_tb")]
+        features = np.concatenate([p.features for p in parts]) if all(p.features is not None for p in parts) else None
+        return cls(*arrays, features)
+
+    def take(self, order: np.ndarray) -> ScoredImages:
+        features = None if self.features is None else self.features[order]
+        return ScoredImages(self.scores[order], self.map_max[order], self.asym_lr[order], self.asym_tb[order], features)
+
+
+def score_images(detector: Detector, images: Sequence[ImageInput], progress: bool = False, pool_above: float | None = None) -> ScoredImages:
+    """Streamed, so calibrating on thousands of images never holds their maps in memory.
+
+    With ``pool_above`` (a pixel threshold), also pool each image's patch embeddings over its
+    evidence above that level: the description of its defect that typing learns from.
+    """
+    parts = []
+    for out in detector.score_batches(list(images), progress=progress):
+        features = None
+        if pool_above is not None and out.features is not None:
+            features = np.stack([pool_features(f, evidence_weights(m, pool_above)) for f, m in zip(out.features, out.maps, strict=True)])
+        parts.append(ScoredImages(out.scores.astype(np.float64), out.maps.reshape(len(out.maps), -1).max(axis=1).astype(np.float64),
+                                  asymmetry(out.maps, "lr"), asymmetry(out.maps, "tb"), features))
+    if not parts:
+        raise DefectLensError("no images to calibrate on")
+    return ScoredImages.concat(parts)
+
+
+def kfold_scores(detector: Detector, images: Sequence[ImageInput], folds: int, seed: int = 0) -> ScoredImages:
+    """Out-of-fold scores: each image scored by a model fitted without it."""
+    images = list(images)
+    folds = min(folds, len(images))
+    if folds < 2:
+        raise DefectLensError("k-fold calibration needs at least 2 good images")
+    parts, order = [], []
+    for train_idx, test_idx in KFold(folds, shuffle=True, random_state=seed).split(images):
+        model = clone(detector).set_params(verbose=False).fit([images[i] for i in train_idx])
+        parts.append(score_images(model, [images[i] for i in test_idx]))
+        order.extend(test_idx)
+    return ScoredImages.concat(parts).take(np.argsort(order))
+
+
+def single_image_views(image: ImageInput, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Views to fit on and disjoint views to calibrate on, from one good image.
+
+    Rotations and shifts reflect at the border, so no black corners appear that the model
+    would learn as normal or flag as defects.
+    """
+    rgb = load_rgb(image)
+    rng = np.random.default_rng(seed)
+
+    def rotate(a: np.ndarray, deg: float) -> np.ndarray:
+        return np.clip(ndimage.rotate(a, deg, axes=(1, 0), reshape=False, order=1, mode="reflect"), 0, 1)
+
+    def shift(a: np.ndarray, frac: tuple[float, float]) -> np.ndarray:
+        return ndimage.shift(a, (frac[0] * a.shape[0], frac[1] * a.shape[1], 0), order=1, mode="reflect")
+
+    fit = [rgb, rgb[:, ::-1], rgb[::-1, :], rgb[::-1, ::-1]] + [rotate(rgb, d) for d in (-4.0, -2.0, 2.0, 4.0)]
+    calib = [rotate(rgb, d) for d in (-5.0, -3.0, -1.0, 1.0, 3.0, 5.0)]
+    calib += [shift(rgb, tuple(rng.uniform(-0.02, 0.02, 2))) for _ in range(4)]
+    calib += [np.clip(rgb * g, 0, 1) for g in (0.96, 0.98, 1.02, 1.04)]
+    return [np.ascontiguousarray(v, dtype=np.float32) for v in fit], [np.ascontiguousarray(v, dtype=np.float32) for v in calib]
+
+
+def resolve_scheme(scheme: str, n_train: int, n_validation: int) -> str:
+    if scheme not in SCHEMES:
+        raise DefectLensError(f"unknown calibration scheme '{scheme}'; choose from {', '.join(SCHEMES)}")
+    if scheme != "auto":
+        return scheme
+    if n_train + n_validation == 1:
+        return "single-image"
+    return "holdout" if n_validation >= MIN_RECOMMENDED_IMAGES else "kfold"
+
+
+def fit_calibrated(
+    detector: Detector,
+    train: Sequence[ImageInput],
+    validation: Sequence[ImageInput] = (),
+    settings: CalibrationSettings | None = None,
+    *,
+    scheme: str = "auto",
+    folds: int = 5,
+    defects: Sequence[ImageInput] = (),
+    defect_types: Sequence[str] = (),
+    metadata: dict | None = None,
+) -> Bundle:
+    """Fit ``detector`` on good images and calibrate it, choosing how to get unseen good scores.
+
+    ``auto`` holds out ``validation`` when it has 10+ images, uses k-fold over all good images
+    when there are fewer, and the augmented single-image set-up for one image.
+    """
+    from ..bundle import Bundle
+
+    settings = settings or CalibrationSettings()
+    train, validation = list(train), list(validation)
+    scheme = resolve_scheme(scheme, len(train), len(validation))
+    calib_files: list[str] = []
+    if scheme == "holdout":
+        if not validation:
+            raise DefectLensError("holdout calibration needs held-out good images (raise the validation fraction, or use kfold)")
+        detector.fit(train)
+        good = score_images(detector, validation, progress=detector.verbose)
+        source = "holdout"
+        calib_files = [str(v) for v in validation if not isinstance(v, np.ndarray)]
+    elif scheme == "kfold":
+        everything = train + validation
+        good = kfold_scores(detector, everything, folds, settings.seed)
+        detector.fit(everything)
+        source = f"kfold-{min(folds, len(everything))}"
+    else:
+        if len(train) + len(validation) != 1:
+            raise DefectLensError("the single-image set-up takes exactly one good image")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the 'few images' warning: the set-up is chosen knowingly
+            fit_views, calib_views = single_image_views((train + validation)[0], settings.seed)
+        warnings.warn("fitting on a single good image (augmented): expect more false rejects than with 10+ images", stacklevel=2)
+        detector.fit(fit_views)
+        good = score_images(detector, calib_views)
+        source = "single-image-augmented"
+    bundle = Bundle(detector, None, dict(metadata or {}))
+    calibrate_bundle(bundle, good, settings, defects, defect_types, source, calib_files)
+    return bundle
+
+
+def calibrate_bundle(
+    bundle: Bundle,
+    good: ScoredImages,
+    settings: CalibrationSettings,
+    defects: Sequence[ImageInput] = (),
+    defect_types: Sequence[str] = (),
+    source: str = "holdout",
+    files: Sequence[str] = (),
+) -> Bundle:
+    """Set the bundle's calibration from unseen good scores, and, when labelled defects are
+    given, use them for the labelled rules, the symmetry decision and defect typing."""
+    detector = bundle.detector
+    defect = None
+    if len(defects):
+        if len(defect_types) and len(defect_types) != len(defects):
+            raise DefectLensError("give one defect type per defect image")
+        defect = score_images(detector, list(defects), progress=detector.verbose, pool_above=pixel_threshold_for(good.map_max, settings))
+    good_scores = good.scores
+    defect_scores = defect.scores if defect is not None else None
+    symmetry = None
+    if settings.symmetry:
+        if defect is None:
+            warnings.warn("symmetry break needs labelled defects to prove it helps; not used", stacklevel=2)
+        else:
+            symmetry = {"axes": settings.symmetry, **choose_weight(good.scores, good.asym(settings.symmetry), defect.scores, defect.asym(settings.symmetry))}
+            if symmetry["used"]:
+                good_scores = good.scores + symmetry["weight"] * good.asym(settings.symmetry)
+                defect_scores = defect.scores + symmetry["weight"] * defect.asym(settings.symmetry)
+    defect_files = [str(d) for d in defects if not isinstance(d, np.ndarray)]
+    types = list(defect_types) if defect is not None and len(defect_types) else None
+    calibration = calibrate_scores(good_scores, good.map_max, settings, defect_scores=defect_scores, defect_types=types,
+                                   source=source + ("+labelled" if defect is not None else ""), files=list(files) + defect_files)
+    calibration.symmetry = symmetry
+    bundle.calibration = calibration
+    bundle.typer = None
+    if types is not None and len(set(types)) >= 2:
+        if defect.features is None:
+            warnings.warn(f"{detector.name} gives no patch embeddings: regions are typed by shape only", stacklevel=2)
+        else:
+            bundle.typer = DefectTyper(random_state=settings.seed).fit(defect.features, np.asarray(types))
+    return bundle
