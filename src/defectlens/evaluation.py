@@ -1,4 +1,9 @@
-"""Run a model over a labelled test split and measure it: per-image records and metrics."""
+"""Run a model over a labelled test split and measure it: per-image records and metrics.
+
+Images the model was calibrated on are left out (and counted), so a labelled threshold is never
+judged on the defects it was chosen from: the trap anomalib's users fall into when validation
+silently reuses test defects.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,21 @@ from PIL import Image
 
 from . import metrics
 from .bundle import Bundle
-from .data.datasets import GOOD, Dataset
+from .data.datasets import GOOD, Dataset, Sample
 from .errors import DatasetError
 from .jsonutil import finite
+
+GALLERY_SIZE = 8
+
+
+@dataclass
+class GalleryItem:
+    """One of the worst-judged images, with its map, for error analysis."""
+
+    sample: Sample
+    score: float
+    anomaly_map: np.ndarray  # at model size
+    kind: str  # "false reject", "escape", "closest good", "closest defect"
 
 
 @dataclass
@@ -25,9 +42,16 @@ class Evaluation:
     per_type: dict[str, dict[str, float]]
     records: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    excluded: int = 0  # test images left out because calibration used them
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    types: list[str] = field(default_factory=list)
+    threshold: float | None = None
+    gallery: list[GalleryItem] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"dataset": self.dataset, "metrics": self.metrics, "per_type": self.per_type, "timings": self.timings, "records": self.records}
+        return {"dataset": self.dataset, "metrics": self.metrics, "per_type": self.per_type, "timings": self.timings,
+                "excluded_calibration_images": self.excluded, "records": self.records}
 
     def save_json(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,18 +71,22 @@ class Evaluation:
         if "accuracy_at_threshold" in m:
             rows += [("accuracy at model threshold", m["accuracy_at_threshold"]),
                      ("false rejects (good called defect)", m["false_rejects"]),
-                     ("escapes (defect called good)", m["escapes"])]
+                     ("escapes (defect called good)", m["escapes"]),
+                     ("pixel IoU at threshold", m.get("pixel_iou")),
+                     ("pixel Dice at threshold", m.get("pixel_dice"))]
         lines = [f"evaluation on '{self.dataset}': {m['n_good']} good, {m['n_defect']} defective test images"]
-        lines += [f"  {name:<36} {_fmt(value)}" for name, value in rows]
+        if self.excluded:
+            lines.append(f"  ({self.excluded} test images left out: the model was calibrated on them)")
+        lines += [f"  {name:<36} {fmt(value)}" for name, value in rows]
         if self.per_type:
             lines.append(f"  {'defect type':<20} {'n':>4} {'AUROC':>7} {'recall@thr':>10}")
             for t, d in sorted(self.per_type.items()):
-                lines.append(f"  {t:<20} {d['n']:>4} {_fmt(d['auroc']):>7} {_fmt(d.get('recall_at_threshold')):>10}")
+                lines.append(f"  {t:<20} {d['n']:>4} {fmt(d['auroc']):>7} {fmt(d.get('recall_at_threshold')):>10}")
         lines.append(f"  scoring: {self.timings.get('images_per_s', 0):.1f} images/s")
         return "\n".join(lines)
 
 
-def _fmt(value: float | None) -> str:
+def fmt(value: float | int | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -71,15 +99,41 @@ def load_mask(path: Path | None, size: int) -> np.ndarray:
         return np.asarray(im.convert("L").resize((size, size), Image.NEAREST)) > 127
 
 
+def overlap_scores(masks: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
+    """IoU and Dice of predicted against true defect pixels, pooled over all images."""
+    inter = float(np.logical_and(masks, predicted).sum())
+    union = float(np.logical_or(masks, predicted).sum())
+    total = float(masks.sum() + predicted.sum())
+    return (inter / union if union else float("nan")), (2 * inter / total if total else float("nan"))
+
+
+def _gallery(samples: list[Sample], labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, threshold: float | None) -> list[GalleryItem]:
+    """The misjudged images, worst first; without a threshold (or mistakes) the closest calls."""
+    good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    items: list[tuple[float, int, str]] = []
+    if threshold is not None:
+        items += [(scores[i] - threshold, i, "false reject") for i in good if scores[i] > threshold]
+        items += [(threshold - scores[i], i, "escape") for i in bad if scores[i] <= threshold]
+    if not items:
+        items += [(scores[i], i, "closest good") for i in good[np.argsort(-scores[good])][: GALLERY_SIZE // 2]]
+        items += [(-scores[i], i, "closest defect") for i in bad[np.argsort(scores[bad])][: GALLERY_SIZE // 2]]
+    items.sort(key=lambda t: -t[0])
+    return [GalleryItem(samples[i], float(scores[i]), maps[i], kind) for _, i, kind in items[:GALLERY_SIZE]]
+
+
 def evaluate(bundle: Bundle, dataset: Dataset, progress: bool = False) -> Evaluation:
     """Score every test image; image metrics on all, pixel metrics where masks exist."""
-    if not dataset.test:
-        raise DatasetError(f"{dataset.root}: no test images to evaluate on")
+    calibration = bundle.calibration
+    seen = set(calibration.files) if calibration else set()
+    samples = [s for s in dataset.test if str(s.path.resolve()) not in seen and str(s.path) not in seen]
+    excluded = len(dataset.test) - len(samples)
+    if not samples:
+        raise DatasetError(f"{dataset.root}: no test images to evaluate on" + (f" ({excluded} were used for calibration)" if excluded else ""))
     detector = bundle.detector
-    samples = dataset.test
     t0 = time.perf_counter()
-    scores, maps = detector.score([s.path for s in samples], progress=progress)
+    raw, maps = detector.score([s.path for s in samples], progress=progress)
     elapsed = time.perf_counter() - t0
+    scores = calibration.combine(raw, maps) if calibration else raw.astype(np.float64)
     labels = np.array([s.label for s in samples])
     # pixel metrics: good images (all-background) and defective images that have a mask
     pixel_idx = [i for i, s in enumerate(samples) if s.label == 0 or s.mask_path is not None]
@@ -96,29 +150,40 @@ def evaluate(bundle: Bundle, dataset: Dataset, progress: bool = False) -> Evalua
         "pixel_auroc": metrics.pixel_auroc(masks, pixel_maps) if masks is not None else float("nan"),
         "aupro": metrics.aupro(masks, pixel_maps) if masks is not None else float("nan"),
     }
-    threshold = bundle.calibration.image_threshold if bundle.calibration else None
+    threshold = calibration.image_threshold if calibration else None
     predicted = scores > threshold if threshold is not None else None
     if predicted is not None:
+        result["threshold"] = threshold
+        result["pixel_threshold"] = calibration.pixel_threshold
         result["accuracy_at_threshold"] = float((predicted == labels.astype(bool)).mean())
         result["false_rejects"] = int((predicted & (labels == 0)).sum())
         result["escapes"] = int((~predicted & (labels == 1)).sum())
+        result["frr"] = result["false_rejects"] / max(1, result["n_good"])
+        result["recall"] = float(predicted[labels == 1].mean()) if result["n_defect"] else float("nan")
+        if masks is not None:
+            result["pixel_iou"], result["pixel_dice"] = overlap_scores(masks, pixel_maps > calibration.pixel_threshold)
     per_type = {}
     good = labels == 0
-    for t in dataset.defect_types:
+    for t in sorted({s.defect_type for s in samples if s.label}):
         sel = np.array([s.defect_type == t for s in samples])
-        entry = {"n": int(sel.sum()), "auroc": metrics.image_auroc(labels[good | sel], scores[good | sel])}
+        entry = {"n": int(sel.sum()), "auroc": metrics.image_auroc(labels[good | sel], scores[good | sel]),
+                 "mean_score": float(scores[sel].mean())}
         if predicted is not None:
             entry["recall_at_threshold"] = float(predicted[sel].mean())
         per_type[t] = entry
+    normalised = calibration.normalise(scores) if calibration else None
     records = [
         {
             "path": str(s.path),
             "defect_type": s.defect_type,
             "label": GOOD if s.label == 0 else "defect",
             "score": float(scores[i]),
+            "normalised_score": None if normalised is None else float(normalised[i]),
             "verdict": None if predicted is None else ("defect" if predicted[i] else "good"),
         }
         for i, s in enumerate(samples)
     ]
-    timings = {"score_s": elapsed, "images_per_s": len(samples) / elapsed if elapsed > 0 else 0.0}
-    return Evaluation(dataset.name, result, per_type, records, timings)
+    timings = {"score_s": elapsed, "images_per_s": len(samples) / elapsed if elapsed > 0 else 0.0,
+               "ms_per_image": 1000.0 * elapsed / len(samples)}
+    return Evaluation(dataset.name, result, per_type, records, timings, excluded, labels, scores,
+                      [s.defect_type for s in samples], threshold, _gallery(samples, labels, scores, maps, threshold))

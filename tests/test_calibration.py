@@ -1,0 +1,156 @@
+"""Threshold rules on made-up score distributions whose answers are known."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from defectlens.calibration import Calibration, CalibrationSettings, calibrate_scores
+from defectlens.calibration import strategies as st
+from defectlens.errors import DefectLensError
+from defectlens.symmetry import asymmetry, choose_weight
+
+
+@pytest.mark.parametrize("target", [0.01, 0.05])
+def test_target_frr_is_met_on_new_good_parts_with_many_images(target):
+    rng = np.random.default_rng(1)
+    calib = rng.gumbel(1.0, 0.1, 20_000)
+    fresh = rng.gumbel(1.0, 0.1, 200_000)
+    t = st.threshold_for_frr(calib, target)
+    assert (fresh > t).mean() == pytest.approx(target, rel=0.15)
+
+
+@pytest.mark.parametrize("family", ["gumbel", "normal", "lognormal"])
+def test_target_frr_stays_near_target_from_30_images(family):
+    """Averaged over many small calibration sets, the real FRR stays close to the 1 % target,
+    whatever the (unknown) shape of the good-score distribution."""
+    rng = np.random.default_rng(2)
+    draw = {"gumbel": lambda n: rng.gumbel(1, 0.1, n), "normal": lambda n: rng.normal(1, 0.1, n),
+            "lognormal": lambda n: rng.lognormal(0, 0.3, n)}[family]
+    frrs = [(draw(20_000) > st.threshold_for_frr(draw(30), 0.01)).mean() for _ in range(100)]
+    assert np.mean(frrs) < 0.02
+
+
+def test_frr_interval_covers_the_true_rate():
+    rng = np.random.default_rng(3)
+    covered = 0
+    for i in range(100):
+        calib = rng.gumbel(0, 1, 50)
+        t = st.threshold_for_frr(calib, 0.02)
+        true_rate = float(np.exp(-np.exp(-t)) * -1 + 1)  # Gumbel(0, 1) survival function
+        est = st.estimate_frr(calib, t, seed=i)
+        assert est.low <= est.expected <= est.high and est.n == 50
+        covered += est.low <= true_rate <= est.high
+    assert covered >= 90
+
+
+def test_frr_interval_counts_observed_rejects():
+    scores = np.r_[np.zeros(9), 10.0]
+    est = st.estimate_frr(scores, 5.0)
+    assert est.observed_rejects == 1
+    # exact binomial interval of 1 reject in 10 contains 0.1 and reaches above 0.4
+    assert est.low <= 0.1 <= est.high and est.high > 0.4
+
+
+def test_k_sigma_is_mean_plus_k_std():
+    values = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert st.threshold_k_sigma(values, 2.0) == pytest.approx(3.0 + 2.0 * np.std(values, ddof=1))
+    # one image: the std floor (5 % of the mean) keeps the threshold above the score
+    assert st.threshold_k_sigma(np.array([2.0]), 3.0) == pytest.approx(2.3)
+
+
+def test_bad_targets_are_refused():
+    with pytest.raises(DefectLensError, match="between 0 and 1"):
+        st.threshold_for_frr(np.ones(5), 0.0)
+    with pytest.raises(DefectLensError, match="recall"):
+        st.threshold_for_recall(np.ones(3), np.ones(3) * 2, 1.5)
+    with pytest.raises(DefectLensError, match="unknown calibration strategy"):
+        CalibrationSettings(strategy="magic")
+
+
+GOOD = np.array([1.0, 2.0, 3.0])
+DEFECT = np.array([2.5, 4.0, 5.0])
+
+
+def test_labelled_rules_on_a_hand_worked_case():
+    # values 1 2 2.5 3 4 5; defect if score > threshold
+    assert st.threshold_zero_false_rejects(GOOD, DEFECT) == pytest.approx(3.5)  # catches 4 and 5, no good rejected
+    assert st.threshold_for_recall(GOOD, DEFECT, 0.95) == pytest.approx(2.25)  # must catch 2.5: rejects the good 3
+    assert st.threshold_for_recall(GOOD, DEFECT, 0.6) == pytest.approx(3.5)  # 2/3 suffices: highest such threshold
+    assert st.threshold_f1(GOOD, DEFECT) == pytest.approx(2.25)  # P 3/4, R 1 -> F1 0.857 beats 0.8 at 3.5
+    c = st.confusion_at(GOOD, DEFECT, 2.25)
+    assert c == {"threshold": 2.25, "precision": 0.75, "recall": 1.0, "false_rejects": 1, "escapes": 0, "frr": pytest.approx(1 / 3)}
+
+
+def test_labelled_rules_with_perfect_separation():
+    good, defect = np.array([0.1, 0.2]), np.array([0.8, 0.9])
+    for rule in (st.threshold_f1, st.threshold_zero_false_rejects):
+        t = rule(good, defect)
+        assert 0.2 < t < 0.8
+    assert st.threshold_for_recall(good, defect, 1.0) == pytest.approx(0.5)
+
+
+def test_calibrate_scores_builds_the_threshold_table():
+    rng = np.random.default_rng(4)
+    good = rng.normal(1.0, 0.1, 200)
+    defect = rng.normal(2.0, 0.3, 40)
+    types = ["crack"] * 20 + ["spot"] * 20
+    cal = calibrate_scores(good, good * 0.8, CalibrationSettings(strategy="f1"), defect_scores=defect, defect_types=types)
+    keys = [r["key"] for r in cal.table]
+    assert keys == ["target_frr", "k_sigma", "f1", "target_recall", "zero_false_rejects"]
+    chosen = [r for r in cal.table if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["key"] == "f1" and chosen[0]["threshold"] == cal.image_threshold
+    zero = next(r for r in cal.table if r["key"] == "zero_false_rejects")
+    assert zero["false_rejects"] == 0 and zero["threshold"] > good.max()
+    assert set(cal.per_type) == {"crack", "spot"} and cal.per_type["crack"]["n"] == 20
+    assert cal.n_good == 200 and cal.n_defect == 40 and cal.source == "holdout"
+    assert "F1-max" in cal.describe()
+
+
+def test_labelled_strategy_without_defects_says_what_to_do():
+    with pytest.raises(DefectLensError, match="needs labelled defect images"):
+        calibrate_scores(np.ones(20), np.ones(20), CalibrationSettings(strategy="target_recall"))
+
+
+def test_few_images_warn_but_work():
+    with pytest.warns(UserWarning, match="3 good images"):
+        cal = calibrate_scores(np.array([1.0, 1.1, 0.9]), np.array([0.5, 0.6, 0.4]))
+    assert cal.image_threshold > 1.1 and cal.pixel_threshold > 0.6
+
+
+def test_normalised_score_is_one_half_at_the_threshold():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cal = calibrate_scores(np.linspace(1, 2, 50), np.linspace(0.5, 1, 50))
+    t = cal.image_threshold
+    assert cal.normalise(t) == pytest.approx(0.5)
+    values = cal.normalise(np.array([t - 10, t - 0.1, t, t + 0.1, t + 10]))
+    assert np.all(np.diff(values) > 0) and values[0] < 0.01 and values[-1] > 0.99
+    assert cal.confidence(t) == pytest.approx(0.0) and cal.confidence(t + 10) > 0.99
+    assert cal.normalise_map(np.full((2, 2), cal.pixel_threshold, np.float32)) == pytest.approx(0.5)
+
+
+def test_record_round_trips_and_reads_old_records():
+    cal = calibrate_scores(np.linspace(1, 2, 20), np.linspace(0.5, 1, 20))
+    assert Calibration.from_dict(cal.to_dict()) == cal
+    old = Calibration.from_dict({"image_threshold": 2.0, "pixel_threshold": 1.0, "method": "good_only_mean_k_sigma",
+                                 "n_images": 3, "k_sigma": 3.0, "good_image_scores": [1.0, 1.2, 1.1]})
+    assert old.strategy == "k_sigma" and old.normalise(2.0) == pytest.approx(0.5)
+    with pytest.raises(DefectLensError, match="does not know: bogus"):
+        Calibration.from_dict({**cal.to_dict(), "bogus": 1})
+
+
+def test_symmetry_is_used_only_when_it_helps():
+    maps = np.zeros((2, 8, 8))
+    maps[1, 2, 1] = 1.0  # evidence on the left only
+    assert list(asymmetry(maps, "lr")) == [0.0, 1.0]
+    assert list(asymmetry(maps, "tb")) == [0.0, 1.0]
+    rng = np.random.default_rng(5)
+    good_s, defect_s = rng.normal(1, 0.1, 50), rng.normal(1, 0.1, 50)  # appearance cannot tell them apart
+    helpful = choose_weight(good_s, rng.normal(0, 0.1, 50), defect_s, rng.normal(1, 0.1, 50))
+    assert helpful["used"] and helpful["auroc_combined"] > helpful["auroc_appearance"] + 0.2
+    same = rng.normal(0, 0.1, 100)
+    useless = choose_weight(np.linspace(0, 1, 50), same[:50], np.linspace(2, 3, 50), same[50:])
+    assert not useless["used"] and useless["auroc_appearance"] == 1.0
