@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup demo test lint benchmark clean
+.PHONY: setup browser demo test lint benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -18,10 +18,17 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
+# Browser tests (the report, later the dashboard) drive Debian's Chromium through Playwright;
+# Playwright's own browser download cannot work offline, so the system package is used.
+browser:
+	@test -x /usr/bin/chromium || { echo "installing Debian chromium for the browser tests"; \
+	  (apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1 || \
+	  sudo sh -c 'apt-get update -q && apt-get install -y -q chromium' >/dev/null; }
+
 demo: setup
 	$(VENV)/bin/defectlens demo
 
-test: setup
+test: setup browser
 	$(PY) -m ruff check src tests
 	$(PY) -m pytest -q
 

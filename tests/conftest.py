@@ -24,3 +24,32 @@ def tiny_dataset(tmp_path_factory) -> Path:
     """A small generated MVTec-layout category (64 px discs with scratches and spots)."""
     root = tmp_path_factory.mktemp("data")
     return make_synthetic_dataset(root, n_train=16, n_test_good=4, n_test_defect=4, size=64, seed=1)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Flags for a closed network: without them Chromium keeps trying to reach Google's services.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium driven by Playwright. `make test` installs it; elsewhere the
+    browser tests skip, unless DEFECTLENS_REQUIRE_BROWSER=1 (set by CI) makes its absence fail."""
+    import os
+
+    required = os.environ.get("DEFECTLENS_REQUIRE_BROWSER") == "1"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if required:
+            raise
+        pytest.skip("playwright is not installed")
+    if not CHROMIUM.exists():
+        if required:
+            pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (make setup does)")
+        pytest.skip(f"{CHROMIUM} is not installed")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()

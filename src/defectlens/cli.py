@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model file (.dlens)")
     p.add_argument("data", help="data set or category folder with test images")
     p.add_argument("--out", default=None, help="JSON file for metrics and per-image records (default: evaluation_<name>.json)")
+    p.add_argument("--report", default=None, metavar="DIR", help="also write report.html (self-contained) and report.md with figures here")
 
     p = sub.add_parser("benchmark", help="measure fit and inspect speed and memory", description=(
         "Fit on all training images of DATA, then print fit seconds, batched images/s, single-image latency, "
@@ -281,7 +282,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out or f"evaluation_{ds.name}.json")
     result.save_json(out)
     print(f"wrote {out}")
+    if args.report:
+        _write_report(result, bundle, Path(args.report))
     return 0
+
+
+def _write_report(result, bundle, folder: Path) -> None:
+    from .benchmark import machine_description
+    from .report import write_report
+
+    html_path, md_path = write_report(result, bundle, folder, machine_description())
+    print(f"report: {html_path} and {md_path}")
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
@@ -328,6 +339,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = evaluate(bundle, ds, progress=True)
     print(result.table())
     result.save_json(out / "evaluation.json")
+    _write_report(result, bundle, out / "report")
     # overlays for a few images of each test type
     picks = []
     for t in sorted({s.defect_type for s in ds.test}):

@@ -108,17 +108,20 @@ def overlap_scores(masks: np.ndarray, predicted: np.ndarray) -> tuple[float, flo
 
 
 def _gallery(samples: list[Sample], labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, threshold: float | None) -> list[GalleryItem]:
-    """The misjudged images, worst first; without a threshold (or mistakes) the closest calls."""
+    """The misjudged images, worst first, then the closest calls: highest-scored good and
+    lowest-scored defective images (all there is to show without a threshold)."""
     good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
-    items: list[tuple[float, int, str]] = []
+    errors: list[tuple[float, int, str]] = []
     if threshold is not None:
-        items += [(scores[i] - threshold, i, "false reject") for i in good if scores[i] > threshold]
-        items += [(threshold - scores[i], i, "escape") for i in bad if scores[i] <= threshold]
-    if not items:
-        items += [(scores[i], i, "closest good") for i in good[np.argsort(-scores[good])][: GALLERY_SIZE // 2]]
-        items += [(-scores[i], i, "closest defect") for i in bad[np.argsort(scores[bad])][: GALLERY_SIZE // 2]]
-    items.sort(key=lambda t: -t[0])
-    return [GalleryItem(samples[i], float(scores[i]), maps[i], kind) for _, i, kind in items[:GALLERY_SIZE]]
+        errors += [(scores[i] - threshold, i, "false reject") for i in good if scores[i] > threshold]
+        errors += [(threshold - scores[i], i, "escape") for i in bad if scores[i] <= threshold]
+    errors.sort(key=lambda t: -t[0])
+    chosen = [(i, kind) for _, i, kind in errors[:GALLERY_SIZE]]
+    taken = {i for i, _ in chosen}
+    closest = [(i, "closest good") for i in good[np.argsort(-scores[good])] if i not in taken][:2]
+    closest += [(i, "closest defect") for i in bad[np.argsort(scores[bad])] if i not in taken][:2]
+    chosen += closest[: max(0, GALLERY_SIZE - len(chosen))]
+    return [GalleryItem(samples[i], float(scores[i]), maps[i], kind) for i, kind in chosen]
 
 
 def evaluate(bundle: Bundle, dataset: Dataset, progress: bool = False) -> Evaluation:
