@@ -47,6 +47,33 @@ def test_inspect_writes_records_and_overlays(model, tiny_dataset, tmp_path, caps
     assert sum(r["verdict"] == "defect" for r in spots) >= 3
     assert any(r["regions"] for r in spots)
     assert "inspected 12 images" in capsys.readouterr().out
+    for r in records:
+        assert 0 <= r["normalised_score"] <= 1 and (r["normalised_score"] > 0.5) == (r["verdict"] == "defect")
+        assert 0 <= r["confidence"] <= 1 and 0 <= r["severity"] <= 1
+        for region in r["regions"]:
+            assert region["type_source"] == "heuristic" and region["type"].endswith("-like") and 0 <= region["severity"] <= 1
+
+
+def test_inspect_writes_csv_summary_statistics_and_maps(model, tiny_dataset, tmp_path):
+    import csv
+
+    import numpy as np
+
+    out = tmp_path / "batch"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    assert main(["inspect", str(model), str(tiny_dataset / "test"), str(bad), "--out", str(out), "--no-overlay", "--save-maps", "--mask", "otsu"]) == 0
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert len(rows) == 13 and rows[-1]["verdict"] == "error" and "broken.png" in rows[-1]["error"]
+    assert all(float(r["total_ms"]) > 0 and int(r["regions"]) >= 0 for r in rows[:-1])
+    stats = json.loads((out / "stats.json").read_text())
+    assert set(stats["by_folder"]) == {"good", "scratch", "spot"}
+    spot = stats["by_folder"]["spot"]
+    assert spot["n"] == 4 and spot["mean"] <= spot["p90"] <= spot["max"] and spot["std"] >= 0
+    assert sum(g["n"] for g in stats["by_verdict"].values()) == 12
+    maps = sorted((out / "maps").glob("*.npy"))
+    assert len(maps) == 12 and np.load(maps[0]).shape == (64, 64)
+    assert not (out / "overlays").exists()
 
 
 def test_inspect_skips_unreadable_files(model, tiny_dataset, tmp_path, capsys):

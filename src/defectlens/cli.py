@@ -1,4 +1,4 @@
-"""`defectlens` command line: fit | inspect | evaluate | benchmark | demo.
+"""`defectlens` command line: fit | calibrate | inspect | evaluate | benchmark | demo.
 
 Every user-caused failure prints one line `defectlens: error: ...` and exits with status 2.
 """
@@ -20,6 +20,7 @@ from . import __version__
 from .calibration.calibrate import GOOD_ONLY, STRATEGIES
 from .calibration.fitting import SCHEMES
 from .errors import DefectLensError
+from .jsonutil import finite
 
 EXIT_USAGE = 2
 DEMO_DATA_CANDIDATES = ("../shared/datasets/mvtec_ad/bottle", "shared/datasets/mvtec_ad/bottle")
@@ -105,12 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_options(p, STRATEGIES)
 
     p = sub.add_parser("inspect", help="inspect images with a model", description=(
-        "Inspect images or folders of images; print one JSON record per image, and with --out write results.jsonl "
-        "and heat-map overlays."))
+        "Inspect images or folders of images; print one JSON record per image, and with --out write results.jsonl, "
+        "summary.csv, stats.json (score statistics per verdict, predicted type and folder) and heat-map overlays."))
     p.add_argument("model", help="model file (.dlens)")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", default=None, help="folder for results.jsonl and overlays/")
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay PNGs")
+    p.add_argument("--save-maps", action="store_true", help="also write each anomaly map as maps/<name>.npy (float16, image size)")
+    p.add_argument("--mask", choices=("threshold", "otsu"), default="threshold", help=(
+        "how defect masks are cut: the calibrated pixel threshold, or Otsu on each map (never below the threshold) (default: threshold)"))
 
     p = sub.add_parser("evaluate", help="measure a model on a labelled test split", description=(
         "Score the test split of DATA and print image AUROC, AUPR, F1-max, pixel AUROC and AUPRO."))
@@ -219,40 +223,24 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_inspections(inspector, paths: Sequence[Path], out: Path | None, overlays: bool) -> tuple[int, int, int]:
-    from .data.images import load_rgb
+def _write_inspections(inspector, paths: Sequence[Path], out: Path | None, overlays: bool, save_maps: bool = False) -> tuple[int, int, int]:
+    from .batch_outputs import BatchWriter
     from .errors import ImageError
-    from .overlay import save_overlay
 
     counts = {"good": 0, "defect": 0, "uncalibrated": 0, "error": 0}
-    used: set[str] = set()
     pixel_threshold = inspector.calibration.pixel_threshold if inspector.calibration else None
     with contextlib.ExitStack() as stack:
-        results = None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            results = stack.enter_context(open(out / "results.jsonl", "w"))
+        writer = None if out is None else stack.enter_context(BatchWriter(out, overlays, save_maps, pixel_threshold))
         for path, result in zip(paths, inspector.inspect_many(paths, progress=out is not None), strict=True):
             if isinstance(result, ImageError):
                 counts["error"] += 1
-                record = {"source": str(path), "error": str(result)}
                 print(f"defectlens: skipped: {result}", file=sys.stderr)
             else:
                 counts[result.verdict] += 1
-                record = result.to_record()
-                if out is not None and overlays:
-                    name = f"{path.parent.name}_{path.stem}"  # test/<type>/000.png -> <type>_000
-                    base, n = name, 1
-                    while name in used:
-                        n += 1
-                        name = f"{base}-{n}"
-                    used.add(name)
-                    record["overlay"] = str(save_overlay(out / "overlays" / f"{name}.png", load_rgb(path), result, pixel_threshold))
-            line = json.dumps(record)
-            if results is not None:
-                results.write(line + "\n")
+            if writer is not None:
+                writer.write(path, result)
             else:
-                print(line)
+                print(json.dumps(finite(result.to_record() if not isinstance(result, ImageError) else {"source": str(path), "error": str(result)})))
     return counts["good"], counts["defect"], counts["error"]
 
 
@@ -260,10 +248,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .data.images import flatten_inputs
     from .inspector import Inspector
 
-    inspector = Inspector.load(args.model)
+    inspector = Inspector.load(args.model, mask_method=args.mask)
     paths = flatten_inputs(args.inputs)
     out = Path(args.out) if args.out else None
-    good, defect, errors = _write_inspections(inspector, paths, out, not args.no_overlay)
+    if out is None and args.save_maps:
+        raise DefectLensError("--save-maps needs --out")
+    good, defect, errors = _write_inspections(inspector, paths, out, not args.no_overlay, args.save_maps)
     summary = f"inspected {len(paths) - errors} images: {good} good, {defect} defect" + (f", {errors} unreadable (skipped)" if errors else "")
     print(summary + (f"; results in {out / 'results.jsonl'}" if out else ""), file=sys.stderr if out is None else sys.stdout)
     return 0

@@ -49,12 +49,22 @@ def render_overlay(rgb: np.ndarray, inspection: Inspection, pixel_threshold: flo
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=int(band * 0.7))
     colour = _VERDICT_COLOURS[inspection.verdict]
+    label_font = ImageFont.load_default(size=max(9, int(band * 0.5)))
     for region in inspection.regions:
         x0, y0, x1, y1 = region.box
         draw.rectangle((w + x0, band + y0, w + x1 - 1, band + y1 - 1), outline=(255, 255, 255), width=max(1, w // 256))
-    draw.text((4, 2), f"{inspection.verdict.upper()}  score {inspection.score:.3f}", fill=colour, font=font)
+        label = f"{region.defect_type.split('/')[0]} {region.severity:.2f}" if region.defect_type else f"{region.severity:.2f}"
+        ty = band + y0 - label_font.size - 2 if y0 > label_font.size + 2 else band + y1 + 1
+        draw.text((w + x0, ty), label, fill=(255, 255, 255), font=label_font, stroke_width=1, stroke_fill=(0, 0, 0))
+    head = f"{inspection.verdict.upper()}  score {inspection.score:.3f}"
+    if inspection.normalised_score is not None:
+        head += f" ({inspection.normalised_score:.2f})"
+    draw.text((4, 2), head, fill=colour, font=font)
     if inspection.threshold is not None:
-        draw.text((w + 4, 2), f"threshold {inspection.threshold:.3f}  regions {len(inspection.regions)}", fill=(220, 220, 220), font=font)
+        info = f"threshold {inspection.threshold:.3f}  regions {len(inspection.regions)}"
+        if inspection.regions:
+            info += f"  severity {inspection.severity:.2f}"
+        draw.text((w + 4, 2), info, fill=(220, 220, 220), font=font)
     return canvas
 
 
