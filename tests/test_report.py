@@ -53,3 +53,23 @@ def test_evaluation_json_has_pixel_overlap_metrics(report_dir):
     m = result["metrics"]
     assert 0 <= m["pixel_iou"] <= m["pixel_dice"] <= 1
     assert m["frr"] == m["false_rejects"] / m["n_good"]
+
+
+def test_gallery_shows_both_kinds_of_mistake_worst_first():
+    from pathlib import Path
+
+    import numpy as np
+
+    from defectlens.data.datasets import Sample
+    from defectlens.evaluation import GALLERY_SIZE, _gallery
+
+    labels = np.array([0] * 10 + [1] * 10)
+    scores = np.r_[np.linspace(0.0, 0.9, 10), np.linspace(0.1, 1.0, 10)]  # threshold 0.5: goods 6-9 rejected, defects 0-4 escape
+    samples = [Sample(Path(f"{i}.png"), "good" if lab == 0 else "crack") for i, lab in enumerate(labels)]
+    maps = np.zeros((20, 4, 4))
+    items = _gallery(samples, labels, scores, maps, 0.5)
+    kinds = [g.kind for g in items]
+    assert len(items) == GALLERY_SIZE and kinds.count("false reject") == 4 and kinds.count("escape") == 4
+    assert items[0].score == 0.9 and items[4].score == 0.1  # worst false reject, worst escape first
+    clean = _gallery(samples, labels, np.r_[np.zeros(10), np.ones(10)], maps, 0.5)
+    assert [g.kind for g in clean] == ["closest good", "closest good", "closest defect", "closest defect"]

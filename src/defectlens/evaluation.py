@@ -111,12 +111,12 @@ def _gallery(samples: list[Sample], labels: np.ndarray, scores: np.ndarray, maps
     """The misjudged images, worst first, then the closest calls: highest-scored good and
     lowest-scored defective images (all there is to show without a threshold)."""
     good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
-    errors: list[tuple[float, int, str]] = []
-    if threshold is not None:
-        errors += [(scores[i] - threshold, i, "false reject") for i in good if scores[i] > threshold]
-        errors += [(threshold - scores[i], i, "escape") for i in bad if scores[i] <= threshold]
-    errors.sort(key=lambda t: -t[0])
-    chosen = [(i, kind) for _, i, kind in errors[:GALLERY_SIZE]]
+    chosen: list[tuple[int, str]] = []
+    if threshold is not None:  # both kinds of mistake get room: half the gallery each, worst first
+        rejects = [i for i in good[np.argsort(-scores[good])] if scores[i] > threshold]
+        escapes = [i for i in bad[np.argsort(scores[bad])] if scores[i] <= threshold]
+        n_rej = min(len(rejects), max(GALLERY_SIZE // 2, GALLERY_SIZE - len(escapes)))
+        chosen = [(i, "false reject") for i in rejects[:n_rej]] + [(i, "escape") for i in escapes[: GALLERY_SIZE - n_rej]]
     taken = {i for i, _ in chosen}
     closest = [(i, "closest good") for i in good[np.argsort(-scores[good])] if i not in taken][:2]
     closest += [(i, "closest defect") for i in bad[np.argsort(scores[bad])] if i not in taken][:2]

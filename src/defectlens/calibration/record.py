@@ -71,6 +71,12 @@ class Calibration:
                          f"{e['observed_rejects']}/{e['n']} calibration images above the threshold)")
         if self.table:
             lines.append(threshold_table_text(self.table))
+        if self.per_type:
+            lines.append(f"  {'defect type':<22} {'n':>4} {'recall':>8}   thresholds that type alone would give: F1-max / recall target / zero FR")
+            for name, d in sorted(self.per_type.items()):
+                t = d["thresholds"]
+                lines.append(f"  {name:<22} {d['n']:>4} {_pct(d['recall_at_threshold']):>8}   "
+                             f"{t['f1']:.4f} / {t['target_recall']:.4f} / {t['zero_false_rejects']:.4f}")
         if self.symmetry:
             s = self.symmetry
             lines.append(f"  symmetry break ({s['axes']}): AUROC {s['auroc_appearance']:.4f} appearance only, "
