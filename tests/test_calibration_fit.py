@@ -121,6 +121,10 @@ def test_calibrate_with_labelled_data_and_evaluation_leaves_those_images_out(cli
     records = [json.loads(line) for line in (tmp_path / "i" / "results.jsonl").read_text().splitlines()]
     typed = [r for rec in records for r in rec["regions"]]
     assert typed and all(r["type"] in ("scratch", "spot") and r["type_source"] == "prototype" for r in typed)
+    # a later good-only re-calibration changes the threshold but keeps the learned types
+    assert main(["calibrate", str(out), "--target-frr", "0.05", "-o", str(tmp_path / "again.dlens")]) == 0
+    again = Bundle.load(tmp_path / "again.dlens")
+    assert again.typer is not None and again.calibration.strategy == "target_frr"
 
 
 def test_calibrate_refuses_what_it_cannot_do(cli_model, capsys):

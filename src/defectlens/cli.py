@@ -198,6 +198,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             raise DatasetError(f"{args.model}: holds no stored good scores to re-calibrate from: give DATA")
         good = ScoredImages(np.asarray(old.good_scores), np.asarray(old.good_map_max), np.zeros(old.n_good), np.zeros(old.n_good))
         calibrate_bundle(bundle, good, settings, source=old.source.replace("+labelled", ""), files=[f for f in old.files if f])
+        bundle.calibration.symmetry = old.symmetry  # the stored scores already include it, when it was chosen
     else:
         ds = load_dataset(args.data, validation_fraction=0.0)
         print(ds.summary())

@@ -208,8 +208,7 @@ def calibrate_bundle(
                                    source=source + ("+labelled" if defect is not None else ""), files=list(files) + defect_files)
     calibration.symmetry = symmetry
     bundle.calibration = calibration
-    bundle.typer = None
-    if types is not None and len(set(types)) >= 2:
+    if types is not None and len(set(types)) >= 2:  # new labels replace the typer; without any, it is kept
         if defect.features is None:
             warnings.warn(f"{detector.name} gives no patch embeddings: regions are typed by shape only", stacklevel=2)
         else:
