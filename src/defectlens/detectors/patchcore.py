@@ -15,20 +15,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import create_backbone, get_spec
-from ..data.images import ImageInput, iter_batches
+from ..backbones import get_spec
+from ..data.images import ImageInput
 from ..errors import DefectLensError
-from ..postprocess import AnomalyMapHead
-from .base import Detector, Stopwatch
+from .base import Stopwatch
 from .coreset import greedy_coreset
-from .features import PatchEmbedder
+from .feature_based import FeatureDetector
 from .registry import register_detector
-
-_BACKBONE_PREFIX = "backbone."
 
 
 @register_detector
-class PatchCore(Detector):
+class PatchCore(FeatureDetector):
     """Memory-bank detector; the default, and the most accurate with few good images.
 
     Parameters
@@ -98,10 +95,7 @@ class PatchCore(Detector):
         images = list(images)
         if not images:
             raise DefectLensError("fit needs at least one good image, got none")
-        extractor, digest = create_backbone(self.backbone, self.weights)
-        self.embedder_ = PatchEmbedder(extractor, embed_dim=self.embed_dim)
-        self.backbone_sha256_ = digest or ""
-        self._prepare_inference()
+        self._setup_backbone()
         features = self._embed_all(images)
         n_select = max(1, int(round(len(features) * self.coreset_ratio)))
         with tqdm(total=n_select, desc="coreset", unit="patch", disable=not self.verbose, leave=False) as bar:
@@ -112,34 +106,25 @@ class PatchCore(Detector):
         self._build_index()
         return self
 
+    def _embed_dim(self) -> int | None:
+        return self.embed_dim
+
     def _embed_all(self, images: list[ImageInput]) -> np.ndarray:
         features: np.ndarray | None = None
         per_image = 0
-        bar = tqdm(total=len(images), desc="features", unit="img", disable=not self.verbose, leave=False)
-        with torch.inference_mode():
-            for batch in iter_batches(images, self.image_size, self.batch_size):
-                emb = self._embed(torch.from_numpy(batch.pixels))
-                if features is None:
-                    _, d, h, w = emb.shape
-                    per_image = h * w
-                    self.feature_shape_ = (h, w)
-                    features = np.empty((len(images) * per_image, d), dtype=np.float32)
-                flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
-                start = batch.indices[0] * per_image
-                features[start : start + flat.shape[0]] = flat.numpy()
-                bar.update(len(batch.indices))
-        bar.close()
+        for batch, emb in self._iter_embeddings(images):
+            if features is None:
+                _, d, h, w = emb.shape
+                per_image = h * w
+                self.feature_shape_ = (h, w)
+                features = np.empty((len(images) * per_image, d), dtype=np.float32)
+            flat = emb.transpose(0, 2, 3, 1).reshape(-1, emb.shape[1])
+            start = batch.indices[0] * per_image
+            features[start : start + flat.shape[0]] = flat
         assert features is not None
         return features
 
     # -- scoring ---------------------------------------------------------------------------
-    def _prepare_inference(self) -> None:
-        self._fast_embedder = self.embedder_.for_inference()
-        self._map_head = AnomalyMapHead(self.image_size, self.smoothing_sigma)
-
-    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._fast_embedder(pixels.contiguous(memory_format=torch.channels_last)).contiguous()
-
     def _build_index(self) -> None:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         self._index = faiss.IndexFlatL2(self.memory_bank_.shape[1])
@@ -174,40 +159,27 @@ class PatchCore(Detector):
     # -- state -----------------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
         self._require_fitted()
-        state = {
+        return {
             "memory_bank": self.memory_bank_,
             "feature_shape": np.asarray(self.feature_shape_, dtype=np.int64),
             "n_train": np.asarray([self.n_train_images_, self.n_train_patches_], dtype=np.int64),
-            "backbone_sha256": np.frombuffer(self.backbone_sha256_.encode(), dtype=np.uint8),
+            **self._backbone_state(),
         }
-        for key, value in self.embedder_.extractor.state_dict().items():
-            state[_BACKBONE_PREFIX + key] = value.numpy()
-        return state
 
     def set_state(self, state: dict[str, np.ndarray]) -> PatchCore:
         self._validate_params()
-        extractor, _ = create_backbone(self.backbone, pretrained=False)
-        weights = {k[len(_BACKBONE_PREFIX) :]: torch.from_numpy(np.array(v)) for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
-        missing, unexpected = extractor.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise DefectLensError(f"saved backbone state does not fit '{self.backbone}' ({len(missing)} missing, {len(unexpected)} unexpected keys)")
-        self.embedder_ = PatchEmbedder(extractor, embed_dim=self.embed_dim)
+        self._restore_backbone(state)
         self.memory_bank_ = np.ascontiguousarray(state["memory_bank"], dtype=np.float32)
         self.feature_shape_ = tuple(int(v) for v in state["feature_shape"])
         self.n_train_images_, self.n_train_patches_ = (int(v) for v in state["n_train"])
-        self.backbone_sha256_ = bytes(state["backbone_sha256"]).decode()
-        self._prepare_inference()
         self._build_index()
         return self
 
-    def __getstate__(self) -> dict:
-        # faiss indexes and the fused copy are rebuilt, not pickled (e.g. for Ray workers)
-        return {k: v for k, v in vars(self).items() if k not in ("_index", "_fast_embedder", "_map_head")}
+    _TRANSIENT = (*FeatureDetector._TRANSIENT, "_index")
 
     def __setstate__(self, state: dict) -> None:
-        vars(self).update(state)
+        super().__setstate__(state)
         if "memory_bank_" in state:
-            self._prepare_inference()
             self._build_index()
 
 

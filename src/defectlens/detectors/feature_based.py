@@ -1,0 +1,81 @@
+"""What every detector on frozen pretrained patch embeddings shares: the backbone, its fast
+inference copy, streaming embedding of image sets, and saving the backbone in the bundle."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..backbones import create_backbone
+from ..data.images import Batch, ImageInput, iter_batches
+from ..errors import DefectLensError
+from ..postprocess import AnomalyMapHead
+from .base import Detector
+from .features import PatchEmbedder
+
+_BACKBONE_PREFIX = "backbone."
+
+
+class FeatureDetector(Detector):
+    """Base for PatchCore, PaDiM and the like. Subclasses store ``backbone``, ``weights``,
+    ``image_size``, ``smoothing_sigma``, ``batch_size`` and ``verbose`` as settings."""
+
+    backbone: str
+    weights: str | None
+    smoothing_sigma: float
+    aggregation: int = 3  # local neighbourhood averaged into each patch embedding
+
+    def _embed_dim(self) -> int | None:
+        return None
+
+    def _setup_backbone(self) -> None:
+        extractor, digest = create_backbone(self.backbone, self.weights)
+        self.embedder_ = PatchEmbedder(extractor, self.aggregation, self._embed_dim())
+        self.backbone_sha256_ = digest or ""
+        self._prepare_inference()
+
+    def _prepare_inference(self) -> None:
+        self._fast_embedder = self.embedder_.for_inference()
+        self._map_head = AnomalyMapHead(self.image_size, self.smoothing_sigma)
+
+    def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._fast_embedder(pixels.contiguous(memory_format=torch.channels_last)).contiguous()
+
+    def _iter_embeddings(self, images: Sequence[ImageInput], desc: str = "features") -> Iterator[tuple[Batch, np.ndarray]]:
+        """(batch, embeddings (n, d, h, w)) for every batch, with a progress bar when verbose."""
+        bar = tqdm(total=len(images), desc=desc, unit="img", disable=not self.verbose, leave=False)
+        with torch.inference_mode():
+            for batch in iter_batches(images, self.image_size, self.batch_size):
+                yield batch, self._embed(torch.from_numpy(batch.pixels)).numpy()
+                bar.update(len(batch.indices))
+        bar.close()
+
+    def _backbone_state(self) -> dict[str, np.ndarray]:
+        state = {"backbone_sha256": np.frombuffer(self.backbone_sha256_.encode(), dtype=np.uint8)}
+        for key, value in self.embedder_.extractor.state_dict().items():
+            state[_BACKBONE_PREFIX + key] = value.numpy()
+        return state
+
+    def _restore_backbone(self, state: dict[str, np.ndarray]) -> None:
+        extractor, _ = create_backbone(self.backbone, pretrained=False)
+        weights = {k[len(_BACKBONE_PREFIX) :]: torch.from_numpy(np.array(v)) for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
+        missing, unexpected = extractor.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise DefectLensError(f"saved backbone state does not fit '{self.backbone}' ({len(missing)} missing, {len(unexpected)} unexpected keys)")
+        self.embedder_ = PatchEmbedder(extractor, self.aggregation, self._embed_dim())
+        self.backbone_sha256_ = bytes(state["backbone_sha256"]).decode()
+        self._prepare_inference()
+
+    _TRANSIENT = ("_fast_embedder", "_map_head")
+
+    def __getstate__(self) -> dict:
+        # derived objects (fused copies, search indexes) are rebuilt, not pickled (e.g. for Ray workers)
+        return {k: v for k, v in vars(self).items() if k not in self._TRANSIENT}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        if "embedder_" in state:
+            self._prepare_inference()
