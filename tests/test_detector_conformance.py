@@ -16,6 +16,7 @@ from defectlens.errors import ImageError
 
 CONFORMANCE_PARAMS = {
     "patchcore": {"image_size": 64, "coreset_ratio": 0.1},
+    "padim": {"image_size": 64, "n_features": 20},
 }
 
 

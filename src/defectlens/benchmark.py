@@ -45,7 +45,7 @@ class BenchmarkResult:
     image_size: int
     train_images: int
     test_images: int
-    memory_bank: int
+    state_mib: float  # learned state without the backbone: memory bank, Gaussians, ...
     fit_s: float
     inspect_images_per_s: float
     latency_ms_median: float
@@ -59,7 +59,7 @@ class BenchmarkResult:
         return "\n".join([
             f"benchmark: {self.detector} / {self.backbone} @ {self.image_size}px on '{self.dataset}'",
             f"  machine:               {self.machine}",
-            f"  fit:                   {self.fit_s:.1f} s for {self.train_images} images (memory bank {self.memory_bank} patches)",
+            f"  fit:                   {self.fit_s:.1f} s for {self.train_images} images (learned state {self.state_mib:.1f} MiB)",
             f"  inspect (batched):     {self.inspect_images_per_s:.1f} images/s over {self.test_images} images",
             f"  inspect (one image):   {self.latency_ms_median:.1f} ms median latency",
             f"  stages (ms/image):     {stages}",
@@ -100,7 +100,7 @@ def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 
         img_auc = image_auroc(labels, scores_all)
         masks = np.stack([load_mask(s.mask_path, det.image_size) for s in ds.test])
         pix_auc = pixel_auroc(masks, maps_all)
-    bank = getattr(det, "memory_bank_", None)
+    state_bytes = sum(v.nbytes for k, v in det.get_state().items() if not k.startswith("backbone."))
     return BenchmarkResult(
         dataset=ds.name,
         machine=machine_description(),
@@ -109,7 +109,7 @@ def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 
         image_size=det.image_size,
         train_images=len(ds.train_good),
         test_images=len(paths),
-        memory_bank=0 if bank is None else len(bank),
+        state_mib=state_bytes / 2**20,
         fit_s=fit_s,
         inspect_images_per_s=throughput,
         latency_ms_median=statistics.median(latencies),

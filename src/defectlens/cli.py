@@ -31,12 +31,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     from .detectors import PatchCore
 
     d = PatchCore().get_params()
-    p.add_argument("--detector", default="patchcore", help="detector to fit (default: patchcore)")
+    p.add_argument("--detector", default="patchcore", help="detector to fit: patchcore, padim (default: patchcore)")
     p.add_argument("--backbone", default=d["backbone"], help=f"feature backbone (mobilenet_v2, efficientnet_lite0; default: {d['backbone']})")
     p.add_argument("--weights", default=None, help="local backbone weights file (default: the installed package's)")
     p.add_argument("--image-size", type=int, default=d["image_size"], help=f"square input size in pixels (default: {d['image_size']})")
     p.add_argument("--embed-dim", type=int, default=d["embed_dim"] or 0, help=f"patch embedding size; 0 keeps all channels (default: {d['embed_dim']})")
-    p.add_argument("--coreset-ratio", type=float, default=d["coreset_ratio"], help=f"fraction of patches kept in memory (default: {d['coreset_ratio']})")
+    p.add_argument("--coreset-ratio", type=float, default=d["coreset_ratio"], help=f"PatchCore: share of patches kept (default: {d['coreset_ratio']})")
+    p.add_argument("--n-features", type=int, default=100, help="PaDiM: random channels modelled per position (default: 100)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"images per forward pass (default: {d['batch_size']})")
     p.add_argument("--seed", type=int, default=d["random_state"], help=f"random seed (default: {d['random_state']})")
 
@@ -61,15 +62,21 @@ def _settings(args: argparse.Namespace, symmetry: str | None = None):
 
 
 def _detector_params(args: argparse.Namespace) -> dict:
-    return {
+    """The options the chosen detector takes (each detector has its own settings)."""
+    from .detectors import detector_class
+
+    accepted = detector_class(args.detector)().get_params()
+    given = {
         "backbone": args.backbone,
         "weights": args.weights,
         "image_size": args.image_size,
         "embed_dim": args.embed_dim or None,
         "coreset_ratio": args.coreset_ratio,
+        "n_features": args.n_features,
         "batch_size": args.batch_size,
         "random_state": args.seed,
     }
+    return {k: v for k, v in given.items() if k in accepted}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """Detectors: one module per method, all behind one registry and factory."""
 
 from .base import BatchScores, Detector
+from .padim import PaDiM
 from .patchcore import PatchCore
 from .registry import available_detectors, create_detector, detector_class, register_detector
 
-__all__ = ["BatchScores", "Detector", "PatchCore", "available_detectors", "create_detector", "detector_class", "register_detector"]
+__all__ = ["BatchScores", "Detector", "PaDiM", "PatchCore", "available_detectors", "create_detector", "detector_class", "register_detector"]

@@ -1,0 +1,162 @@
+"""PaDiM (Defard et al., ICPR 2021): a Gaussian per patch position, Mahalanobis distance maps.
+
+Fit: at every position of the patch grid, the mean and covariance of the good images' patch
+embeddings there (a random subset of the backbone channels). Score: each test patch's
+Mahalanobis distance to its position's Gaussian. Suits aligned parts (a fixture holds the part
+in the same place every time); PatchCore, position-free, suits textures and loose parts.
+
+Memory and time stay bounded for any number of training images: mean and covariance are
+accumulated as running sums (float64), so only one batch of embeddings is held at a time.
+The covariance is shrunk towards a scaled identity with the Ledoit-Wolf coefficient, which
+scikit-learn estimates per position from a bounded reservoir of images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.covariance import ledoit_wolf_shrinkage
+
+from ..backbones import get_spec
+from ..data.images import ImageInput
+from ..errors import DefectLensError
+from .base import Stopwatch
+from .feature_based import FeatureDetector
+from .registry import register_detector
+
+SHRINKAGE_SAMPLE = 256  # images kept (per position) to estimate the Ledoit-Wolf coefficient
+
+
+@register_detector
+class PaDiM(FeatureDetector):
+    """Per-position Gaussian detector.
+
+    Parameters
+    ----------
+    backbone, weights, image_size, smoothing_sigma, batch_size, verbose : as for PatchCore.
+    n_features : random channels kept of the concatenated taps (the paper's d: 100 for
+        ResNet-18). Covariance memory is positions x n_features^2 floats.
+    random_state : seed of the channel subset and of the shrinkage reservoir.
+    """
+
+    name = "padim"
+    aggregation = 1  # PaDiM models each position as is; the Gaussian absorbs small shifts
+
+    def __init__(
+        self,
+        backbone: str = "mobilenet_v2",
+        weights: str | None = None,
+        image_size: int = 256,
+        n_features: int = 100,
+        smoothing_sigma: float = 4.0,
+        batch_size: int = 8,
+        random_state: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        self.backbone = backbone
+        self.weights = weights
+        self.image_size = image_size
+        self.n_features = n_features
+        self.smoothing_sigma = smoothing_sigma
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.verbose = verbose
+
+    def _validate_params(self) -> None:
+        get_spec(self.backbone)
+        if not (isinstance(self.image_size, int) and 32 <= self.image_size <= 4096 and self.image_size % 16 == 0):
+            raise DefectLensError(f"image_size must be a multiple of 16 between 32 and 4096, got {self.image_size}")
+        if self.n_features < 1 or self.batch_size < 1:
+            raise DefectLensError("n_features and batch_size must be at least 1")
+
+    def fit(self, images: Sequence[ImageInput]) -> PaDiM:
+        self._validate_params()
+        images = list(images)
+        if not images:
+            raise DefectLensError("fit needs at least one good image, got none")
+        self._setup_backbone()
+        rng = np.random.default_rng(self.random_state)
+        reservoir_ids = set(rng.permutation(len(images))[:SHRINKAGE_SAMPLE].tolist())
+        total = outer = None
+        reservoir = []
+        for batch, emb in self._iter_embeddings(images):
+            if total is None:
+                n_channels, h, w = emb.shape[1:]
+                d = min(self.n_features, n_channels)
+                self.channels_ = np.sort(rng.choice(n_channels, d, replace=False))
+                self.feature_shape_ = (h, w)
+                total = np.zeros((h * w, d))
+                outer = np.zeros((h * w, d, d))
+            x = self._select(emb)  # (n, positions, d)
+            total += x.sum(axis=0)
+            outer += np.einsum("npd,npe->pde", x, x)
+            reservoir += [x[j].astype(np.float32) for j, i in enumerate(batch.indices) if i in reservoir_ids]
+        assert total is not None and outer is not None
+        n = len(images)
+        mean = total / n
+        cov = (outer - n * np.einsum("pd,pe->pde", mean, mean)) / max(n - 1, 1)
+        self.mean_ = mean.astype(np.float32)
+        self.precision_ = self._shrunk_precision(cov, np.stack(reservoir, axis=1)).astype(np.float32)
+        self.n_train_images_ = n
+        return self
+
+    def _select(self, emb: np.ndarray) -> np.ndarray:
+        x = emb[:, self.channels_]  # (n, d, h, w)
+        return x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1).astype(np.float64)
+
+    def _shrunk_precision(self, cov: np.ndarray, sample: np.ndarray) -> np.ndarray:
+        """Ledoit-Wolf: (1 - a) S + a (tr S / d) I, with a estimated per position. Also keeps
+        the inverse defined when there are fewer images than channels."""
+        d = cov.shape[-1]
+        # with a single image there is no spread to estimate: shrink fully to the identity
+        alphas = np.array([ledoit_wolf_shrinkage(s) for s in sample]) if sample.shape[1] > 1 else np.ones(cov.shape[0])
+        self.shrinkage_ = alphas.astype(np.float32)
+        scale = np.trace(cov, axis1=1, axis2=2) / d
+        shrunk = (1 - alphas)[:, None, None] * cov + (alphas * scale)[:, None, None] * np.eye(d)
+        shrunk += 1e-6 * np.maximum(scale, 1e-12)[:, None, None] * np.eye(d)  # numerical floor
+        return np.linalg.inv(shrunk)
+
+    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        emb = self._embed(pixels)
+        watch.lap("backbone")
+        x = torch.from_numpy(self._select(emb.numpy()).astype(np.float32))  # (n, P, d)
+        delta = x - torch.from_numpy(self.mean_)
+        # Mahalanobis distance as batched matrix products (no cdist): exportable as is
+        dist = torch.einsum("npd,pde,npe->np", delta, torch.from_numpy(self.precision_), delta).clamp_min(0).sqrt()
+        watch.lap("search")
+        h, w = self.feature_shape_
+        patch = dist.reshape(-1, h, w)
+        scores = patch.reshape(len(patch), -1).max(dim=1).values.numpy()
+        maps = self._map_head(patch).numpy()
+        watch.lap("postprocess")
+        return scores.astype(np.float32), maps, emb.numpy()
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        self._require_fitted()
+        return {
+            "mean": self.mean_,
+            "precision": self.precision_,
+            "channels": self.channels_.astype(np.int64),
+            "shrinkage": self.shrinkage_,
+            "feature_shape": np.asarray(self.feature_shape_, dtype=np.int64),
+            "n_train": np.asarray([self.n_train_images_], dtype=np.int64),
+            **self._backbone_state(),
+        }
+
+    def set_state(self, state: dict[str, np.ndarray]) -> PaDiM:
+        self._validate_params()
+        self._restore_backbone(state)
+        self.mean_ = np.asarray(state["mean"], dtype=np.float32)
+        self.precision_ = np.asarray(state["precision"], dtype=np.float32)
+        self.channels_ = np.asarray(state["channels"], dtype=np.int64)
+        self.shrinkage_ = np.asarray(state["shrinkage"], dtype=np.float32)
+        self.feature_shape_ = tuple(int(v) for v in state["feature_shape"])
+        self.n_train_images_ = int(state["n_train"][0])
+        if self.precision_.shape != (self.mean_.shape[0], len(self.channels_), len(self.channels_)):
+            raise DefectLensError("saved PaDiM state is inconsistent (mean, precision and channels differ in size)")
+        return self
+
+
+__all__ = ["PaDiM"]
