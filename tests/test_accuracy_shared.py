@@ -8,6 +8,7 @@ import pytest
 
 from defectlens import create_detector, load_dataset
 from defectlens.evaluation import evaluate
+from defectlens.metrics import image_auroc
 
 from .conftest import shared_category
 
@@ -54,3 +55,16 @@ def test_good_only_calibration_keeps_false_rejects_low(category, capsys):
               f"(CI {[round(100 * v, 2) for v in bundle.calibration.expected_frr['ci95']]}), image AUROC {m['image_auroc']:.3f}")
     assert m["frr"] <= 0.05
     assert 0 <= m["recall"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("category", "minimum"), [("mvtec_ad/bottle", 0.97), ("magnetic_tile/magnetic_tile", 0.95)])
+def test_padim_on_real_data(category, minimum, capsys):
+    """Issue 4's PaDiM targets (anomalib 2.7 PaDiM: 0.947 on Magnetic Tile, same backbone)."""
+    ds = load_dataset(shared_category(category), validation_fraction=0.0)
+    det = create_detector("padim").fit(ds.train_good)
+    scores, _ = det.score([s.path for s in ds.test])
+    auroc = image_auroc([s.label for s in ds.test], scores)
+    with capsys.disabled():
+        print(f"\nPaDiM on {category}: image AUROC {auroc:.4f}")
+    assert auroc >= minimum

@@ -58,3 +58,12 @@ def test_padim_finds_the_synthetic_defects(fitted):
     assert maps.shape == (len(ds.test), 64, 64)
     _, _, emb = det._score_pixels(torch.zeros(1, 3, 64, 64), Stopwatch())
     assert emb.shape[:2] == (1, det.embedder_(torch.zeros(1, 3, 64, 64)).shape[1])
+
+
+def test_random_channel_subset_is_the_papers_option(tiny_dataset):
+    ds = load_dataset(tiny_dataset, validation_fraction=0.0)
+    det = create_detector("padim", image_size=64, n_features=24, channel_selection="random", random_state=3).fit(ds.train_good[:6])
+    full = det.embedder_(torch.zeros(1, 3, 64, 64)).shape[1]
+    assert full > 24 and len(det.channels_) == 24 and len(set(det.channels_.tolist())) == 24 and det.channels_.max() < full
+    with pytest.raises(Exception, match="channel_selection"):
+        create_detector("padim", channel_selection="best").fit(ds.train_good[:2])

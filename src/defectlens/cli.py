@@ -28,16 +28,17 @@ DEMO_DATA_CANDIDATES = ("../shared/datasets/mvtec_ad/bottle", "shared/datasets/m
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     # Defaults come from the detector itself, so the CLI and the Python API never disagree.
-    from .detectors import PatchCore
+    from .detectors import PaDiM, PatchCore
 
     d = PatchCore().get_params()
+    n_features = PaDiM().get_params()["n_features"]
     p.add_argument("--detector", default="patchcore", help="detector to fit: patchcore, padim (default: patchcore)")
     p.add_argument("--backbone", default=d["backbone"], help=f"feature backbone (mobilenet_v2, efficientnet_lite0; default: {d['backbone']})")
     p.add_argument("--weights", default=None, help="local backbone weights file (default: the installed package's)")
     p.add_argument("--image-size", type=int, default=d["image_size"], help=f"square input size in pixels (default: {d['image_size']})")
     p.add_argument("--embed-dim", type=int, default=d["embed_dim"] or 0, help=f"patch embedding size; 0 keeps all channels (default: {d['embed_dim']})")
     p.add_argument("--coreset-ratio", type=float, default=d["coreset_ratio"], help=f"PatchCore: share of patches kept (default: {d['coreset_ratio']})")
-    p.add_argument("--n-features", type=int, default=100, help="PaDiM: random channels modelled per position (default: 100)")
+    p.add_argument("--n-features", type=int, default=n_features, help=f"PaDiM: channels modelled per position (default: {n_features})")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"images per forward pass (default: {d['batch_size']})")
     p.add_argument("--seed", type=int, default=d["random_state"], help=f"random seed (default: {d['random_state']})")
 

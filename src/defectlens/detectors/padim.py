@@ -1,7 +1,7 @@
 """PaDiM (Defard et al., ICPR 2021): a Gaussian per patch position, Mahalanobis distance maps.
 
 Fit: at every position of the patch grid, the mean and covariance of the good images' patch
-embeddings there (a random subset of the backbone channels). Score: each test patch's
+embeddings there, reduced to ``n_features`` channels. Score: each test patch's
 Mahalanobis distance to its position's Gaussian. Suits aligned parts (a fixture holds the part
 in the same place every time); PatchCore, position-free, suits textures and loose parts.
 
@@ -36,9 +36,13 @@ class PaDiM(FeatureDetector):
     Parameters
     ----------
     backbone, weights, image_size, smoothing_sigma, batch_size, verbose : as for PatchCore.
-    n_features : random channels kept of the concatenated taps (the paper's d: 100 for
-        ResNet-18). Covariance memory is positions x n_features^2 floats.
-    random_state : seed of the channel subset and of the shrinkage reservoir.
+    n_features : channels modelled per position (the paper's d). Covariance memory and the
+        bundle grow as positions x n_features^2 floats (160: 105 MB at 256 px).
+    channel_selection : "pool" averages adjacent channels down to n_features (PatchCore's
+        reduction: deterministic, keeps every channel's information); "random" keeps a random
+        subset, as the paper does. On Magnetic Tile the random subset's AUROC swung from 0.908
+        to 0.945 with the draw, pooling gave 0.948-0.949 for 100 channels and 0.952 for 160.
+    random_state : seed of the random channel subset and of the shrinkage reservoir.
     """
 
     name = "padim"
@@ -49,7 +53,8 @@ class PaDiM(FeatureDetector):
         backbone: str = "mobilenet_v2",
         weights: str | None = None,
         image_size: int = 256,
-        n_features: int = 100,
+        n_features: int = 160,
+        channel_selection: str = "pool",
         smoothing_sigma: float = 4.0,
         batch_size: int = 8,
         random_state: int = 0,
@@ -59,6 +64,7 @@ class PaDiM(FeatureDetector):
         self.weights = weights
         self.image_size = image_size
         self.n_features = n_features
+        self.channel_selection = channel_selection
         self.smoothing_sigma = smoothing_sigma
         self.batch_size = batch_size
         self.random_state = random_state
@@ -70,6 +76,11 @@ class PaDiM(FeatureDetector):
             raise DefectLensError(f"image_size must be a multiple of 16 between 32 and 4096, got {self.image_size}")
         if self.n_features < 1 or self.batch_size < 1:
             raise DefectLensError("n_features and batch_size must be at least 1")
+        if self.channel_selection not in ("pool", "random"):
+            raise DefectLensError(f"channel_selection must be 'pool' or 'random', got {self.channel_selection!r}")
+
+    def _embed_dim(self) -> int | None:
+        return self.n_features if self.channel_selection == "pool" else None
 
     def fit(self, images: Sequence[ImageInput]) -> PaDiM:
         self._validate_params()
@@ -85,7 +96,8 @@ class PaDiM(FeatureDetector):
             if total is None:
                 n_channels, h, w = emb.shape[1:]
                 d = min(self.n_features, n_channels)
-                self.channels_ = np.sort(rng.choice(n_channels, d, replace=False))
+                pick = rng.choice(n_channels, d, replace=False) if self.channel_selection == "random" else np.arange(d)
+                self.channels_ = np.sort(pick)
                 self.feature_shape_ = (h, w)
                 total = np.zeros((h * w, d))
                 outer = np.zeros((h * w, d, d))
