@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import create_backbone
+from ..backbones import create_backbone, get_spec
 from ..data.images import Batch, ImageInput, iter_batches
 from ..errors import DefectLensError
 from ..postprocess import AnomalyMapHead
@@ -30,6 +30,22 @@ class FeatureDetector(Detector):
 
     def _embed_dim(self) -> int | None:
         return None
+
+    def _validate_params(self) -> None:
+        """Settings every feature detector shares; subclasses extend it with their own."""
+        get_spec(self.backbone)
+        if not (isinstance(self.image_size, int) and 32 <= self.image_size <= 4096 and self.image_size % 16 == 0):
+            raise DefectLensError(f"image_size must be a multiple of 16 between 32 and 4096, got {self.image_size}")
+        if self.batch_size < 1:
+            raise DefectLensError(f"batch_size must be at least 1, got {self.batch_size}")
+
+    def _begin_fit(self, images: Sequence[ImageInput]) -> list[ImageInput]:
+        self._validate_params()
+        images = list(images)
+        if not images:
+            raise DefectLensError("fit needs at least one good image, got none")
+        self._setup_backbone()
+        return images
 
     def _setup_backbone(self) -> None:
         extractor, digest = create_backbone(self.backbone, self.weights)

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from sklearn.covariance import ledoit_wolf_shrinkage
 
-from ..backbones import get_spec
 from ..data.images import ImageInput
 from ..errors import DefectLensError
 from .base import Stopwatch
@@ -71,11 +70,9 @@ class PaDiM(FeatureDetector):
         self.verbose = verbose
 
     def _validate_params(self) -> None:
-        get_spec(self.backbone)
-        if not (isinstance(self.image_size, int) and 32 <= self.image_size <= 4096 and self.image_size % 16 == 0):
-            raise DefectLensError(f"image_size must be a multiple of 16 between 32 and 4096, got {self.image_size}")
-        if self.n_features < 1 or self.batch_size < 1:
-            raise DefectLensError("n_features and batch_size must be at least 1")
+        super()._validate_params()
+        if self.n_features < 1:
+            raise DefectLensError(f"n_features must be at least 1, got {self.n_features}")
         if self.channel_selection not in ("pool", "random"):
             raise DefectLensError(f"channel_selection must be 'pool' or 'random', got {self.channel_selection!r}")
 
@@ -83,11 +80,7 @@ class PaDiM(FeatureDetector):
         return self.n_features if self.channel_selection == "pool" else None
 
     def fit(self, images: Sequence[ImageInput]) -> PaDiM:
-        self._validate_params()
-        images = list(images)
-        if not images:
-            raise DefectLensError("fit needs at least one good image, got none")
-        self._setup_backbone()
+        images = self._begin_fit(images)
         rng = np.random.default_rng(self.random_state)
         reservoir_ids = set(rng.permutation(len(images))[:SHRINKAGE_SAMPLE].tolist())
         total = outer = None

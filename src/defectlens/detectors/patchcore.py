@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import get_spec
 from ..data.images import ImageInput
 from ..errors import DefectLensError
 from .base import Stopwatch
@@ -79,23 +78,17 @@ class PatchCore(FeatureDetector):
         self.verbose = verbose
 
     def _validate_params(self) -> None:
-        get_spec(self.backbone)
-        if not (isinstance(self.image_size, int) and 32 <= self.image_size <= 4096 and self.image_size % 16 == 0):
-            raise DefectLensError(f"image_size must be a multiple of 16 between 32 and 4096, got {self.image_size}")
+        super()._validate_params()
         if not 0 < self.coreset_ratio <= 1:
             raise DefectLensError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.embed_dim is not None and self.embed_dim < 1:
             raise DefectLensError(f"embed_dim must be positive or None, got {self.embed_dim}")
-        if self.num_neighbors < 1 or self.batch_size < 1:
-            raise DefectLensError("num_neighbors and batch_size must be at least 1")
+        if self.num_neighbors < 1:
+            raise DefectLensError(f"num_neighbors must be at least 1, got {self.num_neighbors}")
 
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, images: Sequence[ImageInput]) -> PatchCore:
-        self._validate_params()
-        images = list(images)
-        if not images:
-            raise DefectLensError("fit needs at least one good image, got none")
-        self._setup_backbone()
+        images = self._begin_fit(images)
         features = self._embed_all(images)
         n_select = max(1, int(round(len(features) * self.coreset_ratio)))
         with tqdm(total=n_select, desc="coreset", unit="patch", disable=not self.verbose, leave=False) as bar:
