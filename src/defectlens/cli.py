@@ -28,12 +28,13 @@ DEMO_DATA_CANDIDATES = ("../shared/datasets/mvtec_ad/bottle", "shared/datasets/m
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     # Defaults come from the detector itself, so the CLI and the Python API never disagree.
+    from .backbones import available_backbones
     from .detectors import PaDiM, PatchCore
 
     d = PatchCore().get_params()
     n_features = PaDiM().get_params()["n_features"]
     p.add_argument("--detector", default="patchcore", help="detector to fit: patchcore, padim (default: patchcore)")
-    p.add_argument("--backbone", default=d["backbone"], help=f"feature backbone (mobilenet_v2, efficientnet_lite0; default: {d['backbone']})")
+    p.add_argument("--backbone", default=d["backbone"], help=f"feature backbone ({', '.join(available_backbones())}; default: {d['backbone']})")
     p.add_argument("--weights", default=None, help="local backbone weights file (default: the installed package's)")
     p.add_argument("--image-size", type=int, default=d["image_size"], help=f"square input size in pixels (default: {d['image_size']})")
     p.add_argument("--embed-dim", type=int, default=d["embed_dim"] or 0, help=f"patch embedding size; 0 keeps all channels (default: {d['embed_dim']})")

