@@ -132,11 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON file for metrics and per-image records (default: evaluation_<name>.json)")
     p.add_argument("--report", default=None, metavar="DIR", help="also write report.html (self-contained) and report.md with figures here")
 
-    p = sub.add_parser("benchmark", help="measure fit and inspect speed and memory", description=(
-        "Fit on all training images of DATA, then print fit seconds, batched images/s, single-image latency, "
-        "per-stage times, peak memory and accuracy."))
-    p.add_argument("data", help="data set or category folder")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p = sub.add_parser("benchmark", help="measure speed, memory and accuracy; compare detectors", description=(
+        "On one category: fit on all training images, then print fit seconds, batched images/s, single-image latency, "
+        "per-stage times, peak memory and accuracy. With --detectors/--backbones, or a folder of several categories: "
+        "fit every combination on every category found and write one comparison table (Markdown and JSON)."))
+    p.add_argument("data", help="category folder, or a root holding several categories")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file (single-category mode)")
+    p.add_argument("--detectors", default=None, help="comma-separated detectors to compare (e.g. patchcore,padim)")
+    p.add_argument("--backbones", default=None, help="comma-separated backbones to compare (default: --backbone)")
+    p.add_argument("--out", default="benchmark_results", help="folder for benchmark.md and benchmark.json (comparison mode)")
     _add_model_options(p)
 
     p = sub.add_parser("demo", help="fit, evaluate and draw overlays on built-in data", description=(
@@ -296,7 +300,20 @@ def _write_report(result, bundle, folder: Path) -> None:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import result_dict, run_benchmark
+    from .benchmark import machine_description, result_dict, run_benchmark
+    from .comparison import compare, find_categories, markdown, write
+
+    if args.detectors or args.backbones or len(find_categories(args.data)) > 1:
+        detectors = (args.detectors or args.detector).split(",")
+        backbones = (args.backbones or args.backbone).split(",")
+        given = {"weights": args.weights, "image_size": args.image_size, "embed_dim": args.embed_dim or None,
+                 "coreset_ratio": args.coreset_ratio, "n_features": args.n_features, "batch_size": args.batch_size, "random_state": args.seed}
+        rows = compare(args.data, detectors, backbones, given)
+        machine = machine_description()
+        md, js = write(rows, Path(args.out), machine)
+        print(markdown(rows, machine).splitlines()[-1])
+        print(f"wrote {md} and {js}")
+        return 0
 
     result = run_benchmark(args.data, args.detector, **_detector_params(args))
     print(result.text())

@@ -1,0 +1,145 @@
+"""One table comparing detectors and backbones over every category of a data root.
+
+`defectlens benchmark ROOT --detectors patchcore,padim --backbones mobilenet_v2,...` fits every
+combination on every category found, and measures it the way users choose a method: image
+AUROC, pixel AUROC, AUPRO, F1-max, fit seconds, milliseconds per image and peak memory. Each run
+is its own child process, so its peak memory is its own and one run's failure (a detector that
+cannot fit this data) becomes a row with the reason, not a lost table.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .data.datasets import GOOD
+from .errors import DatasetError, DefectLensError
+
+MAX_DEPTH = 3
+
+
+def find_categories(root: str | Path) -> list[Path]:
+    """Category folders under ``root`` (MVTec ``train/good`` or plain ``good/``), or ``root`` itself."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: data folder not found")
+
+    def walk(path: Path, depth: int) -> list[Path]:
+        if (path / "train" / GOOD).is_dir() or (path / GOOD).is_dir():
+            return [path]
+        if depth == MAX_DEPTH:
+            return []
+        found: list[Path] = []
+        for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found += walk(sub, depth + 1)
+        return found
+
+    categories = walk(root, 0)
+    if not categories:
+        raise DatasetError(f"{root}: no category folders (train/good or good/) within {MAX_DEPTH} levels")
+    return categories
+
+
+@dataclass
+class Row:
+    category: str
+    detector: str
+    backbone: str
+    image_auroc: float | None = None
+    pixel_auroc: float | None = None
+    aupro: float | None = None
+    f1_max: float | None = None
+    fit_s: float | None = None
+    ms_per_image: float | None = None
+    peak_mb: float | None = None
+    error: str = ""
+
+
+def _run_one(category: str, label: str, detector: str, backbone: str, params: dict) -> Row:
+    """Runs in a fresh child process."""
+    from .bundle import Bundle
+    from .data import load_dataset
+    from .detectors import create_detector, detector_class
+    from .evaluation import evaluate
+
+    row = Row(label, detector, backbone)
+    try:
+        ds = load_dataset(category, validation_fraction=0.0)
+        accepted = detector_class(detector)().get_params()
+        det = create_detector(detector, **{k: v for k, v in {**params, "backbone": backbone}.items() if k in accepted})
+        t0 = time.perf_counter()
+        det.fit(ds.train_good)
+        row.fit_s = time.perf_counter() - t0
+        result = evaluate(Bundle(det), ds)
+        m = result.metrics
+        row.image_auroc, row.pixel_auroc, row.aupro, row.f1_max = m["image_auroc"], m["pixel_auroc"], m["aupro"], m["f1_max"]
+        row.ms_per_image = result.timings["ms_per_image"]
+    except DefectLensError as exc:
+        row.error = str(exc)
+    row.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return row
+
+
+def compare(root: str | Path, detectors: list[str], backbones: list[str], params: dict | None = None, progress=print) -> list[Row]:
+    from .backbones import get_spec
+    from .detectors import detector_class
+
+    root = Path(root)
+    for d in detectors:
+        detector_class(d)  # unknown names fail before hours of fitting
+    for b in backbones:
+        get_spec(b)
+    categories = find_categories(root)
+    progress(HEADER)
+    rows = []
+    ctx = mp.get_context("spawn")  # a clean interpreter per run: no shared torch threads or memory
+    for category in categories:
+        label = category.relative_to(root).as_posix() if category != root else category.name
+        for det in detectors:
+            for bb in backbones:
+                with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                    row = pool.submit(_run_one, str(category), label, det, bb, dict(params or {})).result()
+                rows.append(row)
+                progress(format_row(row))
+    return rows
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or v != v else f"{v:.{digits}f}"
+
+
+HEADER = "| category | detector | backbone | image AUROC | pixel AUROC | AUPRO | F1-max | fit s | ms/image | peak MB |"
+
+
+def format_row(r: Row) -> str:
+    if r.error:
+        return f"| {r.category} | {r.detector} | {r.backbone} | failed: {r.error.replace('|', '/')} |" + " |" * 6
+    return (f"| {r.category} | {r.detector} | {r.backbone} | {_f(r.image_auroc)} | {_f(r.pixel_auroc)} | {_f(r.aupro)} | "
+            f"{_f(r.f1_max)} | {_f(r.fit_s, 1)} | {_f(r.ms_per_image, 1)} | {_f(r.peak_mb, 0)} |")
+
+
+def markdown(rows: list[Row], machine: str) -> str:
+    lines = [f"Machine: {machine}", "", HEADER, "|" + "---|" * 10]
+    lines += [format_row(r) for r in rows]
+    best = {}
+    for r in rows:
+        if r.image_auroc is not None and (r.category not in best or r.image_auroc > best[r.category].image_auroc):
+            best[r.category] = r
+    if best:
+        lines += ["", "Best image AUROC per category: " + "; ".join(f"{c} {b.detector}/{b.backbone} {b.image_auroc:.3f}" for c, b in best.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[Row], out_dir: Path, machine: str) -> tuple[Path, Path]:
+    from .jsonutil import finite
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / "benchmark.md", out_dir / "benchmark.json"
+    md.write_text(markdown(rows, machine))
+    js.write_text(json.dumps(finite({"machine": machine, "rows": [asdict(r) for r in rows]}), indent=2))
+    return md, js

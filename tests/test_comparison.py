@@ -1,0 +1,45 @@
+"""The multi-detector benchmark table: every combination on every category, one row each."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from defectlens.cli import main
+from defectlens.comparison import find_categories
+from defectlens.data.synthetic import make_synthetic_dataset
+from defectlens.errors import DatasetError
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cats")
+    for name, seed in (("line1", 1), ("line2", 2)):
+        make_synthetic_dataset(base / name, n_train=10, n_test_good=3, n_test_defect=3, size=64, seed=seed)
+    return base
+
+
+def test_categories_are_found_below_a_root(root, tmp_path):
+    assert [p.relative_to(root).as_posix() for p in find_categories(root)] == ["line1/discs", "line2/discs"]
+    assert find_categories(root / "line1" / "discs") == [root / "line1" / "discs"]
+    with pytest.raises(DatasetError, match="no category folders"):
+        find_categories(tmp_path)
+
+
+def test_benchmark_compares_every_detector_on_every_category(root, tmp_path, capsys):
+    out = tmp_path / "table"
+    assert main(["benchmark", str(root), "--detectors", "patchcore,padim", "--image-size", "64", "--coreset-ratio", "0.1", "--out", str(out)]) == 0
+    rows = json.loads((out / "benchmark.json").read_text())["rows"]
+    assert [(r["category"], r["detector"]) for r in rows] == [
+        ("line1/discs", "patchcore"), ("line1/discs", "padim"), ("line2/discs", "patchcore"), ("line2/discs", "padim")]
+    for r in rows:
+        assert not r["error"] and 0.5 <= r["image_auroc"] <= 1 and r["fit_s"] > 0 and r["ms_per_image"] > 0 and r["peak_mb"] > 100
+    md = (out / "benchmark.md").read_text()
+    assert md.count("| line1/discs |") == 2 and "Best image AUROC per category" in md and "Machine:" in md
+    assert "| category | detector |" in capsys.readouterr().out
+
+
+def test_unknown_names_fail_before_any_fitting(root, capsys):
+    assert main(["benchmark", str(root), "--detectors", "patchcore,nope"]) == 2
+    assert "unknown detector 'nope'" in capsys.readouterr().err
