@@ -82,3 +82,33 @@ def test_user_weights_file_is_accepted(tmp_path):
     torch.save({"state_dict": state}, path)  # checkpoint-style wrapper is unwrapped
     extractor, digest = create_backbone("mobilenet_v2", weights=path)
     assert len(digest) == 64 and extractor.strides == (8, 16)
+
+
+@pytest.mark.parametrize(("name", "channels"), [("resnet18", (128, 256)), ("wide_resnet50_2", (512, 1024))])
+def test_user_resnet_weights_in_torchvision_layout(name, channels, tmp_path):
+    """No package ships these weights: a user's torchvision file loads, its sha256 is kept,
+    and the extractor stops after layer3 (layer4 is neither run nor stored)."""
+    import torch
+
+    from defectlens.backbones import create_backbone
+    from defectlens.backbones.registry import get_spec
+    from defectlens.errors import WeightsError
+
+    model = get_spec(name).build().eval()
+    path = tmp_path / f"{name}.pth"
+    torch.save(model.state_dict(), path)
+    extractor, digest = create_backbone(name, weights=path)
+    assert len(digest) == 64
+    feats = extractor(torch.rand(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == list(channels) and [f.shape[-1] for f in feats] == [8, 4]
+    assert not any(k.startswith("blocks.4.") or "layer4" in k for k in extractor.state_dict())
+    with torch.no_grad():
+        ref = model.layer3(model.layer2(model.layer1(torch.nn.functional.max_pool2d(
+            torch.relu(model.bn1(model.conv1((torch.full((1, 3, 64, 64), 0.5) - extractor.mean) / extractor.std))), 3, 2, 1))))
+    assert torch.allclose(extractor(torch.full((1, 3, 64, 64), 0.5))[1], ref, atol=1e-5)
+    with pytest.raises(WeightsError, match="ships no weights"):
+        create_backbone(name)
+    other = "wide_resnet50_2" if name == "resnet18" else "resnet18"
+    torch.save(get_spec(other).build().state_dict(), tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match=f"not {name} weights"):
+        create_backbone(name, weights=tmp_path / "other.pth")

