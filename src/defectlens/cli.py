@@ -42,6 +42,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-features", type=int, default=n_features, help=f"PaDiM: channels modelled per position (default: {n_features})")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"images per forward pass (default: {d['batch_size']})")
     p.add_argument("--seed", type=int, default=d["random_state"], help=f"random seed (default: {d['random_state']})")
+    p.add_argument("--tile", type=int, default=0, metavar="SIZE", help=(
+        "score high-resolution images in overlapping SIZE-pixel tiles at native resolution (small defects on large parts); "
+        "--image-size then sets the size of the stitched map kept for evaluation"))
+    p.add_argument("--tile-overlap", type=float, default=0.25, help="share of a tile overlapping its neighbour (default: 0.25)")
+    p.add_argument("--tile-scale", type=float, default=1.0, help="resize factor before tiling, e.g. 0.5 for 4K images (default: 1)")
 
 
 def _add_calibration_options(p: argparse.ArgumentParser, strategies: Sequence[str]) -> None:
@@ -61,6 +66,18 @@ def _settings(args: argparse.Namespace, symmetry: str | None = None):
 
     return CalibrationSettings(strategy=args.strategy, target_frr=args.target_frr, k_sigma=args.k_sigma,
                                target_recall=args.target_recall, symmetry=symmetry, seed=getattr(args, "seed", 0))
+
+
+def _make_detector(args: argparse.Namespace):
+    """The chosen detector, wrapped in tiling at native resolution when --tile is given."""
+    from .detectors import create_detector
+
+    params = _detector_params(args)
+    if not args.tile:
+        return create_detector(args.detector, verbose=True, **params)
+    params.pop("image_size", None)
+    return create_detector("tiled", detector=args.detector, detector_params=params, tile_size=args.tile,
+                           overlap=args.tile_overlap, scale=args.tile_scale, map_size=args.image_size, verbose=True)
 
 
 def _detector_params(args: argparse.Namespace) -> dict:
@@ -164,11 +181,10 @@ def _fit_bundle(det, ds, settings, scheme: str = "auto", folds: int = 5):
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from .data import load_dataset
-    from .detectors import create_detector
 
     ds = load_dataset(args.data, validation_fraction=args.validation_fraction, seed=args.seed)
     print(ds.summary())
-    det = create_detector(args.detector, verbose=True, **_detector_params(args))
+    det = _make_detector(args)
     bundle = _fit_bundle(det, ds, _settings(args), args.scheme, args.folds)
     print(bundle.calibration.describe())
     path = bundle.save(args.output)

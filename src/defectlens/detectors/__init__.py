@@ -4,5 +4,6 @@ from .base import BatchScores, Detector
 from .padim import PaDiM
 from .patchcore import PatchCore
 from .registry import available_detectors, create_detector, detector_class, register_detector
+from .tiling import TiledDetector
 
-__all__ = ["BatchScores", "Detector", "PaDiM", "PatchCore", "available_detectors", "create_detector", "detector_class", "register_detector"]
+__all__ = ["BatchScores", "Detector", "PaDiM", "PatchCore", "TiledDetector", "available_detectors", "create_detector", "detector_class", "register_detector"]
