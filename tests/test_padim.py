@@ -67,3 +67,18 @@ def test_random_channel_subset_is_the_papers_option(tiny_dataset):
     assert full > 24 and len(det.channels_) == 24 and len(set(det.channels_.tolist())) == 24 and det.channels_.max() < full
     with pytest.raises(Exception, match="channel_selection"):
         create_detector("padim", channel_selection="best").fit(ds.train_good[:2])
+
+
+def test_ensemble_fuses_standardised_members(tiny_dataset):
+    ds = load_dataset(tiny_dataset, validation_fraction=0.0)
+    ens = create_detector("ensemble", detector="padim", backbones="mobilenet_v2,efficientnet_lite0",
+                          detector_params={"n_features": 24}, image_size=64).fit(ds.train_good)
+    assert [m.backbone for m in ens.members_] == ["mobilenet_v2", "efficientnet_lite0"] and ens.norm_.shape == (2, 4)
+    paths = [s.path for s in ds.test]
+    scores, maps = ens.score(paths)
+    # the fused score is the mean of each member's standardised score
+    expected = np.mean([(m.score(paths)[0] - n[0]) / n[1] for m, n in zip(ens.members_, ens.norm_, strict=True)], axis=0)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+    assert image_auroc(np.array([s.label for s in ds.test]), scores) >= 0.9
+    with pytest.raises(Exception, match="at least two backbones"):
+        create_detector("ensemble", backbones="mobilenet_v2").fit(ds.train_good[:2])

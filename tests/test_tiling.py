@@ -86,3 +86,13 @@ def test_cli_fit_with_tiles(tiny_dataset, tmp_path):
     assert main(["fit", str(tiny_dataset), "-o", str(out), "--tile", "32", "--image-size", "64", "--coreset-ratio", "0.1"]) == 0
     det = Bundle.load(out).detector
     assert det.name == "tiled" and det.tile_size == 32 and det.detector_params["coreset_ratio"] == 0.1 and det.map_size == 64
+
+
+def test_cli_fit_with_several_backbones_builds_an_ensemble(tiny_dataset, tmp_path):
+    from defectlens.cli import main
+
+    out = tmp_path / "e.dlens"
+    assert main(["fit", str(tiny_dataset), "-o", str(out), "--detector", "padim", "--n-features", "16", "--scheme", "holdout",
+                 "--validation-fraction", "0.25", "--backbone", "mobilenet_v2,efficientnet_lite0", "--image-size", "64"]) == 0
+    det = Bundle.load(out).detector
+    assert det.name == "ensemble" and det.detector == "padim" and det.detector_params == {"n_features": 16, "random_state": 0, "weights": None}

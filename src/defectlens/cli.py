@@ -34,7 +34,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     d = PatchCore().get_params()
     n_features = PaDiM().get_params()["n_features"]
     p.add_argument("--detector", default="patchcore", help="detector to fit: patchcore, padim (default: patchcore)")
-    p.add_argument("--backbone", default=d["backbone"], help=f"feature backbone ({', '.join(available_backbones())}; default: {d['backbone']})")
+    p.add_argument("--backbone", default=d["backbone"], help=f"feature backbone ({', '.join(available_backbones())}; default: {d['backbone']}); "
+                   "several, comma-separated, fit an ensemble that averages their standardised maps")
     p.add_argument("--weights", default=None, help="local backbone weights file (default: the installed package's)")
     p.add_argument("--image-size", type=int, default=d["image_size"], help=f"square input size in pixels (default: {d['image_size']})")
     p.add_argument("--embed-dim", type=int, default=d["embed_dim"] or 0, help=f"patch embedding size; 0 keeps all channels (default: {d['embed_dim']})")
@@ -73,6 +74,12 @@ def _make_detector(args: argparse.Namespace):
     from .detectors import create_detector
 
     params = _detector_params(args)
+    if "," in args.backbone:  # several backbones: an ensemble of the detector, one member each
+        if args.weights:
+            raise DefectLensError("--weights names one backbone's file; an ensemble of several backbones uses their installed weights")
+        shared = {k: v for k, v in params.items() if k not in ("backbone", "image_size", "batch_size")}
+        return create_detector("ensemble", detector=args.detector, backbones=args.backbone, detector_params=shared,
+                               image_size=args.image_size, batch_size=args.batch_size, verbose=True)
     if not args.tile:
         return create_detector(args.detector, verbose=True, **params)
     params.pop("image_size", None)

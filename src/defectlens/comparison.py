@@ -72,6 +72,8 @@ def _run_one(category: str, label: str, detector: str, backbone: str, params: di
         ds = load_dataset(category, validation_fraction=0.0)
         accepted = detector_class(detector)().get_params()
         det = create_detector(detector, **{k: v for k, v in {**params, "backbone": backbone}.items() if k in accepted})
+        if "backbone" not in accepted:  # an ensemble names its own backbones
+            row.backbone = str(det.get_params().get("backbones", "-"))
         t0 = time.perf_counter()
         det.fit(ds.train_good)
         row.fit_s = time.perf_counter() - t0

@@ -1,9 +1,13 @@
 """Detectors: one module per method, all behind one registry and factory."""
 
 from .base import BatchScores, Detector
+from .ensemble import EnsembleDetector
 from .padim import PaDiM
 from .patchcore import PatchCore
 from .registry import available_detectors, create_detector, detector_class, register_detector
 from .tiling import TiledDetector
 
-__all__ = ["BatchScores", "Detector", "PaDiM", "PatchCore", "TiledDetector", "available_detectors", "create_detector", "detector_class", "register_detector"]
+__all__ = [
+    "BatchScores", "Detector", "EnsembleDetector", "PaDiM", "PatchCore", "TiledDetector",
+    "available_detectors", "create_detector", "detector_class", "register_detector",
+]
