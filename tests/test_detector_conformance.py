@@ -17,6 +17,7 @@ from defectlens.errors import ImageError
 CONFORMANCE_PARAMS = {
     "patchcore": {"image_size": 64, "coreset_ratio": 0.1},
     "padim": {"image_size": 64, "n_features": 20},
+    "autoencoder": {"image_size": 32, "max_epochs": 30, "batch_size": 4, "patience": 30},
     "ensemble": {"detector": "patchcore", "detector_params": {"coreset_ratio": 0.1}, "image_size": 64},
     "tiled": {"detector": "patchcore", "detector_params": {"coreset_ratio": 0.1}, "tile_size": 32, "map_size": 64},
 }

@@ -37,11 +37,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", default=d["backbone"], help=f"feature backbone ({', '.join(available_backbones())}; default: {d['backbone']}); "
                    "several, comma-separated, fit an ensemble that averages their standardised maps")
     p.add_argument("--weights", default=None, help="local backbone weights file (default: the installed package's)")
-    p.add_argument("--image-size", type=int, default=d["image_size"], help=f"square input size in pixels (default: {d['image_size']})")
+    p.add_argument("--image-size", type=int, default=None, help=f"square input size in pixels (default: the detector's own; PatchCore {d['image_size']})")
     p.add_argument("--embed-dim", type=int, default=d["embed_dim"] or 0, help=f"patch embedding size; 0 keeps all channels (default: {d['embed_dim']})")
     p.add_argument("--coreset-ratio", type=float, default=d["coreset_ratio"], help=f"PatchCore: share of patches kept (default: {d['coreset_ratio']})")
     p.add_argument("--n-features", type=int, default=n_features, help=f"PaDiM: channels modelled per position (default: {n_features})")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"images per forward pass (default: {d['batch_size']})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"images per forward pass (default: the detector's own; PatchCore {d['batch_size']})")
     p.add_argument("--seed", type=int, default=d["random_state"], help=f"random seed (default: {d['random_state']})")
     p.add_argument("--tile", type=int, default=0, metavar="SIZE", help=(
         "score high-resolution images in overlapping SIZE-pixel tiles at native resolution (small defects on large parts); "
@@ -79,12 +79,12 @@ def _make_detector(args: argparse.Namespace):
             raise DefectLensError("--weights names one backbone's file; an ensemble of several backbones uses their installed weights")
         shared = {k: v for k, v in params.items() if k not in ("backbone", "image_size", "batch_size")}
         return create_detector("ensemble", detector=args.detector, backbones=args.backbone, detector_params=shared,
-                               image_size=args.image_size, batch_size=args.batch_size, verbose=True)
+                               image_size=args.image_size or 256, batch_size=args.batch_size or 2, verbose=True)
     if not args.tile:
         return create_detector(args.detector, verbose=True, **params)
     params.pop("image_size", None)
     return create_detector("tiled", detector=args.detector, detector_params=params, tile_size=args.tile,
-                           overlap=args.tile_overlap, scale=args.tile_scale, map_size=args.image_size, verbose=True)
+                           overlap=args.tile_overlap, scale=args.tile_scale, map_size=args.image_size or 512, verbose=True)
 
 
 def _detector_params(args: argparse.Namespace) -> dict:
@@ -102,7 +102,7 @@ def _detector_params(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "random_state": args.seed,
     }
-    return {k: v for k, v in given.items() if k in accepted}
+    return {k: v for k, v in given.items() if k in accepted and (v is not None or k not in ("image_size", "batch_size"))}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,8 +329,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.detectors or args.backbones or len(find_categories(args.data)) > 1:
         detectors = (args.detectors or args.detector).split(",")
         backbones = (args.backbones or args.backbone).split(",")
-        given = {"weights": args.weights, "image_size": args.image_size, "embed_dim": args.embed_dim or None,
-                 "coreset_ratio": args.coreset_ratio, "n_features": args.n_features, "batch_size": args.batch_size, "random_state": args.seed}
+        given = {"weights": args.weights, "embed_dim": args.embed_dim or None, "coreset_ratio": args.coreset_ratio,
+                 "n_features": args.n_features, "random_state": args.seed}
+        given.update({k: v for k, v in (("image_size", args.image_size), ("batch_size", args.batch_size)) if v is not None})
         rows = compare(args.data, detectors, backbones, given)
         machine = machine_description()
         md, js = write(rows, Path(args.out), machine)

@@ -1,5 +1,6 @@
 """Detectors: one module per method, all behind one registry and factory."""
 
+from .autoencoder import Autoencoder
 from .base import BatchScores, Detector
 from .ensemble import EnsembleDetector
 from .padim import PaDiM
@@ -8,6 +9,6 @@ from .registry import available_detectors, create_detector, detector_class, regi
 from .tiling import TiledDetector
 
 __all__ = [
-    "BatchScores", "Detector", "EnsembleDetector", "PaDiM", "PatchCore", "TiledDetector",
+    "Autoencoder", "BatchScores", "Detector", "EnsembleDetector", "PaDiM", "PatchCore", "TiledDetector",
     "available_detectors", "create_detector", "detector_class", "register_detector",
 ]
