@@ -19,6 +19,7 @@ CONFORMANCE_PARAMS = {
     "padim": {"image_size": 64, "n_features": 20},
     "autoencoder": {"image_size": 32, "max_epochs": 30, "batch_size": 4, "patience": 30},
     "ensemble": {"detector": "patchcore", "detector_params": {"coreset_ratio": 0.1}, "image_size": 64},
+    "supervised": {"image_size": 64, "epochs": 3, "batch_size": 8},
     "tiled": {"detector": "patchcore", "detector_params": {"coreset_ratio": 0.1}, "tile_size": 32, "map_size": 64},
 }
 
@@ -27,11 +28,19 @@ def test_every_registered_detector_has_conformance_settings():
     assert set(available_detectors()) <= set(CONFORMANCE_PARAMS)
 
 
+def fit_on(det, ds):
+    """Good-only detectors fit on good images; supervised ones also on half the labelled defects."""
+    if getattr(det, "needs_labels", False):
+        defects = [s.path for s in ds.test if s.label][::2]
+        return det.fit(ds.train_good + defects, [0] * len(ds.train_good) + [1] * len(defects))
+    return det.fit(ds.train_good)
+
+
 @pytest.fixture(scope="module", params=sorted(CONFORMANCE_PARAMS))
 def fitted(request, tiny_dataset):
     ds = load_dataset(tiny_dataset, validation_fraction=0.2)
     det = create_detector(request.param, **CONFORMANCE_PARAMS[request.param])
-    assert det.fit(ds.train_good) is det, "fit must return self"
+    assert fit_on(det, ds) is det, "fit must return self"
     return det, ds
 
 
@@ -64,7 +73,7 @@ def test_score_shapes_and_ranking(fitted):
 
 def test_deterministic_with_seed(fitted, tiny_dataset):
     det, ds = fitted
-    again = create_detector(det.name, **CONFORMANCE_PARAMS[det.name]).fit(ds.train_good)
+    again = fit_on(create_detector(det.name, **CONFORMANCE_PARAMS[det.name]), ds)
     paths = [s.path for s in ds.test[:4]]
     np.testing.assert_array_equal(det.score(paths)[0], again.score(paths)[0])
 
@@ -87,7 +96,7 @@ def test_bundle_round_trip_scores_identically(fitted, tmp_path):
 
 def test_refuses_bad_input(fitted, tmp_path):
     det, _ = fitted
-    with pytest.raises(DefectLensError, match="at least one"):
+    with pytest.raises(DefectLensError, match="at least one|labelled defect images"):
         create_detector(det.name, **CONFORMANCE_PARAMS[det.name]).fit([])
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")

@@ -179,11 +179,31 @@ def _fit_bundle(det, ds, settings, scheme: str = "auto", folds: int = 5):
     from .calibration import fit_calibrated
     from .calibration.fitting import resolve_scheme
 
+    if getattr(det, "needs_labels", False):
+        return _fit_supervised_bundle(det, ds, settings)
     scheme = resolve_scheme(scheme, len(ds.train_good), len(ds.validation))
     fitted_on = ds.train_good if scheme == "holdout" else ds.train_good + ds.validation
     meta = {"name": ds.name, "data": str(ds.root), "train_images": len(fitted_on),
             "train_files": [str(p.resolve()) for p in fitted_on], "calibration_scheme": scheme}
     return fit_calibrated(det, ds.train_good, ds.validation, settings, scheme=scheme, folds=folds, metadata=meta)
+
+
+def _fit_supervised_bundle(det, ds, settings):
+    """A classifier learns from half the labelled test images (split per defect type); they are
+    recorded, so `evaluate` judges it only on the other half."""
+    from .data.datasets import GOOD
+
+    goods, defects = _labelled_split(ds, 0.5, 0)
+    images = ds.train_good + [s.path for s in goods] + [s.path for s in defects]
+    labels = [0] * (len(ds.train_good) + len(goods)) + [1] * len(defects)
+    if not ds.validation:
+        raise DefectLensError(f"{ds.root}: no held-out good images to calibrate on (raise --validation-fraction)")
+    det.fit(images, labels)
+    meta = {"name": ds.name, "data": str(ds.root), "train_images": len(images), "train_files": [str(Path(p).resolve()) for p in images],
+            "calibration_scheme": "holdout", "labelled_defects": {t: sum(s.defect_type == t for s in defects) for t in ds.defect_types if t != GOOD}}
+    bundle = det.calibrate(ds.validation, settings, metadata=meta)
+    bundle.calibration.files += [str(Path(s.path).resolve()) for s in goods + defects]
+    return bundle
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:

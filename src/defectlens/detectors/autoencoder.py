@@ -182,7 +182,7 @@ class Autoencoder(Detector):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(x)
+                total += loss.item() * len(x)
             history["train"].append(total / len(train))
             net.eval()
             with torch.no_grad():

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import create_backbone, get_spec
+from ..backbones import FeatureExtractor, create_backbone, get_spec
 from ..data.images import Batch, ImageInput, iter_batches
 from ..errors import DefectLensError
 from ..postprocess import AnomalyMapHead
@@ -69,21 +69,27 @@ class FeatureDetector(Detector):
                 bar.update(len(batch.indices))
         bar.close()
 
+    def _extractor(self) -> FeatureExtractor:
+        return self.embedder_.extractor
+
     def _backbone_state(self) -> dict[str, np.ndarray]:
         state = {"backbone_sha256": np.frombuffer(self.backbone_sha256_.encode(), dtype=np.uint8)}
-        for key, value in self.embedder_.extractor.state_dict().items():
+        for key, value in self._extractor().state_dict().items():
             state[_BACKBONE_PREFIX + key] = value.numpy()
         return state
 
     def _restore_backbone(self, state: dict[str, np.ndarray]) -> None:
+        self.embedder_ = PatchEmbedder(self._load_extractor(state), self.aggregation, self._embed_dim())
+        self._prepare_inference()
+
+    def _load_extractor(self, state: dict[str, np.ndarray]) -> FeatureExtractor:
         extractor, _ = create_backbone(self.backbone, pretrained=False)
         weights = {k[len(_BACKBONE_PREFIX) :]: torch.from_numpy(np.array(v)) for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
         missing, unexpected = extractor.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise DefectLensError(f"saved backbone state does not fit '{self.backbone}' ({len(missing)} missing, {len(unexpected)} unexpected keys)")
-        self.embedder_ = PatchEmbedder(extractor, self.aggregation, self._embed_dim())
         self.backbone_sha256_ = bytes(state["backbone_sha256"]).decode()
-        self._prepare_inference()
+        return extractor
 
     _TRANSIENT = ("_fast_embedder", "_map_head")
 
