@@ -29,14 +29,16 @@ def test_categories_are_found_below_a_root(root, tmp_path):
 
 def test_benchmark_compares_every_detector_on_every_category(root, tmp_path, capsys):
     out = tmp_path / "table"
-    assert main(["benchmark", str(root), "--detectors", "patchcore,padim", "--image-size", "64", "--coreset-ratio", "0.1", "--out", str(out)]) == 0
+    assert main(["benchmark", str(root), "--detectors", "patchcore,padim,supervised", "--image-size", "64", "--coreset-ratio", "0.1",
+                 "--out", str(out)]) == 0
     rows = json.loads((out / "benchmark.json").read_text())["rows"]
     assert [(r["category"], r["detector"]) for r in rows] == [
-        ("line1/discs", "patchcore"), ("line1/discs", "padim"), ("line2/discs", "patchcore"), ("line2/discs", "padim")]
+        ("line1/discs", "patchcore"), ("line1/discs", "padim"), ("line1/discs", "supervised"),
+        ("line2/discs", "patchcore"), ("line2/discs", "padim"), ("line2/discs", "supervised")]
     for r in rows:
         assert not r["error"] and 0.5 <= r["image_auroc"] <= 1 and r["fit_s"] > 0 and r["ms_per_image"] > 0 and r["peak_mb"] > 100
     md = (out / "benchmark.md").read_text()
-    assert md.count("| line1/discs |") == 2 and "Best image AUROC per category" in md and "Machine:" in md
+    assert md.count("| line1/discs |") == 3 and "Best image AUROC per category" in md and "Machine:" in md
     assert "| category | detector |" in capsys.readouterr().out
 
 

@@ -191,9 +191,9 @@ def _fit_bundle(det, ds, settings, scheme: str = "auto", folds: int = 5):
 def _fit_supervised_bundle(det, ds, settings):
     """A classifier learns from half the labelled test images (split per defect type); they are
     recorded, so `evaluate` judges it only on the other half."""
-    from .data.datasets import GOOD
+    from .data.datasets import GOOD, labelled_split
 
-    goods, defects = _labelled_split(ds, 0.5, 0)
+    goods, defects = labelled_split(ds, 0.5, 0)
     images = ds.train_good + [s.path for s in goods] + [s.path for s in defects]
     labels = [0] * (len(ds.train_good) + len(goods)) + [1] * len(defects)
     if not ds.validation:
@@ -219,29 +219,11 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labelled_split(ds, fraction: float, seed: int) -> tuple[list, list]:
-    """Stratified by defect type, so every type is represented on both sides."""
-    from sklearn.model_selection import train_test_split
-
-    from .errors import DatasetError
-
-    if not 0 < fraction < 1:
-        raise DatasetError(f"--labelled-fraction must be between 0 and 1, got {fraction}")
-    samples = ds.test
-    if not any(s.label for s in samples):
-        raise DatasetError(f"{ds.root}: no labelled defect images for a labelled strategy (use target_frr or k_sigma)")
-    types = [s.defect_type for s in samples]
-    rare = {t for t in set(types) if types.count(t) < 2}
-    if rare:
-        raise DatasetError(f"{ds.root}: defect types {', '.join(sorted(rare))} have a single image; a labelled split needs 2+ per type")
-    calib, _rest = train_test_split(samples, train_size=fraction, stratify=types, random_state=seed)
-    return [s for s in calib if not s.label], [s for s in calib if s.label]
-
-
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .bundle import Bundle
     from .calibration import LABELLED, ScoredImages, calibrate_bundle, score_images
     from .data import load_dataset
+    from .data.datasets import labelled_split
     from .errors import DatasetError
 
     bundle = Bundle.load(args.model)
@@ -262,7 +244,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         unseen = [p for p in ds.train_good if str(p.resolve()) not in fitted]
         good_test, defects = [], []
         if settings.strategy in LABELLED or args.symmetry:
-            good_test, defects = _labelled_split(ds, args.labelled_fraction, args.seed)
+            good_test, defects = labelled_split(ds, args.labelled_fraction, args.seed)
         good_paths = unseen + [s.path for s in good_test]
         if not good_paths:
             raise DatasetError(f"{ds.root}: every good image was used to fit this model; add unseen good images, or re-calibrate without DATA")

@@ -64,6 +64,7 @@ def _run_one(category: str, label: str, detector: str, backbone: str, params: di
     """Runs in a fresh child process."""
     from .bundle import Bundle
     from .data import load_dataset
+    from .data.datasets import labelled_split
     from .detectors import create_detector, detector_class
     from .evaluation import evaluate
 
@@ -75,7 +76,13 @@ def _run_one(category: str, label: str, detector: str, backbone: str, params: di
         if "backbone" not in accepted:  # an ensemble names its own backbones
             row.backbone = str(det.get_params().get("backbones", "-"))
         t0 = time.perf_counter()
-        det.fit(ds.train_good)
+        if getattr(det, "needs_labels", False):  # learns from half the labelled test split, judged on the rest
+            goods, defects = labelled_split(ds, 0.5, 0)
+            seen = {s.path for s in goods + defects}
+            det.fit(ds.train_good + [s.path for s in goods + defects], [0] * (len(ds.train_good) + len(goods)) + [1] * len(defects))
+            ds.test = [s for s in ds.test if s.path not in seen]
+        else:
+            det.fit(ds.train_good)
         row.fit_s = time.perf_counter() - t0
         result = evaluate(Bundle(det), ds)
         m = result.metrics

@@ -156,3 +156,22 @@ def load_dataset(root: str | Path, validation_fraction: float = 0.1, seed: int =
     if categories:
         raise DatasetError(f"{root}: holds several categories ({', '.join(categories)}): pass one of them")
     raise DatasetError(f"{root}: no images found, and neither an MVTec layout (train/good) nor good/ folder")
+
+
+def labelled_split(ds: Dataset, fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """The (good, defective) test samples a labelled step may learn from: ``fraction`` of the
+    test split, stratified by defect type so every type is on both sides; the rest is left for
+    evaluation."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise DatasetError(f"the labelled fraction must be between 0 and 1, got {fraction}")
+    samples = ds.test
+    if not any(s.label for s in samples):
+        raise DatasetError(f"{ds.root}: no labelled defect images to learn from (good-only rules: target_frr or k_sigma)")
+    types = [s.defect_type for s in samples]
+    rare = {t for t in set(types) if types.count(t) < 2}
+    if rare:
+        raise DatasetError(f"{ds.root}: defect types {', '.join(sorted(rare))} have a single image; a labelled split needs 2+ per type")
+    calib, _rest = train_test_split(samples, train_size=fraction, stratify=types, random_state=seed)
+    return [s for s in calib if not s.label], [s for s in calib if s.label]
