@@ -90,6 +90,8 @@ def _run_one(category: str, label: str, detector: str, backbone: str, params: di
         row.ms_per_image = result.timings["ms_per_image"]
     except DefectLensError as exc:
         row.error = str(exc)
+    except Exception as exc:  # noqa: BLE001 -- one broken run (out of memory, a bug) must not lose the whole table
+        row.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
     row.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return row
 
