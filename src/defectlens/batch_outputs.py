@@ -31,6 +31,13 @@ def score_stats(scores: list[float]) -> dict:
             "p90": float(np.percentile(a, 90))}
 
 
+def base_record(path: Path, result: Inspection | ImageError) -> dict:
+    """The JSON record of one image: its inspection, or the reason it could not be read."""
+    if isinstance(result, ImageError):
+        return {"source": str(path), "error": str(result)}
+    return result.to_record()
+
+
 def csv_row(source: str, result: Inspection | ImageError) -> dict:
     if isinstance(result, ImageError):
         return {"source": source, "verdict": "error", "error": str(result)}
@@ -76,10 +83,8 @@ class BatchWriter:
         return name
 
     def write(self, path: Path, result: Inspection | ImageError) -> dict:
-        if isinstance(result, ImageError):
-            record = {"source": str(path), "error": str(result)}
-        else:
-            record = result.to_record()
+        record = base_record(path, result)
+        if not isinstance(result, ImageError):
             name = self._name(path) if (self.overlays or self.save_maps) else ""
             if self.overlays:
                 record["overlay"] = str(save_overlay(self.out / "overlays" / f"{name}.png", load_rgb(path), result, self.pixel_threshold))

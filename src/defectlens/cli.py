@@ -29,11 +29,11 @@ DEMO_DATA_CANDIDATES = ("../shared/datasets/mvtec_ad/bottle", "shared/datasets/m
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     # Defaults come from the detector itself, so the CLI and the Python API never disagree.
     from .backbones import available_backbones
-    from .detectors import PaDiM, PatchCore
+    from .detectors import PaDiM, PatchCore, available_detectors
 
     d = PatchCore().get_params()
     n_features = PaDiM().get_params()["n_features"]
-    p.add_argument("--detector", default="patchcore", help="detector to fit: patchcore, padim (default: patchcore)")
+    p.add_argument("--detector", default="patchcore", help=f"detector to fit: {', '.join(available_detectors())} (default: patchcore)")
     p.add_argument("--backbone", default=d["backbone"], help=f"feature backbone ({', '.join(available_backbones())}; default: {d['backbone']}); "
                    "several, comma-separated, fit an ensemble that averages their standardised maps")
     p.add_argument("--weights", default=None, help="local backbone weights file (default: the installed package's)")
@@ -92,17 +92,21 @@ def _detector_params(args: argparse.Namespace) -> dict:
     from .detectors import detector_class
 
     accepted = detector_class(args.detector)().get_params()
+    return {k: v for k, v in _given_params(args).items() if k in accepted}
+
+
+def _given_params(args: argparse.Namespace) -> dict:
+    """Every model option from the command line; sizes left unset keep each detector's own."""
     given = {
         "backbone": args.backbone,
         "weights": args.weights,
-        "image_size": args.image_size,
         "embed_dim": args.embed_dim or None,
         "coreset_ratio": args.coreset_ratio,
         "n_features": args.n_features,
-        "batch_size": args.batch_size,
         "random_state": args.seed,
     }
-    return {k: v for k, v in given.items() if k in accepted and (v is not None or k not in ("image_size", "batch_size"))}
+    given.update({k: v for k, v in (("image_size", args.image_size), ("batch_size", args.batch_size)) if v is not None})
+    return given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,9 +254,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             raise DatasetError(f"{ds.root}: every good image was used to fit this model; add unseen good images, or re-calibrate without DATA")
         bundle.detector.verbose = True
         good = score_images(bundle.detector, good_paths, progress=True)
-        calibrate_bundle(bundle, good, settings, [s.path for s in defects], [s.defect_type for s in defects], source="holdout",
+        # resolved paths, so evaluation recognises these images however the data folder is named
+        calibrate_bundle(bundle, good, settings, [s.path.resolve() for s in defects], [s.defect_type for s in defects], source="holdout",
                          files=[str(p.resolve()) for p in good_paths])
-        bundle.calibration.files = [str(Path(f).resolve()) for f in bundle.calibration.files]
         bundle.detector.verbose = False
     print(bundle.calibration.describe())
     if bundle.typer is not None:
@@ -263,7 +267,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _write_inspections(inspector, paths: Sequence[Path], out: Path | None, overlays: bool, save_maps: bool = False) -> tuple[int, int, int]:
-    from .batch_outputs import BatchWriter
+    from .batch_outputs import BatchWriter, base_record
     from .errors import ImageError
 
     counts = {"good": 0, "defect": 0, "uncalibrated": 0, "error": 0}
@@ -279,7 +283,7 @@ def _write_inspections(inspector, paths: Sequence[Path], out: Path | None, overl
             if writer is not None:
                 writer.write(path, result)
             else:
-                print(json.dumps(finite(result.to_record() if not isinstance(result, ImageError) else {"source": str(path), "error": str(result)})))
+                print(json.dumps(finite(base_record(path, result))))
     return counts["good"], counts["defect"], counts["error"]
 
 
@@ -331,9 +335,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.detectors or args.backbones or len(find_categories(args.data)) > 1:
         detectors = (args.detectors or args.detector).split(",")
         backbones = (args.backbones or args.backbone).split(",")
-        given = {"weights": args.weights, "embed_dim": args.embed_dim or None, "coreset_ratio": args.coreset_ratio,
-                 "n_features": args.n_features, "random_state": args.seed}
-        given.update({k: v for k, v in (("image_size", args.image_size), ("batch_size", args.batch_size)) if v is not None})
+        given = {k: v for k, v in _given_params(args).items() if k != "backbone"}  # each run names its own
         rows = compare(args.data, detectors, backbones, given)
         machine = machine_description()
         md, js = write(rows, Path(args.out), machine)
