@@ -45,3 +45,24 @@ def test_benchmark_compares_every_detector_on_every_category(root, tmp_path, cap
 def test_unknown_names_fail_before_any_fitting(root, capsys):
     assert main(["benchmark", str(root), "--detectors", "patchcore,nope"]) == 2
     assert "unknown detector 'nope'" in capsys.readouterr().err
+
+
+def test_wrappers_name_the_detector_they_wrap(root, tmp_path):
+    out = tmp_path / "wrapped"
+    assert main(["benchmark", str(root / "line1"), "--detectors", "tiled:padim,ensemble:padim", "--tile", "48", "--image-size", "64",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "benchmark.json").read_text())["rows"]
+    assert [(r["detector"], r["backbone"]) for r in rows] == [
+        ("tiled:padim", "mobilenet_v2"), ("ensemble:padim", "mobilenet_v2,efficientnet_lite0")]
+    for r in rows:
+        assert not r["error"] and 0.5 <= r["image_auroc"] <= 1
+
+
+def test_a_detector_that_wraps_nothing_is_refused():
+    from defectlens.detectors import create_from_spec
+    from defectlens.errors import DefectLensError
+
+    with pytest.raises(DefectLensError, match="wraps no other detector"):
+        create_from_spec("padim:patchcore", {})
+    tiled = create_from_spec("tiled:padim", {"tile_size": 64, "image_size": 128, "n_features": 50, "coreset_ratio": 0.1})
+    assert tiled.tile_size == 64 and tiled.detector == "padim" and tiled.detector_params == {"image_size": 128, "n_features": 50}

@@ -106,6 +106,8 @@ def _given_params(args: argparse.Namespace) -> dict:
         "random_state": args.seed,
     }
     given.update({k: v for k, v in (("image_size", args.image_size), ("batch_size", args.batch_size)) if v is not None})
+    if args.tile:  # what a tiled detector of a comparison takes
+        given.update(tile_size=args.tile, overlap=args.tile_overlap, scale=args.tile_scale)
     return given
 
 
@@ -166,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fit every combination on every category found and write one comparison table (Markdown and JSON)."))
     p.add_argument("data", help="category folder, or a root holding several categories")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file (single-category mode)")
-    p.add_argument("--detectors", default=None, help="comma-separated detectors to compare (e.g. patchcore,padim)")
+    p.add_argument("--detectors", default=None, help=(
+        "comma-separated detectors to compare (e.g. patchcore,padim); a wrapper names what it wraps: "
+        "tiled:padim, ensemble:padim (default: patchcore inside)"))
     p.add_argument("--backbones", default=None, help="comma-separated backbones to compare (default: --backbone)")
     p.add_argument("--out", default="benchmark_results", help="folder for benchmark.md and benchmark.json (comparison mode)")
     _add_model_options(p)

@@ -65,15 +65,14 @@ def _run_one(category: str, label: str, detector: str, backbone: str, params: di
     from .bundle import Bundle
     from .data import load_dataset
     from .data.datasets import labelled_split
-    from .detectors import create_detector, detector_class
+    from .detectors import create_from_spec
     from .evaluation import evaluate
 
     row = Row(label, detector, backbone)
     try:
         ds = load_dataset(category, validation_fraction=0.0)
-        accepted = detector_class(detector)().get_params()
-        det = create_detector(detector, **{k: v for k, v in {**params, "backbone": backbone}.items() if k in accepted})
-        if "backbone" not in accepted:  # an ensemble names its own backbones
+        det = create_from_spec(detector, {**params, "backbone": backbone})
+        if "backbones" in det.get_params():  # an ensemble names its own backbones
             row.backbone = str(det.get_params().get("backbones", "-"))
         t0 = time.perf_counter()
         if getattr(det, "needs_labels", False):  # learns from half the labelled test split, judged on the rest
@@ -102,7 +101,8 @@ def compare(root: str | Path, detectors: list[str], backbones: list[str], params
 
     root = Path(root)
     for d in detectors:
-        detector_class(d)  # unknown names fail before hours of fitting
+        for part in d.split(":"):
+            detector_class(part)  # unknown names fail before hours of fitting
     for b in backbones:
         get_spec(b)
     categories = find_categories(root)

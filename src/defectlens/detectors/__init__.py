@@ -5,11 +5,11 @@ from .base import BatchScores, Detector
 from .ensemble import EnsembleDetector
 from .padim import PaDiM
 from .patchcore import PatchCore
-from .registry import available_detectors, create_detector, detector_class, register_detector
+from .registry import available_detectors, create_detector, create_from_spec, detector_class, register_detector
 from .supervised import SupervisedClassifier
 from .tiling import TiledDetector
 
 __all__ = [
     "Autoencoder", "BatchScores", "Detector", "EnsembleDetector", "PaDiM", "PatchCore", "SupervisedClassifier", "TiledDetector",
-    "available_detectors", "create_detector", "detector_class", "register_detector",
+    "available_detectors", "create_detector", "create_from_spec", "detector_class", "register_detector",
 ]
