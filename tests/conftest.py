@@ -53,3 +53,14 @@ def browser():
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_dataset, tmp_path_factory) -> Path:
+    """A folder holding one small calibrated model, ``discs.dlens``, as a service would be given."""
+    from defectlens.cli import main
+
+    folder = tmp_path_factory.mktemp("models")
+    assert main(["fit", str(tiny_dataset), "-o", str(folder / "discs.dlens"), "--validation-fraction", "0.25",
+                 "--image-size", "64", "--coreset-ratio", "0.1"]) == 0
+    return folder

@@ -16,6 +16,14 @@ class ImageError(DefectLensError):
     """An image file that cannot be used (missing, corrupt, truncated, unsupported, too large)."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image over a byte or pixel limit: a service answers 413, not 422."""
+
+
+class ImageFormatError(ImageError):
+    """An image in a format this caller does not accept: a service answers 415."""
+
+
 class DatasetError(DefectLensError):
     """A data set folder whose layout or content cannot be used."""
 

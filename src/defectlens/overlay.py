@@ -36,36 +36,47 @@ def colourise(anomaly_map: np.ndarray, vmax: float | None = None) -> np.ndarray:
     return _LUT[(scaled * 255).astype(np.uint8)]
 
 
-def render_overlay(rgb: np.ndarray, inspection: Inspection, pixel_threshold: float | None = None, alpha: float = 0.5) -> Image.Image:
-    """Side by side: the image, and the image under the heat map with region boxes."""
+def render_heat(rgb: np.ndarray, inspection: Inspection, pixel_threshold: float | None = None, alpha: float = 0.5) -> Image.Image:
+    """The image under its heat map, with region boxes labelled by type and severity."""
     base = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
     heat = colourise(inspection.anomaly_map, None if pixel_threshold is None else 2.0 * pixel_threshold)
-    blended = (base * (1 - alpha) + heat * alpha).astype(np.uint8)
+    panel = Image.fromarray((base * (1 - alpha) + heat * alpha).astype(np.uint8))
     h, w = base.shape[:2]
-    band = max(16, h // 16)
-    canvas = Image.new("RGB", (2 * w, h + band), (20, 20, 20))
-    canvas.paste(Image.fromarray(base), (0, band))
-    canvas.paste(Image.fromarray(blended), (w, band))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=int(band * 0.7))
-    colour = _VERDICT_COLOURS[inspection.verdict]
-    label_font = ImageFont.load_default(size=max(9, int(band * 0.5)))
+    draw = ImageDraw.Draw(panel)
+    label_font = ImageFont.load_default(size=max(9, int(_band(h) * 0.5)))
     for region in inspection.regions:
         x0, y0, x1, y1 = region.box
-        draw.rectangle((w + x0, band + y0, w + x1 - 1, band + y1 - 1), outline=(255, 255, 255), width=max(1, w // 256))
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255), width=max(1, w // 256))
         label = f"{region.defect_type.split('/')[0]} {region.severity:.2f}" if region.defect_type else f"{region.severity:.2f}"
-        ty = band + y0 - label_font.size - 2 if y0 > label_font.size + 2 else band + y1 + 1
-        draw.text((w + x0, ty), label, fill=(255, 255, 255), font=label_font, stroke_width=1, stroke_fill=(0, 0, 0))
+        ty = y0 - label_font.size - 2 if y0 > label_font.size + 2 else y1 + 1
+        draw.text((x0, ty), label, fill=(255, 255, 255), font=label_font, stroke_width=1, stroke_fill=(0, 0, 0))
+    return panel
+
+
+def render_overlay(rgb: np.ndarray, inspection: Inspection, pixel_threshold: float | None = None, alpha: float = 0.5) -> Image.Image:
+    """Side by side: the image, and the image under the heat map with region boxes."""
+    h, w = rgb.shape[:2]
+    band = _band(h)
+    canvas = Image.new("RGB", (2 * w, h + band), (20, 20, 20))
+    canvas.paste(Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8)), (0, band))
+    canvas.paste(render_heat(rgb, inspection, pixel_threshold, alpha), (w, band))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=int(band * 0.7))
     head = f"{inspection.verdict.upper()}  score {inspection.score:.3f}"
     if inspection.normalised_score is not None:
         head += f" ({inspection.normalised_score:.2f})"
-    draw.text((4, 2), head, fill=colour, font=font)
+    draw.text((4, 2), head, fill=_VERDICT_COLOURS[inspection.verdict], font=font)
     if inspection.threshold is not None:
         info = f"threshold {inspection.threshold:.3f}  regions {len(inspection.regions)}"
         if inspection.regions:
             info += f"  severity {inspection.severity:.2f}"
         draw.text((w + 4, 2), info, fill=(220, 220, 220), font=font)
     return canvas
+
+
+def _band(height: int) -> int:
+    """Height of the caption band, and the scale of every label."""
+    return max(16, height // 16)
 
 
 def save_overlay(path: Path, rgb: np.ndarray, inspection: Inspection, pixel_threshold: float | None = None) -> Path:

@@ -7,6 +7,7 @@ write it and a rotated part looks defective to a model trained on upright ones.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections import deque
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageError
+from ..errors import ImageError, ImageFormatError, ImageTooLargeError
 
 ImageInput = str | os.PathLike | np.ndarray | Image.Image
 
@@ -51,22 +52,39 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     if size == 0:
         raise ImageError(f"{path}: empty file")
     if size > MAX_FILE_BYTES:
-        raise ImageError(f"{path}: file is {size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES / 2**20:.0f} MiB limit")
+        raise ImageTooLargeError(f"{path}: file is {size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES / 2**20:.0f} MiB limit")
+    return _decode(path, str(path), MAX_PIXELS)
+
+
+def decode_bytes(data: bytes, name: str, max_pixels: int | None = None, formats: Iterable[str] | None = None) -> Image.Image:
+    """Decode an upload, judging its format by content (an extension proves nothing).
+
+    ``formats`` are PIL format names (``PNG``, ``JPEG``...); anything else is refused before its
+    pixels are decoded, so a crafted file in an unexpected codec never reaches that codec.
+    """
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    return _decode(io.BytesIO(data), name, MAX_PIXELS if max_pixels is None else max_pixels, formats)
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int, formats: Iterable[str] | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"{path}: {img.width}x{img.height} pixels is over the {MAX_PIXELS:,} pixel limit")
+            img = Image.open(source)
+            if formats is not None and img.format not in set(formats):
+                raise ImageFormatError(f"{name}: {img.format} images are not accepted here (accepted: {', '.join(sorted(formats))})")
+            if img.width * img.height > max_pixels:
+                raise ImageTooLargeError(f"{name}: {img.width}x{img.height} pixels is over the {max_pixels:,} pixel limit")
             img.load()
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image, or a format we do not read (use PNG, JPEG, BMP or TIFF)") from None
+        raise ImageFormatError(f"{name}: not an image, or a format we do not read (use PNG, JPEG, BMP or TIFF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: image is too large (decompression bomb guard)") from None
+        raise ImageTooLargeError(f"{name}: image is too large (decompression bomb guard)") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path}: corrupt or truncated image ({exc})") from None
+        raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
     return img
 
 
