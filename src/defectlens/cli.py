@@ -407,9 +407,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = ServiceSettings(db_url=args.db, model_dir=model_dir, models=models, api_keys=keys, protect_inspect=args.protect_inspect,
                                max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
                                image_dir=Path(args.keep_images) if args.keep_images else None)
-    service = InspectionService(settings)
     if args.protect_inspect and not keys:
         raise DefectLensError("--protect-inspect needs an API key (--api-key or $DEFECTLENS_API_KEYS)")
+    service = InspectionService(settings)
     loaded = ", ".join(m.name for m in service.registry.loaded()) or "none"
     print(f"defectlens {__version__} on {machine_description()}")
     print(f"models: {loaded} (model folder {model_dir.resolve()}); history: {service.status()['database']['url']}")
