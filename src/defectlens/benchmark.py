@@ -10,14 +10,16 @@ import os
 import platform
 import resource
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .bundle import library_versions
 from .data.datasets import load_dataset
-from .detectors import create_detector
+from .detectors import Detector, create_detector
 from .evaluation import load_mask
 from .metrics import image_auroc, pixel_auroc
 
@@ -53,6 +55,7 @@ class BenchmarkResult:
     peak_rss_mib: float
     image_auroc: float
     pixel_auroc: float
+    onnx: dict | None = None  # ONNX Runtime on the same images: speed, largest score and map differences
 
     def text(self) -> str:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in self.stage_ms.items())
@@ -66,10 +69,12 @@ class BenchmarkResult:
             f"  peak memory (RSS):     {self.peak_rss_mib:.0f} MiB",
             f"  image AUROC:           {self.image_auroc:.4f}",
             f"  pixel AUROC:           {self.pixel_auroc:.4f}",
+            *([f"  ONNX Runtime:          {self.onnx['images_per_s']:.1f} images/s batched, {self.onnx['latency_ms_median']:.1f} ms one image; "
+               f"largest difference from PyTorch: score {self.onnx['max_score_diff']:.1e}, map {self.onnx['max_map_diff']:.1e}"] if self.onnx else []),
         ])
 
 
-def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 20, **params) -> BenchmarkResult:
+def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 20, onnx: bool = True, **params) -> BenchmarkResult:
     ds = load_dataset(data, validation_fraction=0.0)
     det = create_detector(detector, **params)
     t0 = time.perf_counter()
@@ -77,29 +82,13 @@ def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 
     fit_s = time.perf_counter() - t0
 
     paths = [s.path for s in ds.test] or ds.train_good
-    det.score(paths[: det.batch_size])  # warm-up: first-call allocations are not throughput
-    scores, maps, stage_totals = [], [], {}
-    t0 = time.perf_counter()
-    for out in det.score_batches(paths):
-        scores.append(out.scores)
-        maps.append(out.maps)
-        for k, v in out.timings_ms.items():
-            stage_totals[k] = stage_totals.get(k, 0.0) + v
-    throughput = len(paths) / (time.perf_counter() - t0)
-    scores_all, maps_all = np.concatenate(scores), np.concatenate(maps)
-
-    latencies = []
-    for p in paths[:latency_images]:
-        t1 = time.perf_counter()
-        det.score([p])
-        latencies.append((time.perf_counter() - t1) * 1000.0)
-
+    run = _measure(det, paths, latency_images)
     labels = np.array([s.label for s in ds.test])
     img_auc = pix_auc = float("nan")
     if ds.test:
-        img_auc = image_auroc(labels, scores_all)
+        img_auc = image_auroc(labels, run.scores)
         masks = np.stack([load_mask(s.mask_path, det.image_size) for s in ds.test])
-        pix_auc = pixel_auroc(masks, maps_all)
+        pix_auc = pixel_auroc(masks, run.maps)
     state_bytes = sum(v.nbytes for k, v in det.get_state().items() if not k.startswith("backbone."))
     return BenchmarkResult(
         dataset=ds.name,
@@ -111,13 +100,61 @@ def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 
         test_images=len(paths),
         state_mib=state_bytes / 2**20,
         fit_s=fit_s,
-        inspect_images_per_s=throughput,
-        latency_ms_median=statistics.median(latencies),
-        stage_ms={k: v / len(paths) for k, v in stage_totals.items()},
+        inspect_images_per_s=run.images_per_s,
+        latency_ms_median=run.latency_ms,
+        stage_ms=run.stage_ms,
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         image_auroc=img_auc,
         pixel_auroc=pix_auc,
+        onnx=_onnx_figures(det, paths, latency_images, run) if onnx else None,
     )
+
+
+@dataclass
+class _Run:
+    scores: np.ndarray
+    maps: np.ndarray
+    images_per_s: float
+    latency_ms: float
+    stage_ms: dict[str, float]
+
+
+def _measure(scorer: Detector, paths: list, latency_images: int) -> _Run:
+    """Batched throughput with per-stage times, then single-image latency, of one scorer."""
+    scorer.score(paths[: scorer.batch_size])  # warm-up: first-call allocations are not throughput
+    scores, maps, stage_totals = [], [], {}
+    t0 = time.perf_counter()
+    for out in scorer.score_batches(paths):
+        scores.append(out.scores)
+        maps.append(out.maps)
+        for k, v in out.timings_ms.items():
+            stage_totals[k] = stage_totals.get(k, 0.0) + v
+    throughput = len(paths) / (time.perf_counter() - t0)
+    latencies = []
+    for p in paths[:latency_images]:
+        t1 = time.perf_counter()
+        scorer.score([p])
+        latencies.append((time.perf_counter() - t1) * 1000.0)
+    return _Run(np.concatenate(scores), np.concatenate(maps), throughput, statistics.median(latencies),
+                {k: v / len(paths) for k, v in stage_totals.items()})
+
+
+def _onnx_figures(det: Detector, paths: list, latency_images: int, torch_run: _Run) -> dict | None:
+    """The same images through the exported ONNX graph in ONNX Runtime: speed and agreement."""
+    from .bundle import Bundle
+    from .errors import DefectLensError
+    from .export import export_onnx, exportable, load_onnx
+
+    try:
+        exportable(det)
+    except DefectLensError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(Bundle(det), Path(tmp) / "model.onnx")
+        onnx_det = load_onnx(path, batch_size=det.batch_size).detector
+        run = _measure(onnx_det, paths, latency_images)
+    return {"images_per_s": run.images_per_s, "latency_ms_median": run.latency_ms,
+            "max_score_diff": float(np.abs(run.scores - torch_run.scores).max()), "max_map_diff": float(np.abs(run.maps - torch_run.maps).max())}
 
 
 def result_dict(result: BenchmarkResult) -> dict:

@@ -115,7 +115,12 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Bundle:
+        """A .dlens bundle, or an exported .onnx file (scored by ONNX Runtime) behind the same interface."""
         path = Path(path)
+        if path.suffix.lower() == ".onnx":
+            from .export import load_onnx
+
+            return load_onnx(path)
         if not path.is_file():
             raise BundleError(f"{path}: model file not found")
         try:

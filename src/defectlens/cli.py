@@ -1,4 +1,4 @@
-"""`defectlens` command line: fit | calibrate | inspect | evaluate | benchmark | serve | loadtest | demo.
+"""`defectlens` command line: fit | calibrate | inspect | evaluate | export | benchmark | serve | loadtest | demo.
 
 Every user-caused failure prints one line `defectlens: error: ...` and exits with status 2.
 """
@@ -179,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the main job end to end: on MVTec bottle when ../shared/datasets is present, otherwise on a generated data set."))
     p.add_argument("--data", default=None, help="use this data set instead of the built-in choice")
     p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+
+    p = sub.add_parser("export", help="export a model to ONNX that scores exactly like PyTorch", description=(
+        "Write the model as one ONNX graph (normalisation, backbone, nearest-neighbour or Mahalanobis scoring, upsampling, "
+        "smoothing, calibration) with its calibration as metadata. 'inspect', 'evaluate' and 'serve' accept the .onnx file "
+        "and score it with ONNX Runtime. The export is checked against PyTorch before it is kept."))
+    p.add_argument("model", help="model file (.dlens)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
+    p.add_argument("-o", "--output", default=None, help="file to write (default: the model's name with .onnx)")
+    p.add_argument("--check", nargs="*", default=[], metavar="IMAGE", help="images (or folders) to compare scores on (default: 4 random images)")
 
     p = sub.add_parser("serve", help="run the inspection service: REST API, dashboard, history", description=(
         "Serve models over HTTP with a web dashboard at / and the API schema at /docs. Every inspection is kept in the "
@@ -393,6 +402,36 @@ def _find_demo_data() -> Path | None:
     return None
 
 
+PARITY = 1e-4
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import Bundle
+    from .data.images import flatten_inputs
+    from .export import export_onnx
+
+    source = Path(args.model)
+    if source.suffix.lower() == ".onnx":
+        raise DefectLensError(f"{source}: already an exported model; export the .dlens file it came from")
+    bundle = Bundle.load(source)
+    out = Path(args.output) if args.output else source.with_suffix(".onnx")
+    export_onnx(bundle, out)
+    exported = Bundle.load(out)
+    size = bundle.detector.image_size
+    images = [str(p) for p in flatten_inputs(args.check)] if args.check else list(np.random.default_rng(0).random((4, size, size, 3), dtype=np.float32))
+    cal = bundle.calibration
+    s_ref, m_ref = bundle.detector.score(images)
+    s_onnx, m_onnx = exported.detector.score(images)
+    score_diff = float(np.abs(bundle.detector.decision_scores(s_ref, m_ref, cal) - exported.detector.decision_scores(s_onnx, m_onnx, cal)).max())
+    map_diff = float(np.abs(m_ref - m_onnx).max())
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); on {len(images)} {'given' if args.check else 'random'} images the largest "
+          f"difference from PyTorch is {score_diff:.1e} in score and {map_diff:.1e} in the map")
+    if max(score_diff, map_diff) > PARITY:
+        out.unlink()
+        raise DefectLensError(f"{out}: the export disagrees with PyTorch by more than {PARITY:g}; not kept")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -483,7 +522,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"fit": _cmd_fit, "calibrate": _cmd_calibrate, "inspect": _cmd_inspect, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark,
-            "serve": _cmd_serve, "loadtest": _cmd_loadtest, "demo": _cmd_demo}
+            "export": _cmd_export, "serve": _cmd_serve, "loadtest": _cmd_loadtest, "demo": _cmd_demo}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -136,7 +136,7 @@ def evaluate(bundle: Bundle, dataset: Dataset, progress: bool = False) -> Evalua
     t0 = time.perf_counter()
     raw, maps = detector.score([s.path for s in samples], progress=progress)
     elapsed = time.perf_counter() - t0
-    scores = calibration.combine(raw, maps) if calibration else raw.astype(np.float64)
+    scores = detector.decision_scores(raw, maps, calibration)
     labels = np.array([s.label for s in samples])
     # pixel metrics: good images (all-background) and defective images that have a mask
     pixel_idx = [i for i, s in enumerate(samples) if s.label == 0 or s.mask_path is not None]

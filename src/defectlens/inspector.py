@@ -50,7 +50,7 @@ class Inspector:
             results: dict[int, Inspection | ImageError] = dict(out.batch.errors)
             n = max(1, len(out.batch.indices))
             shared = {k: v / n for k, v in out.timings_ms.items()}
-            scores = out.scores if self.calibration is None else self.calibration.combine(out.scores, out.maps)
+            scores = self.detector.decision_scores(out.scores, out.maps, self.calibration)
             for j, i in enumerate(out.batch.indices):
                 t0 = time.perf_counter()
                 height, width = out.batch.sizes[j]

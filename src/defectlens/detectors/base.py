@@ -24,6 +24,7 @@ from ..errors import DefectLensError
 if TYPE_CHECKING:
     from ..bundle import Bundle
     from ..calibration import CalibrationSettings
+    from ..calibration.record import Calibration
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Detector(BaseEstimator, ABC):
     """Base class: subclasses set ``name`` and implement fit, _score_pixels, get/set_state."""
 
     name: str = ""
+    scores_include_calibration: bool = False  # an export's graph already adds the symmetry term
     image_size: int
     batch_size: int
     verbose: bool
@@ -99,6 +101,12 @@ class Detector(BaseEstimator, ABC):
             watch = Stopwatch()
             bar.update(len(batch.indices) + len(batch.errors))
         bar.close()
+
+    def decision_scores(self, scores: np.ndarray, maps: np.ndarray, calibration: Calibration | None) -> np.ndarray:
+        """The scores thresholds apply to: appearance, plus the calibration's symmetry term."""
+        if calibration is None or self.scores_include_calibration:
+            return np.asarray(scores, dtype=np.float64)
+        return calibration.combine(scores, maps)
 
     def calibrate(self, good_images: Sequence[ImageInput], settings: CalibrationSettings | None = None, metadata: dict | None = None) -> Bundle:
         """Set thresholds on held-out good images (not the ones fitted on) and package a Bundle."""

@@ -9,11 +9,35 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..backbones import FeatureExtractor, fuse_conv_bn
+
+
+def reduce_channels(emb: torch.Tensor, k: int) -> torch.Tensor:
+    """PatchCore's channel reduction: average adjacent channels, (n, d, h, w) -> (n, k, h, w).
+
+    The same as adaptive average pooling over the channel axis; written as a reshape-mean when k
+    divides d (fast, and exportable to ONNX, which has no adaptive pooling), and as a product with
+    the pooling matrix otherwise. Nearest-neighbour search cost is linear in k.
+    """
+    n, d, h, w = emb.shape
+    if d % k == 0:
+        return emb.reshape(n, k, d // k, h, w).mean(dim=2)
+    return torch.einsum("ndhw,dk->nkhw", emb, torch.from_numpy(pooling_matrix(d, k)).to(emb.dtype))
+
+
+def pooling_matrix(d: int, k: int) -> np.ndarray:
+    """(d, k) weights of adaptive average pooling: output j averages inputs [floor(jd/k), ceil((j+1)d/k)).
+    Built in NumPy so an exported graph holds it as a constant."""
+    weights = np.zeros((d, k), dtype=np.float32)
+    for j in range(k):
+        start, stop = (j * d) // k, -(-((j + 1) * d) // k)
+        weights[start:stop, j] = 1.0 / (stop - start)
+    return weights
 
 
 class PatchEmbedder(nn.Module):
@@ -35,11 +59,7 @@ class PatchEmbedder(nn.Module):
             out.append(t)
         emb = torch.cat(out, dim=1)
         if self.embed_dim and self.embed_dim < emb.shape[1]:
-            # PatchCore's channel reduction: average adjacent channels (adaptive pooling over the
-            # channel axis). Nearest-neighbour search cost is linear in this dimension.
-            n, d, h, w = emb.shape
-            emb = F.adaptive_avg_pool1d(emb.permute(0, 2, 3, 1).reshape(-1, 1, d), self.embed_dim)
-            emb = emb.reshape(n, h, w, self.embed_dim).permute(0, 3, 1, 2)
+            emb = reduce_channels(emb, self.embed_dim)
         return emb
 
     def for_inference(self) -> PatchEmbedder:

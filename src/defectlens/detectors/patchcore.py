@@ -128,8 +128,11 @@ class PatchCore(FeatureDetector):
         watch.lap("backbone")
         n, d, h, w = emb.shape
         queries = np.ascontiguousarray(emb.permute(0, 2, 3, 1).reshape(-1, d).numpy())
-        sq_dist, nn_idx = self._index.search(queries, 1)
-        patch = np.sqrt(np.maximum(sq_dist[:, 0], 0.0)).reshape(n, h * w)
+        _, nn_idx = self._index.search(queries, 1)
+        # The search finds the neighbour; its distance is measured again directly, because BLAS
+        # search computes |q|^2 - 2q.m + |m|^2, whose rounding is large next to small distances.
+        # Exact distances also make the ONNX graph (matrix products, then the same gather) agree.
+        patch = np.linalg.norm(queries - self.memory_bank_[nn_idx[:, 0]], axis=1).reshape(n, h * w)
         watch.lap("search")
         best = patch.argmax(axis=1)
         scores = patch[np.arange(n), best].astype(np.float64)
