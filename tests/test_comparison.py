@@ -66,3 +66,18 @@ def test_a_detector_that_wraps_nothing_is_refused():
         create_from_spec("padim:patchcore", {})
     tiled = create_from_spec("tiled:padim", {"tile_size": 64, "image_size": 128, "n_features": 50, "coreset_ratio": 0.1})
     assert tiled.tile_size == 64 and tiled.detector == "padim" and tiled.detector_params == {"image_size": 128, "n_features": 50}
+
+
+def test_a_run_whose_process_dies_becomes_a_row(root, tmp_path, monkeypatch):
+    import defectlens.comparison as comparison
+
+    monkeypatch.setattr(comparison, "_run_one", _die)
+    rows = comparison.compare(root / "line1", ["padim"], ["mobilenet_v2"], progress=lambda _: None)
+    assert len(rows) == 1 and "killed" in rows[0].error
+
+
+def _die(*_args):
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)

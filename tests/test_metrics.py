@@ -62,3 +62,19 @@ def test_perfect_and_degenerate_cases():
     assert aupro(masks, masks.astype(float)) == pytest.approx(1.0)
     assert math.isnan(image_auroc(np.zeros(3), np.ones(3)))
     assert math.isnan(aupro(np.zeros((1, 2, 2), bool), np.zeros((1, 2, 2))))
+
+
+def test_large_inputs_use_bounded_histograms_that_match_the_exact_metrics(monkeypatch):
+    import defectlens.metrics as m
+
+    rng = np.random.default_rng(3)
+    masks = np.zeros((12, 64, 64), bool)
+    for i in range(0, 12, 2):  # defects on half the images, of varied size
+        y, x, r = rng.integers(8, 56, 2).tolist() + [int(rng.integers(2, 8))]
+        masks[i, max(0, y - r):y + r, max(0, x - r):x + r] = True
+    maps = rng.normal(size=masks.shape) + 1.5 * masks + 0.1 * rng.normal(size=masks.shape) * masks
+    exact = (pixel_auroc(masks, maps), aupro(masks, maps))
+    monkeypatch.setattr(m, "EXACT_PIXELS", 1000)  # force the histogram path
+    binned = (pixel_auroc(masks, maps), aupro(masks, maps))
+    assert binned == pytest.approx(exact, abs=1e-4)
+    assert aupro(masks, masks.astype(float)) == pytest.approx(1.0)

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -113,8 +114,11 @@ def compare(root: str | Path, detectors: list[str], backbones: list[str], params
         label = category.relative_to(root).as_posix() if category != root else category.name
         for det in detectors:
             for bb in backbones:
-                with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                    row = pool.submit(_run_one, str(category), label, det, bb, dict(params or {})).result()
+                try:
+                    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                        row = pool.submit(_run_one, str(category), label, det, bb, dict(params or {})).result()
+                except BrokenProcessPool:  # killed from outside, usually by the kernel for memory
+                    row = Row(label, det, bb, error="the run's process was killed (out of memory?)")
                 rows.append(row)
                 progress(format_row(row))
     return rows
