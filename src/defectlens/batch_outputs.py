@@ -1,7 +1,9 @@
 """Where a batch of inspections goes: JSON lines, a CSV summary, overlays, maps, statistics.
 
 Files are written as results arrive, so a run over a huge folder keeps memory flat and a
-crash keeps everything inspected up to it. Statistics keep only score lists per group.
+crash keeps everything inspected up to it. Running again into the same folder resumes: images
+already in results.jsonl are skipped, and a line cut off by the crash is dropped and redone.
+Statistics keep only score lists per group.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from types import TracebackType
 import numpy as np
 
 from .data.images import load_rgb
-from .errors import ImageError
+from .errors import DefectLensError, ImageError
 from .inspection import Inspection
 from .jsonutil import finite
 from .overlay import save_overlay
@@ -38,40 +40,89 @@ def base_record(path: Path, result: Inspection | ImageError) -> dict:
     return result.to_record()
 
 
-def csv_row(source: str, result: Inspection | ImageError) -> dict:
-    if isinstance(result, ImageError):
-        return {"source": source, "verdict": "error", "error": str(result)}
-    biggest = max(result.regions, key=lambda r: r.area_px, default=None)
-    t = result.timings_ms
+def csv_row(record: dict) -> dict:
+    """The summary.csv row of one JSON record (so a resumed run can rebuild the CSV from results.jsonl)."""
+    if "error" in record:
+        return {"source": record["source"], "verdict": "error", "error": record["error"]}
+    biggest = max(record["regions"], key=lambda r: r["area_px"], default=None)
+    t = record["timings_ms"]
     return {
-        "source": source, "verdict": result.verdict, "score": f"{result.score:.6f}",
-        "normalised_score": "" if result.normalised_score is None else f"{result.normalised_score:.4f}",
-        "confidence": "" if result.confidence is None else f"{result.confidence:.4f}",
-        "severity": f"{result.severity:.4f}", "regions": len(result.regions),
-        "max_region_area_px": biggest.area_px if biggest else 0, "max_region_area_pct": f"{biggest.area_pct:.4f}" if biggest else "0",
-        "main_type": biggest.defect_type if biggest else "", "total_ms": f"{sum(t.values()):.2f}",
+        "source": record["source"], "verdict": record["verdict"], "score": f"{record['score']:.6f}",
+        "normalised_score": _optional(record["normalised_score"]), "confidence": _optional(record["confidence"]),
+        "severity": f"{record['severity']:.4f}", "regions": len(record["regions"]),
+        "max_region_area_px": biggest["area_px"] if biggest else 0, "max_region_area_pct": f"{biggest['area_pct']:.4f}" if biggest else "0",
+        "main_type": (biggest["type"] or "") if biggest else "", "total_ms": f"{sum(t.values()):.2f}",
         **{f"{k}_ms": f"{t[k]:.2f}" for k in ("decode", "backbone", "search", "postprocess", "decide") if k in t}, "error": "",
     }
 
 
-class BatchWriter:
-    """results.jsonl + summary.csv (+ overlays/, maps/) as results come, stats.json at the end."""
+def _optional(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
-    def __init__(self, out: Path, overlays: bool = True, save_maps: bool = False, pixel_threshold: float | None = None) -> None:
+
+RUN_FILE = "run.json"
+
+
+class BatchWriter:
+    """results.jsonl + summary.csv (+ overlays/, maps/) as results come, stats.json at the end.
+
+    ``model_checksum`` ties the folder to one model: resuming with another model is refused, so
+    one results file never mixes two models' verdicts. ``fresh`` starts the folder over.
+    """
+
+    def __init__(self, out: Path, overlays: bool = True, save_maps: bool = False, pixel_threshold: float | None = None,
+                 model_checksum: str = "", fresh: bool = False) -> None:
         self.out = Path(out)
         self.overlays = overlays
         self.save_maps = save_maps
         self.pixel_threshold = pixel_threshold
+        self.model_checksum = model_checksum
+        self.fresh = fresh
+        self.done: set[str] = set()  # sources already in results.jsonl
         self._used: set[str] = set()
         self._groups: dict[str, dict[str, list[float]]] = {"verdict": defaultdict(list), "type": defaultdict(list), "folder": defaultdict(list)}
 
     def __enter__(self) -> BatchWriter:
         self.out.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.out / "results.jsonl", "w")  # noqa: SIM115 -- closed in __exit__
+        results, run = self.out / "results.jsonl", self.out / RUN_FILE
+        resuming = not self.fresh and results.exists()
+        if resuming:
+            earlier = json.loads(run.read_text()).get("model_checksum", "") if run.exists() else ""
+            if earlier and self.model_checksum and earlier != self.model_checksum:
+                raise DefectLensError(f"{self.out}: holds results of another model (checksum {earlier[:12]}); "
+                                      "choose another --out, or --fresh to start it over")
+            self._replay(results)
+        run.write_text(json.dumps({"model_checksum": self.model_checksum}))
+        self._jsonl = open(results, "a" if resuming else "w")  # noqa: SIM115 -- closed in __exit__
         self._csv_file = open(self.out / "summary.csv", "w", newline="")  # noqa: SIM115
         self._csv = csv.DictWriter(self._csv_file, CSV_COLUMNS)
         self._csv.writeheader()
+        if resuming:  # the CSV mirrors results.jsonl, whatever an interrupted run left in it
+            with open(results) as fh:
+                for line in fh:
+                    self._csv.writerow(csv_row(json.loads(line)))
         return self
+
+    def _replay(self, results: Path) -> None:
+        """Read what an earlier run wrote; cut a last line the crash left unfinished."""
+        data = results.read_bytes()
+        keep = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
+        if keep < len(data):
+            with open(results, "r+b") as fh:
+                fh.truncate(keep)
+        for line in data[:keep].decode().splitlines():
+            record = json.loads(line)
+            self.done.add(record["source"])
+            if "overlay" in record or "map" in record:
+                self._used.add(Path(record.get("overlay") or record["map"]).stem)
+            if "error" not in record:
+                self._tally(Path(record["source"]), record)
+
+    def _tally(self, path: Path, record: dict) -> None:
+        self._groups["verdict"][record["verdict"]].append(record["score"])
+        self._groups["folder"][path.parent.name].append(record["score"])
+        main = max(record["regions"], key=lambda r: r["area_px"], default=None)
+        self._groups["type"][(main["type"] or "(untyped)") if main else "(no region)"].append(record["score"])
 
     def _name(self, path: Path) -> str:
         name = f"{path.parent.name}_{path.stem}"  # test/<type>/000.png -> <type>_000: unique within MVTec folders
@@ -84,6 +135,9 @@ class BatchWriter:
 
     def write(self, path: Path, result: Inspection | ImageError) -> dict:
         record = base_record(path, result)
+        if record["source"] in self.done:  # a result that arrived twice (a retried chunk) is kept once
+            return record
+        self.done.add(record["source"])
         if not isinstance(result, ImageError):
             name = self._name(path) if (self.overlays or self.save_maps) else ""
             if self.overlays:
@@ -93,13 +147,10 @@ class BatchWriter:
                 map_path = self.out / "maps" / f"{name}.npy"
                 np.save(map_path, result.anomaly_map.astype(np.float16))  # 3 significant digits: ample for a heat map
                 record["map"] = str(map_path)
-            self._groups["verdict"][result.verdict].append(result.score)
-            self._groups["folder"][path.parent.name].append(result.score)
-            main = max(result.regions, key=lambda r: r.area_px, default=None)
-            self._groups["type"][main.defect_type if main else "(no region)"].append(result.score)
+            self._tally(path, record)
         self._jsonl.write(json.dumps(finite(record)) + "\n")
         self._jsonl.flush()
-        self._csv.writerow(csv_row(str(path), result))
+        self._csv.writerow(csv_row(record))
         return record
 
     def stats(self) -> dict:

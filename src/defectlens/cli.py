@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-maps", action="store_true", help="also write each anomaly map as maps/<name>.npy (float16, image size)")
     p.add_argument("--mask", choices=("threshold", "otsu"), default="threshold", help=(
         "how defect masks are cut: the calibrated pixel threshold, or Otsu on each map (never below the threshold) (default: threshold)"))
+    p.add_argument("--engine", choices=("local", "ray"), default="local", help=(
+        "local: this process (default); ray: Ray workers on this machine, or on the cluster at --address"))
+    p.add_argument("--address", default=None, help="Ray cluster address, e.g. ray://head:10001 (default: a local Ray)")
+    p.add_argument("--workers", type=int, default=0, help="Ray workers (default: one per CPU)")
+    p.add_argument("--fresh", action="store_true", help="start --out over instead of resuming what it holds")
 
     p = sub.add_parser("evaluate", help="measure a model on a labelled test split", description=(
         "Score the test split of DATA and print image AUROC, AUPR, F1-max, pixel AUROC and AUPRO."))
@@ -309,15 +314,25 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_inspections(inspector, paths: Sequence[Path], out: Path | None, overlays: bool, save_maps: bool = False) -> tuple[int, int, int]:
+def _write_inspections(inspector, paths: Sequence[Path], out: Path | None, overlays: bool, save_maps: bool = False,
+                       engine: str = "local", address: str | None = None, workers: int = 0, fresh: bool = False,
+                       model_path: Path | None = None) -> tuple[int, int, int, int]:
+    """Inspect and write; with ``out``, a folder that already holds results is resumed."""
     from .batch_outputs import BatchWriter, base_record
+    from .engines import inspect_stream
     from .errors import ImageError
 
     counts = {"good": 0, "defect": 0, "uncalibrated": 0, "error": 0}
     pixel_threshold = inspector.calibration.pixel_threshold if inspector.calibration else None
     with contextlib.ExitStack() as stack:
-        writer = None if out is None else stack.enter_context(BatchWriter(out, overlays, save_maps, pixel_threshold))
-        for path, result in zip(paths, inspector.inspect_many(paths, progress=out is not None), strict=True):
+        writer = None
+        if out is not None:
+            writer = stack.enter_context(BatchWriter(out, overlays, save_maps, pixel_threshold, inspector.bundle.checksum, fresh))
+            skipped = sum(1 for p in paths if str(p) in writer.done)
+            if skipped:
+                print(f"resuming {out}: {skipped} of {len(paths)} images already inspected", file=sys.stderr)
+                paths = [p for p in paths if str(p) not in writer.done]
+        for path, result in inspect_stream(inspector, model_path or Path(), paths, engine, address, workers, progress=out is not None):
             if isinstance(result, ImageError):
                 counts["error"] += 1
                 print(f"defectlens: skipped: {result}", file=sys.stderr)
@@ -327,7 +342,7 @@ def _write_inspections(inspector, paths: Sequence[Path], out: Path | None, overl
                 writer.write(path, result)
             else:
                 print(json.dumps(finite(base_record(path, result))))
-    return counts["good"], counts["defect"], counts["error"]
+    return counts["good"], counts["defect"], counts["error"], len(paths)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -337,10 +352,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     inspector = Inspector.load(args.model, mask_method=args.mask)
     paths = flatten_inputs(args.inputs)
     out = Path(args.out) if args.out else None
-    if out is None and args.save_maps:
-        raise DefectLensError("--save-maps needs --out")
-    good, defect, errors = _write_inspections(inspector, paths, out, not args.no_overlay, args.save_maps)
-    summary = f"inspected {len(paths) - errors} images: {good} good, {defect} defect" + (f", {errors} unreadable (skipped)" if errors else "")
+    if out is None and (args.save_maps or args.engine != "local"):
+        raise DefectLensError("--save-maps and --engine ray need --out (results are streamed to files there)")
+    good, defect, errors, ran = _write_inspections(inspector, paths, out, not args.no_overlay, args.save_maps, args.engine, args.address,
+                                                   args.workers, args.fresh, Path(args.model))
+    summary = f"inspected {ran - errors} images: {good} good, {defect} defect" + (f", {errors} unreadable (skipped)" if errors else "")
     print(summary + (f"; results in {out / 'results.jsonl'}" if out else ""), file=sys.stderr if out is None else sys.stdout)
     return 0
 
@@ -515,7 +531,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     picks = []
     for t in sorted({s.defect_type for s in ds.test}):
         picks += [s.path for s in ds.test if s.defect_type == t][:3]
-    good, defect, _ = _write_inspections(Inspector(bundle), picks, out / "inspections", overlays=True)
+    good, defect, _, _ = _write_inspections(Inspector(bundle), picks, out / "inspections", overlays=True, fresh=True)
     print(f"inspected {len(picks)} sample images ({good} good, {defect} defect): overlays in {out / 'inspections' / 'overlays'}")
     print(f"evaluation written to {out / 'evaluation.json'}")
     return 0

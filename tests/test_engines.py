@@ -1,0 +1,91 @@
+"""Batch inspection engines: resuming a folder, and Ray surviving a killed worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from defectlens import Inspector
+from defectlens.cli import main
+from defectlens.engines import inspect_stream
+
+
+def sources(out) -> list[str]:
+    return [json.loads(line)["source"] for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture()
+def inputs(tiny_dataset, tmp_path):
+    """The tiny data set's images plus one corrupt file."""
+    bad = tmp_path / "in" / "corrupt.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return [str(tiny_dataset / "test"), str(tiny_dataset / "train"), str(bad)]
+
+
+def test_a_rerun_resumes_and_a_cut_off_line_is_redone(model_dir, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["inspect", str(model_dir / "discs.dlens"), *inputs, "--out", str(out), "--no-overlay"]) == 0
+    complete = sources(out)
+    assert len(complete) == len(set(complete)) == 29 and any("corrupt" in s for s in complete)
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    (out / "results.jsonl").write_text("".join(lines[:20]) + lines[20][:15])  # a crash mid-line
+    capsys.readouterr()
+    assert main(["inspect", str(model_dir / "discs.dlens"), *inputs, "--out", str(out), "--no-overlay"]) == 0
+    assert "20 of 29 images already inspected" in capsys.readouterr().err
+    assert sorted(sources(out)) == sorted(complete)
+    stats = json.loads((out / "stats.json").read_text())
+    assert sum(g["n"] for g in stats["by_verdict"].values()) == 28  # the corrupt file has no score
+    assert len((out / "summary.csv").read_text().splitlines()) == 30  # one header
+
+
+def test_resuming_with_another_model_is_refused(model_dir, inputs, tmp_path, tiny_dataset, capsys):
+    out = tmp_path / "out"
+    assert main(["inspect", str(model_dir / "discs.dlens"), inputs[0], "--out", str(out), "--no-overlay"]) == 0
+    other = tmp_path / "other.dlens"
+    assert main(["fit", str(tiny_dataset), "-o", str(other), "--image-size", "64", "--coreset-ratio", "0.2"]) == 0
+    assert main(["inspect", str(other), inputs[0], "--out", str(out)]) == 2
+    assert "holds results of another model" in capsys.readouterr().err
+    assert main(["inspect", str(other), inputs[0], "--out", str(out), "--fresh", "--no-overlay"]) == 0
+    assert len(sources(out)) == 12
+
+
+def test_ray_engine_survives_a_killed_worker(model_dir, inputs):
+    pytest.importorskip("ray")
+    from defectlens.data.images import flatten_inputs
+
+    paths = flatten_inputs(inputs)
+    model = model_dir / "discs.dlens"
+    stream = inspect_stream(Inspector.load(model), model, paths, engine="ray", workers=2, chunk=2)
+    seen = [next(stream)]
+    pids = _worker_pids()
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)  # mid-run: its chunks in flight must be run again elsewhere or after restart
+    seen += list(stream)
+    assert sorted(str(p) for p, _ in seen) == sorted(str(p) for p in paths)  # every image exactly once
+    errors = [r for _, r in seen if isinstance(r, Exception)]
+    assert len(errors) == 1 and "corrupt.png" in str(errors[0])
+
+
+def _worker_pids() -> list[int]:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = subprocess.run(["pgrep", "-f", "ray::InspectWorker"], capture_output=True, text=True).stdout.split()
+        if len(found) >= 2:
+            return [int(p) for p in found]
+        time.sleep(0.2)
+    return []
+
+
+def test_ray_engine_through_the_command_line(model_dir, inputs, tmp_path, capsys):
+    pytest.importorskip("ray")
+    out = tmp_path / "out"
+    assert main(["inspect", str(model_dir / "discs.dlens"), *inputs, "--out", str(out), "--engine", "ray", "--workers", "2", "--no-overlay"]) == 0
+    assert len(sources(out)) == len(set(sources(out))) == 29
+    assert main(["inspect", str(model_dir / "discs.dlens"), *inputs, "--engine", "ray"]) == 2
+    assert "need --out" in capsys.readouterr().err
