@@ -89,3 +89,20 @@ def test_ray_engine_through_the_command_line(model_dir, inputs, tmp_path, capsys
     assert len(sources(out)) == len(set(sources(out))) == 29
     assert main(["inspect", str(model_dir / "discs.dlens"), *inputs, "--engine", "ray"]) == 2
     assert "need --out" in capsys.readouterr().err
+
+
+def test_scaling_benchmark_prints_growth_and_engine_throughput(tiny_dataset, tmp_path, capsys):
+    pytest.importorskip("ray")
+    out = tmp_path / "scaling.json"
+    assert main(["benchmark", str(tiny_dataset), "--scaling", "--train-sizes", "4,8,99", "--image-sizes", "64,96", "--coreset-ratio", "0.1",
+                 "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    points = figures["points"]
+    assert [(p["varied"], p["train_images"], p["image_size"]) for p in points] == [
+        ("train images", 4, 256), ("train images", 8, 256), ("train images", 99, 256), ("image size", 16, 64), ("image size", 16, 96)]
+    measured = [p for p in points if not p["note"]]
+    assert len(measured) == 4 and all(p["fit_s"] > 0 and p["inspect_images_per_s"] > 0 and p["state_mib"] > 0 for p in measured)
+    assert points[1]["state_mib"] > points[0]["state_mib"]  # the memory bank grows with the training set
+    assert "only 16 training images" in points[2]["note"]
+    assert figures["engines"]["local_images_per_s"] > 0 and figures["engines"]["ray_images_per_s"] > 0
+    assert "| train images | 4 | 256 |" in capsys.readouterr().out

@@ -8,9 +8,12 @@ Statistics keep only score lists per group.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -160,3 +163,33 @@ class BatchWriter:
         self._jsonl.close()
         self._csv_file.close()
         (self.out / "stats.json").write_text(json.dumps(finite(self.stats()), indent=2))
+
+
+def run_batch(inspector, paths: Sequence[Path], out: Path | None, overlays: bool, save_maps: bool = False,
+                       engine: str = "local", address: str | None = None, workers: int = 0, fresh: bool = False,
+                       model_path: Path | None = None) -> tuple[int, int, int, int]:
+    """Inspect and write: records to ``out`` (resumed if it holds some), else JSON lines to stdout.
+    Returns counts of good, defect and unreadable images, and how many were inspected this run."""
+    from .engines import inspect_stream
+
+    counts = {"good": 0, "defect": 0, "uncalibrated": 0, "error": 0}
+    pixel_threshold = inspector.calibration.pixel_threshold if inspector.calibration else None
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if out is not None:
+            writer = stack.enter_context(BatchWriter(out, overlays, save_maps, pixel_threshold, inspector.bundle.checksum, fresh))
+            skipped = sum(1 for p in paths if str(p) in writer.done)
+            if skipped:
+                print(f"resuming {out}: {skipped} of {len(paths)} images already inspected", file=sys.stderr)
+                paths = [p for p in paths if str(p) not in writer.done]
+        for path, result in inspect_stream(inspector, model_path or Path(), paths, engine, address, workers, progress=out is not None):
+            if isinstance(result, ImageError):
+                counts["error"] += 1
+                print(f"defectlens: skipped: {result}", file=sys.stderr)
+            else:
+                counts[result.verdict] += 1
+            if writer is not None:
+                writer.write(path, result)
+            else:
+                print(json.dumps(finite(base_record(path, result))))
+    return counts["good"], counts["defect"], counts["error"], len(paths)

@@ -6,7 +6,6 @@ Every user-caused failure prints one line `defectlens: error: ...` and exits wit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -178,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         "tiled:padim, ensemble:padim (default: patchcore inside)"))
     p.add_argument("--backbones", default=None, help="comma-separated backbones to compare (default: --backbone)")
     p.add_argument("--out", default="benchmark_results", help="folder for benchmark.md and benchmark.json (comparison mode)")
+    p.add_argument("--scaling", action="store_true", help=(
+        "measure how fit and inspect grow with training images (--train-sizes, at 256 px) and image size (--image-sizes, "
+        "100 training images), and inspect throughput of the local engine against Ray"))
+    p.add_argument("--train-sizes", default="50,100,200,400,800", help="training-set sizes for --scaling")
+    p.add_argument("--image-sizes", default="256,512,1024", help="image sizes for --scaling")
     _add_model_options(p)
 
     p = sub.add_parser("demo", help="fit, evaluate and draw overlays on built-in data", description=(
@@ -314,38 +318,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_inspections(inspector, paths: Sequence[Path], out: Path | None, overlays: bool, save_maps: bool = False,
-                       engine: str = "local", address: str | None = None, workers: int = 0, fresh: bool = False,
-                       model_path: Path | None = None) -> tuple[int, int, int, int]:
-    """Inspect and write; with ``out``, a folder that already holds results is resumed."""
-    from .batch_outputs import BatchWriter, base_record
-    from .engines import inspect_stream
-    from .errors import ImageError
-
-    counts = {"good": 0, "defect": 0, "uncalibrated": 0, "error": 0}
-    pixel_threshold = inspector.calibration.pixel_threshold if inspector.calibration else None
-    with contextlib.ExitStack() as stack:
-        writer = None
-        if out is not None:
-            writer = stack.enter_context(BatchWriter(out, overlays, save_maps, pixel_threshold, inspector.bundle.checksum, fresh))
-            skipped = sum(1 for p in paths if str(p) in writer.done)
-            if skipped:
-                print(f"resuming {out}: {skipped} of {len(paths)} images already inspected", file=sys.stderr)
-                paths = [p for p in paths if str(p) not in writer.done]
-        for path, result in inspect_stream(inspector, model_path or Path(), paths, engine, address, workers, progress=out is not None):
-            if isinstance(result, ImageError):
-                counts["error"] += 1
-                print(f"defectlens: skipped: {result}", file=sys.stderr)
-            else:
-                counts[result.verdict] += 1
-            if writer is not None:
-                writer.write(path, result)
-            else:
-                print(json.dumps(finite(base_record(path, result))))
-    return counts["good"], counts["defect"], counts["error"], len(paths)
-
-
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .batch_outputs import run_batch
     from .data.images import flatten_inputs
     from .inspector import Inspector
 
@@ -354,7 +328,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is None and (args.save_maps or args.engine != "local"):
         raise DefectLensError("--save-maps and --engine ray need --out (results are streamed to files there)")
-    good, defect, errors, ran = _write_inspections(inspector, paths, out, not args.no_overlay, args.save_maps, args.engine, args.address,
+    good, defect, errors, ran = run_batch(inspector, paths, out, not args.no_overlay, args.save_maps, args.engine, args.address,
                                                    args.workers, args.fresh, Path(args.model))
     summary = f"inspected {ran - errors} images: {good} good, {defect} defect" + (f", {errors} unreadable (skipped)" if errors else "")
     print(summary + (f"; results in {out / 'results.jsonl'}" if out else ""), file=sys.stderr if out is None else sys.stdout)
@@ -391,6 +365,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from .benchmark import machine_description, result_dict, run_benchmark
     from .comparison import compare, find_categories, markdown, write
 
+    if args.scaling:
+        return _scaling(args)
     if args.detectors or args.backbones or len(find_categories(args.data)) > 1:
         detectors = (args.detectors or args.detector).split(",")
         backbones = (args.backbones or args.backbone).split(",")
@@ -407,6 +383,27 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result_dict(result), indent=2))
         print(f"wrote {args.json}")
+    return 0
+
+
+def _scaling(args: argparse.Namespace) -> int:
+    from .benchmark import machine_description
+    from .scaling import HEADER, as_dict, engine_throughput, run_scaling
+
+    try:
+        train_sizes = [int(v) for v in args.train_sizes.split(",")]
+        image_sizes = [int(v) for v in args.image_sizes.split(",")]
+    except ValueError:
+        raise DefectLensError("--train-sizes and --image-sizes are comma-separated whole numbers") from None
+    params = {k: v for k, v in _detector_params(args).items() if k != "image_size"}
+    print(f"scaling of {args.detector} on {args.data}; machine: {machine_description()}")
+    print(HEADER + "\n|" + "---|" * 8)
+    points = run_scaling(args.data, args.detector, params, train_sizes, image_sizes)
+    engines = engine_throughput(args.data, args.detector, params)
+    print(f"inspect --out over {engines['images']} test images: local engine {engines['local_images_per_s']:.1f} images/s, "
+          f"Ray {engines['ray_images_per_s']:.1f} images/s (start-up included)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(finite({"machine": machine_description(), "points": as_dict(points), "engines": engines}), indent=2))
     return 0
 
 
@@ -502,6 +499,7 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from .batch_outputs import run_batch
     from .bundle import Bundle
     from .data import load_dataset
     from .data.synthetic import make_synthetic_dataset
@@ -531,7 +529,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     picks = []
     for t in sorted({s.defect_type for s in ds.test}):
         picks += [s.path for s in ds.test if s.defect_type == t][:3]
-    good, defect, _, _ = _write_inspections(Inspector(bundle), picks, out / "inspections", overlays=True, fresh=True)
+    good, defect, _, _ = run_batch(Inspector(bundle), picks, out / "inspections", overlays=True, fresh=True)
     print(f"inspected {len(picks)} sample images ({good} good, {defect} defect): overlays in {out / 'inspections' / 'overlays'}")
     print(f"evaluation written to {out / 'evaluation.json'}")
     return 0
