@@ -1,5 +1,9 @@
 """Inspections and threshold changes.
 
+Written out column by column rather than built from schema.py on purpose: a revision is a frozen
+record of what it created, so later edits to schema.py (with their own revisions) never change
+what upgrading an old database through this one does.
+
 Revision ID: 0001
 Revises:
 Create Date: 2026-11-22
