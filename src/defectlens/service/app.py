@@ -100,7 +100,9 @@ class InspectionService:
                 model.inspections += 1
         inspection.source = source
         inspection.timings_ms["queue"] = waited
-        row, _ = self.store.record(self._row(model.name, checksum, inspection, data, image.format, request_id))
+        row, created = self.store.record(self._row(model.name, checksum, inspection, data, image.format, request_id))
+        if not created:  # the same key raced in twice: both get the one stored row
+            return {**row, "replayed": True}
         return self._answer(row, inspection, image if overlay else None, model)
 
     def inspect_batch(self, name: str, uploads: list[tuple[str, bytes]], request_id: str | None) -> dict[str, Any]:
