@@ -106,3 +106,15 @@ def test_scaling_benchmark_prints_growth_and_engine_throughput(tiny_dataset, tmp
     assert "only 16 training images" in points[2]["note"]
     assert figures["engines"]["local_images_per_s"] > 0 and figures["engines"]["ray_images_per_s"] > 0
     assert "| train images | 4 | 256 |" in capsys.readouterr().out
+
+
+def test_batch_inspections_go_into_the_history_once(model_dir, inputs, tmp_path):
+    from defectlens.service.store import HistoryQuery, HistoryStore
+
+    db = f"sqlite:///{tmp_path / 'history.db'}"
+    for extra in ([], ["--fresh"]):  # a full re-run adds no second row for the same model and file
+        assert main(["inspect", str(model_dir / "discs.dlens"), *inputs, "--out", str(tmp_path / "out"), "--no-overlay", "--db", db, *extra]) == 0
+    store = HistoryStore(db)
+    total, rows = store.query(HistoryQuery(model="discs"), limit=100)
+    assert total == 28 and len({r["source"] for r in rows}) == 28  # the corrupt file is in results.jsonl, not in the history
+    assert all(r["request_id"].startswith("batch-") and len(r["image_sha256"]) == 64 for r in rows)

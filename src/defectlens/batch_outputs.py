@@ -166,15 +166,22 @@ class BatchWriter:
 
 
 def run_batch(inspector, paths: Sequence[Path], out: Path | None, overlays: bool, save_maps: bool = False,
-                       engine: str = "local", address: str | None = None, workers: int = 0, fresh: bool = False,
-                       model_path: Path | None = None) -> tuple[int, int, int, int]:
-    """Inspect and write: records to ``out`` (resumed if it holds some), else JSON lines to stdout.
+              engine: str = "local", address: str | None = None, workers: int = 0, fresh: bool = False,
+              model_path: Path | None = None, db: str | None = None) -> tuple[int, int, int, int]:
+    """Inspect and write: records to ``out`` (resumed if it holds some), else JSON lines to stdout;
+    with ``db``, also one history row per image, keyed by model and file so a re-run adds none twice.
     Returns counts of good, defect and unreadable images, and how many were inspected this run."""
     from .engines import inspect_stream
 
     counts = {"good": 0, "defect": 0, "uncalibrated": 0, "error": 0}
     pixel_threshold = inspector.calibration.pixel_threshold if inspector.calibration else None
     with contextlib.ExitStack() as stack:
+        store = None
+        if db is not None:
+            from .service.store import HistoryStore
+
+            store = HistoryStore(db).upgrade()
+            stack.callback(store.close)
         writer = None
         if out is not None:
             writer = stack.enter_context(BatchWriter(out, overlays, save_maps, pixel_threshold, inspector.bundle.checksum, fresh))
@@ -188,8 +195,20 @@ def run_batch(inspector, paths: Sequence[Path], out: Path | None, overlays: bool
                 print(f"defectlens: skipped: {result}", file=sys.stderr)
             else:
                 counts[result.verdict] += 1
+                if store is not None:
+                    _record_in_history(store, inspector, path, result)
             if writer is not None:
                 writer.write(path, result)
             else:
                 print(json.dumps(finite(base_record(path, result))))
     return counts["good"], counts["defect"], counts["error"], len(paths)
+
+
+def _record_in_history(store, inspector, path: Path, result: Inspection) -> None:
+    import hashlib
+
+    from .service.store import inspection_row
+
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    key = f"batch-{inspector.bundle.checksum[:16]}-" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
+    store.record(inspection_row(result, inspector.model_name, inspector.bundle.checksum, digest, key))

@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address, e.g. ray://head:10001 (default: a local Ray)")
     p.add_argument("--workers", type=int, default=0, help="Ray workers (default: one per CPU)")
     p.add_argument("--fresh", action="store_true", help="start --out over instead of resuming what it holds")
+    p.add_argument("--db", default=None, help="also record every inspection in this history database (SQLAlchemy URL, as for serve)")
 
     p = sub.add_parser("evaluate", help="measure a model on a labelled test split", description=(
         "Score the test split of DATA and print image AUROC, AUPR, F1-max, pixel AUROC and AUPRO."))
@@ -329,7 +330,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if out is None and (args.save_maps or args.engine != "local"):
         raise DefectLensError("--save-maps and --engine ray need --out (results are streamed to files there)")
     good, defect, errors, ran = run_batch(inspector, paths, out, not args.no_overlay, args.save_maps, args.engine, args.address,
-                                                   args.workers, args.fresh, Path(args.model))
+                                                   args.workers, args.fresh, Path(args.model), args.db)
     summary = f"inspected {ran - errors} images: {good} good, {defect} defect" + (f", {errors} unreadable (skipped)" if errors else "")
     print(summary + (f"; results in {out / 'results.jsonl'}" if out else ""), file=sys.stderr if out is None else sys.stdout)
     return 0

@@ -37,7 +37,7 @@ from ..inspection import Inspection
 from ..overlay import render_heat
 from .models import LoadedModel, ModelConflict, ModelNotFound, ModelRegistry
 from .security import ApiKeys, BodyLimit
-from .store import HistoryQuery, HistoryStore, StoreError, as_utc, masked_url
+from .store import HistoryQuery, HistoryStore, StoreError, as_utc, inspection_row, masked_url
 
 log = logging.getLogger("defectlens.service")
 STATIC = Path(__file__).parent / "static"
@@ -149,24 +149,7 @@ class InspectionService:
 
     def _row(self, model: str, checksum: str, inspection: Inspection, data: bytes, fmt: str | None, request_id: str | None) -> dict[str, Any]:
         digest = hashlib.sha256(data).hexdigest()
-        record = inspection.to_record()
-        return {
-            "request_id": request_id or uuid.uuid4().hex,
-            "model": model,
-            "model_checksum": checksum,
-            "source": inspection.source[:512],
-            "image_sha256": digest,
-            "image_path": self._keep(digest, data, fmt),
-            "width": record["image_size"][0],
-            "height": record["image_size"][1],
-            "score": record["score"],
-            "normalised_score": record["normalised_score"],
-            "threshold": record["threshold"],
-            "verdict": record["verdict"],
-            "severity": record["severity"],
-            "regions": record["regions"],
-            "timings_ms": record["timings_ms"],
-        }
+        return inspection_row(inspection, model, checksum, digest, request_id or uuid.uuid4().hex, self._keep(digest, data, fmt))
 
     def _keep(self, digest: str, data: bytes, fmt: str | None) -> str | None:
         """Content-addressed copy: the same image twice is stored once, and names never collide."""

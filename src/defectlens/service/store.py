@@ -20,6 +20,7 @@ from alembic.config import Config
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from ..errors import DefectLensError
+from ..inspection import Inspection
 from .schema import inspections, threshold_changes
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -50,6 +51,28 @@ class HistoryQuery:
     since: datetime | None = None
     until: datetime | None = None
     request_prefix: str | None = None  # one client's run, e.g. a load test's
+
+
+def inspection_row(inspection: Inspection, model: str, checksum: str, image_sha256: str, request_id: str, image_path: str | None = None) -> dict[str, Any]:
+    """The history row of one Inspection, the same whether the service or a batch job made it."""
+    record = inspection.to_record()
+    return {
+        "request_id": request_id,
+        "model": model,
+        "model_checksum": checksum,
+        "source": inspection.source[:512],
+        "image_sha256": image_sha256,
+        "image_path": image_path,
+        "width": record["image_size"][0],
+        "height": record["image_size"][1],
+        "score": record["score"],
+        "normalised_score": record["normalised_score"],
+        "threshold": record["threshold"],
+        "verdict": record["verdict"],
+        "severity": record["severity"],
+        "regions": record["regions"],
+        "timings_ms": record["timings_ms"],
+    }
 
 
 class HistoryStore:
