@@ -189,7 +189,7 @@ def run_batch(inspector, paths: Sequence[Path], out: Path | None, overlays: bool
             if skipped:
                 print(f"resuming {out}: {skipped} of {len(paths)} images already inspected", file=sys.stderr)
                 paths = [p for p in paths if str(p) not in writer.done]
-        for path, result in inspect_stream(inspector, model_path or Path(), paths, engine, address, workers, progress=out is not None):
+        for path, result in inspect_stream(inspector, model_path, paths, engine, address, workers, progress=out is not None):
             if isinstance(result, ImageError):
                 counts["error"] += 1
                 print(f"defectlens: skipped: {result}", file=sys.stderr)

@@ -23,11 +23,13 @@ ENGINES = ("local", "ray")
 Result = tuple[Path, Inspection | ImageError]
 
 
-def inspect_stream(inspector: Inspector, model_path: Path, paths: Sequence[Path], engine: str = "local", address: str | None = None,
+def inspect_stream(inspector: Inspector, model_path: Path | None, paths: Sequence[Path], engine: str = "local", address: str | None = None,
                    workers: int = 0, chunk: int = 16, progress: bool = False) -> Iterator[Result]:
     if engine == "local":
         yield from zip(paths, inspector.inspect_many(paths, progress=progress), strict=True)
     elif engine == "ray":
+        if model_path is None:
+            raise DefectLensError("the ray engine needs the model file's path (workers load it themselves)")
         yield from _ray_stream(model_path, inspector.mask_method, paths, address, workers, chunk, progress)
     else:
         raise DefectLensError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
