@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="inspect images with a model", description=(
         "Inspect images or folders of images; print one JSON record per image, and with --out write results.jsonl, "
         "summary.csv, stats.json (score statistics per verdict, predicted type and folder) and heat-map overlays."))
-    p.add_argument("model", help="model file (.dlens)")
+    p.add_argument("model", help="model file (.dlens, or one exported to .onnx)")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", default=None, help="folder for results.jsonl and overlays/")
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay PNGs")
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="measure a model on a labelled test split", description=(
         "Score the test split of DATA and print image AUROC, AUPR, F1-max, pixel AUROC and AUPRO."))
-    p.add_argument("model", help="model file (.dlens)")
+    p.add_argument("model", help="model file (.dlens, or one exported to .onnx)")
     p.add_argument("data", help="data set or category folder with test images")
     p.add_argument("--out", default=None, help="JSON file for metrics and per-image records (default: evaluation_<name>.json)")
     p.add_argument("--report", default=None, metavar="DIR", help="also write report.html (self-contained) and report.md with figures here")
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the inspection service: REST API, dashboard, history", description=(
         "Serve models over HTTP with a web dashboard at / and the API schema at /docs. Every inspection is kept in the "
         "history database. Clients load further models by name from --model-dir, never by path."))
-    p.add_argument("models", nargs="*", help="model files (.dlens) to load at start; named by their file stem")
+    p.add_argument("models", nargs="*", help="model files (.dlens or .onnx) to load at start; named by their file stem")
     p.add_argument("--model-dir", default=None, help="folder clients may load models from (default: the first model's folder, else ./models)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -330,7 +330,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if out is None and (args.save_maps or args.engine != "local"):
         raise DefectLensError("--save-maps and --engine ray need --out (results are streamed to files there)")
     good, defect, errors, ran = run_batch(inspector, paths, out, not args.no_overlay, args.save_maps, args.engine, args.address,
-                                                   args.workers, args.fresh, Path(args.model), args.db)
+                                          args.workers, args.fresh, Path(args.model), args.db)
     summary = f"inspected {ran - errors} images: {good} good, {defect} defect" + (f", {errors} unreadable (skipped)" if errors else "")
     print(summary + (f"; results in {out / 'results.jsonl'}" if out else ""), file=sys.stderr if out is None else sys.stdout)
     return 0
