@@ -42,3 +42,31 @@ def test_training_images_score_near_zero_with_full_memory_bank(ds):
 def test_invalid_settings_are_refused_at_fit(ds, bad):
     with pytest.raises(DefectLensError):
         create_detector("patchcore", **bad).fit(ds.train_good[:1])
+
+
+@pytest.mark.parametrize("search", ["hnsw", "ivf"])
+def test_approximate_search_scores_like_exact_search(search, tiny_dataset):
+    from defectlens.metrics import image_auroc
+
+    ds = load_dataset(tiny_dataset, validation_fraction=0.0)
+    images = [s.path for s in ds.test]
+    labels = np.array([s.label for s in ds.test])
+    exact = create_detector("patchcore", image_size=64, coreset_ratio=0.2).fit(ds.train_good)
+    approx = create_detector("patchcore", image_size=64, coreset_ratio=0.2, search=search).fit(ds.train_good)
+    s_exact, m_exact = exact.score(images)
+    s_approx, m_approx = approx.score(images)
+    # an approximate index may miss the nearest patch, so scores can only rise, and not by much
+    assert np.all(s_approx >= s_exact - 1e-6) and np.abs(s_approx - s_exact).max() < 0.05
+    assert image_auroc(labels, s_approx) == image_auroc(labels, s_exact)
+    assert np.abs(m_approx - m_exact).mean() < 1e-3
+
+
+def test_unknown_search_and_exporting_an_approximate_model_are_refused(tiny_dataset, tmp_path):
+    from defectlens import Bundle
+    from defectlens.export import export_onnx
+
+    with pytest.raises(DefectLensError, match="search must be one of flat, hnsw, ivf"):
+        create_detector("patchcore", search="annoy").fit([np.zeros((64, 64, 3), np.uint8)])
+    det = create_detector("patchcore", image_size=64, coreset_ratio=0.2, search="hnsw").fit(load_dataset(tiny_dataset).train_good)
+    with pytest.raises(DefectLensError, match="approximate 'hnsw' search"):
+        export_onnx(Bundle(det), tmp_path / "m.onnx")

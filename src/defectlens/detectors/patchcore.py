@@ -22,6 +22,8 @@ from .coreset import greedy_coreset
 from .feature_based import FeatureDetector
 from .registry import register_detector
 
+SEARCHES = ("flat", "hnsw", "ivf")
+
 
 @register_detector
 class PatchCore(FeatureDetector):
@@ -42,6 +44,9 @@ class PatchCore(FeatureDetector):
     num_neighbors : neighbourhood size for the paper's reweighting.
     reweight : apply the paper's image-score reweighting (eq. 7); off = plain max.
     smoothing_sigma : Gaussian sigma in pixels for the anomaly map (at image_size).
+    search : nearest-neighbour index: ``flat`` (exact, the default), ``hnsw`` (graph, for large
+        memory banks: large images or many training images) or ``ivf`` (inverted lists). Approximate
+        indexes only choose the neighbour; its distance is always measured exactly.
     batch_size : images per forward pass; small batches stay in CPU cache and run faster.
     random_state : seed for the coreset's start point and projection.
     verbose : show progress bars.
@@ -60,6 +65,7 @@ class PatchCore(FeatureDetector):
         num_neighbors: int = 9,
         reweight: bool = False,
         smoothing_sigma: float = 4.0,
+        search: str = "flat",
         batch_size: int = 2,
         random_state: int = 0,
         verbose: bool = False,
@@ -73,6 +79,7 @@ class PatchCore(FeatureDetector):
         self.num_neighbors = num_neighbors
         self.reweight = reweight
         self.smoothing_sigma = smoothing_sigma
+        self.search = search
         self.batch_size = batch_size
         self.random_state = random_state
         self.verbose = verbose
@@ -83,6 +90,8 @@ class PatchCore(FeatureDetector):
             raise DefectLensError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.embed_dim is not None and self.embed_dim < 1:
             raise DefectLensError(f"embed_dim must be positive or None, got {self.embed_dim}")
+        if self.search not in SEARCHES:
+            raise DefectLensError(f"search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
         if self.num_neighbors < 1:
             raise DefectLensError(f"num_neighbors must be at least 1, got {self.num_neighbors}")
 
@@ -120,8 +129,21 @@ class PatchCore(FeatureDetector):
     # -- scoring ---------------------------------------------------------------------------
     def _build_index(self) -> None:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
-        self._index = faiss.IndexFlatL2(self.memory_bank_.shape[1])
-        self._index.add(self.memory_bank_)
+        n, d = self.memory_bank_.shape
+        if self.search == "hnsw":
+            index = faiss.IndexHNSWFlat(d, 32)
+            index.hnsw.efConstruction = 80
+            index.hnsw.efSearch = 64
+        elif self.search == "ivf":
+            nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants 39+ training points per list
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+            index.cp.seed = self.random_state
+            index.train(self.memory_bank_)
+            index.nprobe = min(nlist, max(4, nlist // 8))  # an eighth of the lists, and never fewer than 4
+        else:
+            index = faiss.IndexFlatL2(d)
+        index.add(self.memory_bank_)
+        self._index = index
 
     def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         emb = self._embed(pixels)

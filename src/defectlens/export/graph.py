@@ -28,6 +28,9 @@ def exportable(detector: Detector) -> None:
         raise DefectLensError(f"export supports patchcore and padim models; '{detector.name}' models are scored in PyTorch only")
     if isinstance(detector, PatchCore) and detector.reweight:
         raise DefectLensError("export does not support PatchCore's reweighting (reweight=True); refit with reweight=False to export")
+    if isinstance(detector, PatchCore) and detector.search != "flat":
+        raise DefectLensError(f"export searches exactly, so it would not match this model's approximate '{detector.search}' search; "
+                              "refit with search='flat' to export")
 
 
 class NearestNeighbourScorer(nn.Module):
