@@ -81,3 +81,17 @@ def _die(*_args):
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_single_category_benchmark_prints_stages_settings_and_onnx(root, tmp_path, capsys):
+    category = str(root / "line1" / "discs")
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", category, "--image-size", "64", "--coreset-ratio", "0.1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "images/s" in printed and "stages (ms/image):" in printed and "ONNX Runtime:" in printed
+    figures = json.loads(out.read_text())
+    assert figures["onnx"]["max_score_diff"] <= 1e-4 and figures["onnx"]["max_map_diff"] <= 1e-4
+    assert figures["settings"] == {"image_size": 64, "coreset_ratio": 0.1}
+    assert main(["benchmark", category, "--image-size", "64", "--coreset-ratio", "0.1", "--search", "ivf"]) == 0
+    printed = capsys.readouterr().out
+    assert "search=ivf" in printed and "ONNX Runtime:" not in printed  # approximate search is not exported

@@ -56,12 +56,14 @@ class BenchmarkResult:
     image_auroc: float
     pixel_auroc: float
     onnx: dict | None = None  # ONNX Runtime on the same images: speed, largest score and map differences
+    settings: dict | None = None  # the detector's settings that differ from its defaults
 
     def text(self) -> str:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in self.stage_ms.items())
         return "\n".join([
             f"benchmark: {self.detector} / {self.backbone} @ {self.image_size}px on '{self.dataset}'",
             f"  machine:               {self.machine}",
+            *([f"  settings:              {', '.join(f'{k}={v}' for k, v in self.settings.items())}"] if self.settings else []),
             f"  fit:                   {self.fit_s:.1f} s for {self.train_images} images (learned state {self.state_mib:.1f} MiB)",
             f"  inspect (batched):     {self.inspect_images_per_s:.1f} images/s over {self.test_images} images",
             f"  inspect (one image):   {self.latency_ms_median:.1f} ms median latency",
@@ -107,6 +109,7 @@ def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 
         image_auroc=img_auc,
         pixel_auroc=pix_auc,
         onnx=_onnx_figures(det, paths, latency_images, run) if onnx else None,
+        settings={k: v for k, v in det.get_params().items() if k != "verbose" and v != type(det)().get_params()[k]},
     )
 
 

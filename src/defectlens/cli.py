@@ -39,8 +39,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help=f"square input size in pixels (default: the detector's own; PatchCore {d['image_size']})")
     p.add_argument("--embed-dim", type=int, default=d["embed_dim"] or 0, help=f"patch embedding size; 0 keeps all channels (default: {d['embed_dim']})")
     p.add_argument("--coreset-ratio", type=float, default=d["coreset_ratio"], help=f"PatchCore: share of patches kept (default: {d['coreset_ratio']})")
-    p.add_argument("--search", choices=("flat", "hnsw", "ivf"), default=d["search"], help=(
-        f"PatchCore: nearest-neighbour index; hnsw or ivf for large memory banks (default: {d['search']})"))
+    p.add_argument("--search", choices=("flat", "ivf"), default=d["search"], help=(
+        f"PatchCore: nearest-neighbour index; ivf (approximate) for large memory banks (default: {d['search']})"))
     p.add_argument("--n-features", type=int, default=n_features, help=f"PaDiM: channels modelled per position (default: {n_features})")
     p.add_argument("--batch-size", type=int, default=None, help=f"images per forward pass (default: the detector's own; PatchCore {d['batch_size']})")
     p.add_argument("--seed", type=int, default=d["random_state"], help=f"random seed (default: {d['random_state']})")

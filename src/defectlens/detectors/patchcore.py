@@ -22,7 +22,7 @@ from .coreset import greedy_coreset
 from .feature_based import FeatureDetector
 from .registry import register_detector
 
-SEARCHES = ("flat", "hnsw", "ivf")
+SEARCHES = ("flat", "ivf")
 
 
 @register_detector
@@ -44,9 +44,11 @@ class PatchCore(FeatureDetector):
     num_neighbors : neighbourhood size for the paper's reweighting.
     reweight : apply the paper's image-score reweighting (eq. 7); off = plain max.
     smoothing_sigma : Gaussian sigma in pixels for the anomaly map (at image_size).
-    search : nearest-neighbour index: ``flat`` (exact, the default), ``hnsw`` (graph, for large
-        memory banks: large images or many training images) or ``ivf`` (inverted lists). Approximate
-        indexes only choose the neighbour; its distance is always measured exactly.
+    search : nearest-neighbour index: ``flat`` (exact, the default) or ``ivf`` (inverted lists,
+        probing an eighth of them: for large memory banks, i.e. large images or many training
+        images). It only chooses the neighbour; the distance is always measured exactly. HNSW was
+        tried and dropped: at 512 px on bottle it cut image AUROC from 0.998 to 0.70, because one
+        missed neighbour inflates a good image's maximum patch score.
     batch_size : images per forward pass; small batches stay in CPU cache and run faster.
     random_state : seed for the coreset's start point and projection.
     verbose : show progress bars.
@@ -130,11 +132,7 @@ class PatchCore(FeatureDetector):
     def _build_index(self) -> None:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         n, d = self.memory_bank_.shape
-        if self.search == "hnsw":
-            index = faiss.IndexHNSWFlat(d, 32)
-            index.hnsw.efConstruction = 80
-            index.hnsw.efSearch = 64
-        elif self.search == "ivf":
+        if self.search == "ivf":
             nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants 39+ training points per list
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
             index.cp.seed = self.random_state
