@@ -91,7 +91,6 @@ def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 
         img_auc = image_auroc(labels, run.scores)
         masks = np.stack([load_mask(s.mask_path, det.image_size) for s in ds.test])
         pix_auc = pixel_auroc(masks, run.maps)
-    state_bytes = sum(v.nbytes for k, v in det.get_state().items() if not k.startswith("backbone."))
     return BenchmarkResult(
         dataset=ds.name,
         machine=machine_description(),
@@ -100,7 +99,7 @@ def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 
         image_size=det.image_size,
         train_images=len(ds.train_good),
         test_images=len(paths),
-        state_mib=state_bytes / 2**20,
+        state_mib=learned_state_mib(det),
         fit_s=fit_s,
         inspect_images_per_s=run.images_per_s,
         latency_ms_median=run.latency_ms,
@@ -109,8 +108,18 @@ def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 
         image_auroc=img_auc,
         pixel_auroc=pix_auc,
         onnx=_onnx_figures(det, paths, latency_images, run) if onnx else None,
-        settings={k: v for k, v in det.get_params().items() if k != "verbose" and v != type(det)().get_params()[k]},
+        settings=_changed_settings(det),
     )
+
+
+def learned_state_mib(det: Detector) -> float:
+    """Size of what fitting learned (memory bank, Gaussians...), without the backbone's weights."""
+    return sum(v.nbytes for k, v in det.get_state().items() if not k.startswith("backbone.")) / 2**20
+
+
+def _changed_settings(det: Detector) -> dict:
+    defaults = type(det)().get_params()
+    return {k: v for k, v in det.get_params().items() if k != "verbose" and v != defaults[k]}
 
 
 @dataclass

@@ -13,15 +13,18 @@ import json
 import multiprocessing as mp
 import resource
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .data.datasets import GOOD
 from .errors import DatasetError, DefectLensError
 
 MAX_DEPTH = 3
+T = TypeVar("T")
 
 
 def find_categories(root: str | Path) -> list[Path]:
@@ -96,6 +99,16 @@ def _run_one(category: str, label: str, detector: str, backbone: str, params: di
     return row
 
 
+KILLED = "the run's process was killed (out of memory?)"
+
+
+def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a new interpreter: its peak memory is its own and shares no torch threads.
+    A child killed from outside (usually by the kernel, for memory) raises BrokenProcessPool."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def compare(root: str | Path, detectors: list[str], backbones: list[str], params: dict | None = None, progress=print) -> list[Row]:
     from .backbones import get_spec
     from .detectors import detector_class
@@ -109,16 +122,14 @@ def compare(root: str | Path, detectors: list[str], backbones: list[str], params
     categories = find_categories(root)
     progress(HEADER)
     rows = []
-    ctx = mp.get_context("spawn")  # a clean interpreter per run: no shared torch threads or memory
     for category in categories:
         label = category.relative_to(root).as_posix() if category != root else category.name
         for det in detectors:
             for bb in backbones:
                 try:
-                    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                        row = pool.submit(_run_one, str(category), label, det, bb, dict(params or {})).result()
-                except BrokenProcessPool:  # killed from outside, usually by the kernel for memory
-                    row = Row(label, det, bb, error="the run's process was killed (out of memory?)")
+                    row = in_fresh_process(_run_one, str(category), label, det, bb, dict(params or {}))
+                except BrokenProcessPool:
+                    row = Row(label, det, bb, error=KILLED)
                 rows.append(row)
                 progress(format_row(row))
     return rows

@@ -1,16 +1,14 @@
 """How fit and inspect grow with training-set size and image size, and Ray against local.
 
-`defectlens benchmark DATA --scaling` runs each point in its own spawned process (so each peak
+`defectlens benchmark DATA --scaling` runs each point in its own fresh process (so each peak
 memory is its own) and prints one table. Inspection is timed on a fixed sample of test images,
 so points differ only in what is being varied.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import resource
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +33,7 @@ def _measure_point(data: str, detector: str, params: dict, varied: str, n_train:
     """Runs in a fresh child process."""
     import numpy as np
 
+    from .benchmark import learned_state_mib
     from .data import load_dataset
     from .detectors import create_detector
 
@@ -51,27 +50,26 @@ def _measure_point(data: str, detector: str, params: dict, varied: str, n_train:
     t0 = time.perf_counter()
     det.score(test)
     point.inspect_images_per_s = len(test) / (time.perf_counter() - t0)
-    point.state_mib = sum(v.nbytes for k, v in det.get_state().items() if not k.startswith("backbone.")) / 2**20
+    point.state_mib = learned_state_mib(det)
     point.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return point
 
 
 def run_scaling(data: str, detector: str = "patchcore", params: dict | None = None, train_sizes=TRAIN_SIZES, image_sizes=IMAGE_SIZES,
                 base_train: int = 100, progress=print) -> list[Point]:
+    from .comparison import in_fresh_process
     from .data import load_dataset
 
     available = len(load_dataset(data, validation_fraction=0.0).train_good)
     plan = [("train images", n, 256) for n in train_sizes]
     plan += [("image size", min(base_train, available), s) for s in image_sizes]
-    ctx = mp.get_context("spawn")
     points = []
     for varied, n, size in plan:
         if n > available:
             points.append(Point(varied, n, size, note=f"only {available} training images"))
         else:
             try:
-                with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                    points.append(pool.submit(_measure_point, data, detector, dict(params or {}), varied, n, size).result())
+                points.append(in_fresh_process(_measure_point, data, detector, dict(params or {}), varied, n, size))
             except Exception as exc:  # noqa: BLE001 -- one point failing (memory) is a finding, not the end of the table
                 points.append(Point(varied, n, size, note=f"failed: {type(exc).__name__}: {exc}".splitlines()[0]))
         progress(format_point(points[-1]))
