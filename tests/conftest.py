@@ -84,9 +84,10 @@ def postgres_server():
     import os
     import pwd
     import shutil
-    import socket
     import subprocess
     import tempfile
+
+    from .servers import free_port
 
     required = os.environ.get("DEFECTLENS_REQUIRE_POSTGRES") == "1"
     bindir = _postgres_bin()
@@ -101,9 +102,7 @@ def postgres_server():
         user = pwd.getpwnam("postgres")
         os.chown(root, user.pw_uid, user.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     data = root / "data"
     subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
                    check=True, capture_output=True)

@@ -94,32 +94,33 @@ class BatchWriter:
             if earlier and self.model_checksum and earlier != self.model_checksum:
                 raise DefectLensError(f"{self.out}: holds results of another model (checksum {earlier[:12]}); "
                                       "choose another --out, or --fresh to start it over")
-            self._replay(results)
         run.write_text(json.dumps({"model_checksum": self.model_checksum}))
-        self._jsonl = open(results, "a" if resuming else "w")  # noqa: SIM115 -- closed in __exit__
-        self._csv_file = open(self.out / "summary.csv", "w", newline="")  # noqa: SIM115
+        self._csv_file = open(self.out / "summary.csv", "w", newline="")  # noqa: SIM115 -- closed in __exit__
         self._csv = csv.DictWriter(self._csv_file, CSV_COLUMNS)
         self._csv.writeheader()
-        if resuming:  # the CSV mirrors results.jsonl, whatever an interrupted run left in it
-            with open(results) as fh:
-                for line in fh:
-                    self._csv.writerow(csv_row(json.loads(line)))
+        if resuming:
+            self._replay(results)
+        self._jsonl = open(results, "a" if resuming else "w")  # noqa: SIM115
         return self
 
     def _replay(self, results: Path) -> None:
-        """Read what an earlier run wrote; cut a last line the crash left unfinished."""
-        data = results.read_bytes()
-        keep = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
-        if keep < len(data):
-            with open(results, "r+b") as fh:
-                fh.truncate(keep)
-        for line in data[:keep].decode().splitlines():
-            record = json.loads(line)
-            self.done.add(record["source"])
-            if "overlay" in record or "map" in record:
-                self._used.add(Path(record.get("overlay") or record["map"]).stem)
-            if "error" not in record:
-                self._tally(Path(record["source"]), record)
+        """One streaming pass over what an earlier run wrote: note what is done, count it, and
+        rebuild the CSV from it (whatever an interrupted run left there); a last line the crash
+        left unfinished is cut off, so its image is redone."""
+        with open(results, "r+b") as fh:
+            keep = 0
+            for line in fh:
+                if not line.endswith(b"\n"):
+                    break
+                keep += len(line)
+                record = json.loads(line)
+                self.done.add(record["source"])
+                if "overlay" in record or "map" in record:
+                    self._used.add(Path(record.get("overlay") or record["map"]).stem)
+                if "error" not in record:
+                    self._tally(Path(record["source"]), record)
+                self._csv.writerow(csv_row(record))
+            fh.truncate(keep)
 
     def _tally(self, path: Path, record: dict) -> None:
         self._groups["verdict"][record["verdict"]].append(record["score"])
@@ -185,10 +186,10 @@ def run_batch(inspector, paths: Sequence[Path], out: Path | None, overlays: bool
         writer = None
         if out is not None:
             writer = stack.enter_context(BatchWriter(out, overlays, save_maps, pixel_threshold, inspector.bundle.checksum, fresh))
-            skipped = sum(1 for p in paths if str(p) in writer.done)
-            if skipped:
-                print(f"resuming {out}: {skipped} of {len(paths)} images already inspected", file=sys.stderr)
-                paths = [p for p in paths if str(p) not in writer.done]
+            remaining = [p for p in paths if str(p) not in writer.done]
+            if len(remaining) < len(paths):
+                print(f"resuming {out}: {len(paths) - len(remaining)} of {len(paths)} images already inspected", file=sys.stderr)
+            paths = remaining
         for path, result in inspect_stream(inspector, model_path, paths, engine, address, workers, progress=out is not None):
             if isinstance(result, ImageError):
                 counts["error"] += 1

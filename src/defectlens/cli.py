@@ -29,6 +29,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     # Defaults come from the detector itself, so the CLI and the Python API never disagree.
     from .backbones import available_backbones
     from .detectors import PaDiM, PatchCore, available_detectors
+    from .detectors.patchcore import SEARCHES
 
     d = PatchCore().get_params()
     n_features = PaDiM().get_params()["n_features"]
@@ -39,7 +40,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=None, help=f"square input size in pixels (default: the detector's own; PatchCore {d['image_size']})")
     p.add_argument("--embed-dim", type=int, default=d["embed_dim"] or 0, help=f"patch embedding size; 0 keeps all channels (default: {d['embed_dim']})")
     p.add_argument("--coreset-ratio", type=float, default=d["coreset_ratio"], help=f"PatchCore: share of patches kept (default: {d['coreset_ratio']})")
-    p.add_argument("--search", choices=("flat", "ivf"), default=d["search"], help=(
+    p.add_argument("--search", choices=SEARCHES, default=d["search"], help=(
         f"PatchCore: nearest-neighbour index; ivf (approximate) for large memory banks (default: {d['search']})"))
     p.add_argument("--n-features", type=int, default=n_features, help=f"PaDiM: channels modelled per position (default: {n_features})")
     p.add_argument("--batch-size", type=int, default=None, help=f"images per forward pass (default: the detector's own; PatchCore {d['batch_size']})")
@@ -114,6 +115,8 @@ def _given_params(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engines import ENGINES
+
     parser = argparse.ArgumentParser(prog="defectlens", description="Visual defect detection trained on good parts only.")
     parser.add_argument("--version", action="version", version=f"defectlens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -156,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-maps", action="store_true", help="also write each anomaly map as maps/<name>.npy (float16, image size)")
     p.add_argument("--mask", choices=("threshold", "otsu"), default="threshold", help=(
         "how defect masks are cut: the calibrated pixel threshold, or Otsu on each map (never below the threshold) (default: threshold)"))
-    p.add_argument("--engine", choices=("local", "ray"), default="local", help=(
+    p.add_argument("--engine", choices=ENGINES, default="local", help=(
         "local: this process (default); ray: Ray workers on this machine, or on the cluster at --address"))
     p.add_argument("--address", default=None, help="Ray cluster address, e.g. ray://head:10001 (default: a local Ray)")
     p.add_argument("--workers", type=int, default=0, help="Ray workers (default: one per CPU)")

@@ -53,9 +53,6 @@ class InspectWorker:
     def inspect(self, paths: list[str]) -> list[tuple[str, Inspection | ImageError]]:
         return list(zip(paths, self.inspector.inspect_many(paths), strict=True))
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 def _ray_stream(model_path: Path, mask_method: str, paths: Sequence[Path], address: str | None, workers: int, chunk: int,
                 progress: bool) -> Iterator[Result]:
