@@ -9,6 +9,7 @@ combined with the appearance score when labelled calibration shows that it raise
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from .metrics import image_auroc
 
@@ -21,15 +22,18 @@ def asymmetry(maps: np.ndarray, axes: str) -> np.ndarray:
 
     Maps are at the model input size, where a centred part is centred in the map.
     """
-    maps = np.asarray(maps, dtype=np.float64)
-    if maps.ndim == 2:
-        maps = maps[None]
+    maps = torch.as_tensor(np.asarray(maps, dtype=np.float64))
+    return asymmetry_torch(maps[None] if maps.ndim == 2 else maps, axes).numpy()
+
+
+def asymmetry_torch(maps: torch.Tensor, axes: str) -> torch.Tensor:
+    """The same on a (N, H, W) tensor: what an exported ONNX graph computes, so both agree."""
     parts = []
     if "lr" in axes:
-        parts.append(np.abs(maps - maps[:, :, ::-1]).reshape(len(maps), -1).max(axis=1))
+        parts.append((maps - maps.flip(2)).abs().flatten(1).max(dim=1).values)
     if "tb" in axes:
-        parts.append(np.abs(maps - maps[:, ::-1, :]).reshape(len(maps), -1).max(axis=1))
-    return np.max(parts, axis=0)
+        parts.append((maps - maps.flip(1)).abs().flatten(1).max(dim=1).values)
+    return torch.stack(parts).max(dim=0).values
 
 
 def choose_weight(good_scores: np.ndarray, good_asym: np.ndarray, defect_scores: np.ndarray, defect_asym: np.ndarray) -> dict:

@@ -18,6 +18,7 @@ from ..detectors.feature_based import FeatureDetector
 from ..detectors.padim import PaDiM
 from ..detectors.patchcore import PatchCore
 from ..errors import DefectLensError
+from ..symmetry import asymmetry_torch
 
 OUTPUTS = ("score", "anomaly_map", "normalised_score")
 
@@ -93,10 +94,5 @@ class ScoringGraph(nn.Module):
         score = patch.flatten(1).max(dim=1).values
         maps = self.head(patch)
         if self.symmetry_axes:  # Calibration.combine, in the graph
-            parts = []
-            if "lr" in self.symmetry_axes:
-                parts.append((maps - maps.flip(2)).abs().flatten(1).max(dim=1).values)
-            if "tb" in self.symmetry_axes:
-                parts.append((maps - maps.flip(1)).abs().flatten(1).max(dim=1).values)
-            score = score + self.symmetry_weight * torch.stack(parts).max(dim=0).values
+            score = score + self.symmetry_weight * asymmetry_torch(maps, self.symmetry_axes)
         return score, maps, torch.sigmoid((score - self.threshold) / self.scale)
