@@ -293,16 +293,14 @@ def create_app(service: InspectionService) -> FastAPI:
                       _: str | None = Depends(inspect_key)) -> dict:
         """One image, as a multipart field ``file`` or as the raw request body."""
         filename, data = await _one_upload(request)
-        request_id = request.headers.get("Idempotency-Key") or request.headers.get("X-Request-Id")
-        return await run_in_threadpool(service.inspect, name, data, source or filename, request_id, overlay)
+        return await run_in_threadpool(service.inspect, name, data, source or filename, _request_id(request), overlay)
 
     @app.post("/api/models/{name}/inspect-batch", tags=["inspect"])
     async def inspect_batch(request: Request, name: str, _: str | None = Depends(inspect_key)) -> dict:
         """Several images as multipart fields named ``files``; one result or error per file."""
         form = await request.form(max_files=MAX_BATCH + 1)
         uploads = [(f.filename or f"file{i}", await f.read()) for i, f in enumerate(form.getlist("files")) if isinstance(f, UploadFile)]
-        request_id = request.headers.get("Idempotency-Key") or request.headers.get("X-Request-Id")
-        return await run_in_threadpool(service.inspect_batch, name, uploads, request_id)
+        return await run_in_threadpool(service.inspect_batch, name, uploads, _request_id(request))
 
     # -- history ----------------------------------------------------------------------------
     @app.get("/api/history", tags=["history"])
@@ -347,6 +345,11 @@ _UPLOAD_DOC = {"requestBody": {"content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
 }}}
+
+
+def _request_id(request: Request) -> str | None:
+    """The client's idempotency key: a retry with the same key gets the stored answer."""
+    return request.headers.get("Idempotency-Key") or request.headers.get("X-Request-Id")
 
 
 async def _one_upload(request: Request) -> tuple[str, bytes]:

@@ -58,12 +58,17 @@ class LoadedModel:
         cal = self.inspector.calibration
         return None if cal is None else cal.image_threshold
 
-    def apply_threshold(self, value: float) -> None:
-        cal = self.bundle.calibration
-        if cal is None:
+    def require_threshold(self) -> float:
+        """The threshold in force; a model without a calibration has none to change."""
+        if self.bundle.calibration is None or self.inspector.calibration is None:
             raise ModelConflict(f"model '{self.name}' has no calibrated threshold to change; run 'defectlens calibrate' on it first")
+        return self.inspector.calibration.image_threshold
+
+    def apply_threshold(self, value: float) -> None:
+        self.require_threshold()
+        assert self.bundle.calibration is not None
         with self.lock:
-            self.inspector.calibration = replace(cal, image_threshold=float(value))
+            self.inspector.calibration = replace(self.bundle.calibration, image_threshold=float(value))
 
     def describe(self) -> dict[str, Any]:
         det = self.bundle.detector
@@ -139,7 +144,7 @@ class ModelRegistry:
     # -- thresholds -------------------------------------------------------------------------
     def set_threshold(self, name: str, value: float, reason: str, actor: str) -> dict[str, Any]:
         model = self.get(name)
-        old = self._current(model)
+        old = model.require_threshold()
         model.apply_threshold(value)
         return self.store.record_threshold_change(name, model.checksum, "set", old, value, reason, actor)
 
@@ -156,14 +161,8 @@ class ModelRegistry:
 
     def reset_threshold(self, name: str, reason: str, actor: str) -> dict[str, Any]:
         model = self.get(name)
-        old = self._current(model)
+        old = model.require_threshold()
         calibrated = model.calibrated_threshold
-        assert calibrated is not None  # _current refused an uncalibrated model
+        assert calibrated is not None  # require_threshold refused an uncalibrated model
         model.apply_threshold(calibrated)
         return self.store.record_threshold_change(name, model.checksum, "reset", old, calibrated, reason or "back to calibration", actor)
-
-    @staticmethod
-    def _current(model: LoadedModel) -> float:
-        if model.threshold is None:
-            raise ModelConflict(f"model '{model.name}' has no calibrated threshold to change; run 'defectlens calibrate' on it first")
-        return model.threshold
