@@ -85,8 +85,11 @@ def _worker_pids() -> list[int]:
 def test_ray_engine_through_the_command_line(model_dir, inputs, tmp_path, capsys):
     pytest.importorskip("ray")
     out = tmp_path / "out"
-    assert main(["inspect", str(model_dir / "discs.dlens"), *inputs, "--out", str(out), "--engine", "ray", "--workers", "2", "--no-overlay"]) == 0
+    assert main(["inspect", str(model_dir / "discs.dlens"), *inputs, "--out", str(out), "--engine", "ray", "--workers", "2", "--no-overlay",
+                 "--parquet"]) == 0
     assert len(sources(out)) == len(set(sources(out))) == 29
+    pq = pytest.importorskip("pyarrow.parquet")
+    assert pq.read_table(out / "results.parquet", columns=["source"])["source"].to_pylist() == sources(out)
     assert main(["inspect", str(model_dir / "discs.dlens"), *inputs, "--engine", "ray"]) == 2
     assert "need --out" in capsys.readouterr().err
 
@@ -118,3 +121,47 @@ def test_batch_inspections_go_into_the_history_once(model_dir, inputs, tmp_path)
     total, rows = store.query(HistoryQuery(model="discs"), limit=100)
     assert total == 28 and len({r["source"] for r in rows}) == 28  # the corrupt file is in results.jsonl, not in the history
     assert all(r["request_id"].startswith("batch-") and len(r["image_sha256"]) == 64 for r in rows)
+
+
+def test_parquet_follows_the_journal_through_crashes(model_dir, inputs, tmp_path, monkeypatch, capsys):
+    pq = pytest.importorskip("pyarrow.parquet")
+    from defectlens import parquet_output
+
+    monkeypatch.setattr(parquet_output, "ROWS_PER_PART", 4)
+    out = tmp_path / "out"
+    args = ["inspect", str(model_dir / "discs.dlens"), *inputs, "--out", str(out), "--no-overlay", "--parquet"]
+    folder = out / "results.parquet"
+
+    def table_matches_journal() -> None:
+        table = pq.read_table(folder).to_pylist()
+        journal = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        assert [r["source"] for r in table] == [r["source"] for r in journal] and len(table) == 29
+        for row, record in zip(table, journal, strict=True):
+            if "error" in record:
+                assert row["verdict"] == "error" and row["error"] == record["error"] and row["score"] is None
+            else:
+                assert (row["verdict"], row["score"], len(row["regions"])) == (record["verdict"], record["score"], len(record["regions"]))
+                assert dict(row["timings_ms"]) == record["timings_ms"]
+
+    assert main(args) == 0
+    assert len(list(folder.glob("part-*.parquet"))) == 8  # 29 rows in parts of 4
+    table_matches_journal()
+
+    # killed after the journal got lines 25-26 but before their part was written, and mid-way through line 27
+    for part in ("part-00006.parquet", "part-00007.parquet"):
+        (folder / part).unlink()
+    (folder / ".part-00006.parquet.tmp").write_bytes(b"half a part")
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    (out / "results.jsonl").write_text("".join(lines[:26]) + lines[26][:10])
+    assert main(args) == 0
+    table_matches_journal()
+    assert not list(folder.glob(".part-*"))
+
+    # a journal shorter than the parts (cut back by hand): the parts are rewritten from it
+    (out / "results.jsonl").write_text("".join(lines[:10]))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "rewriting it from there" in capsys.readouterr().err
+    table_matches_journal()
+
+    assert main(["inspect", str(model_dir / "discs.dlens"), *inputs, "--parquet"]) == 2  # nowhere to put the files

@@ -1,4 +1,4 @@
-"""Where a batch of inspections goes: JSON lines, a CSV summary, overlays, maps, statistics.
+"""Where a batch of inspections goes: JSON lines, a CSV summary, Parquet, overlays, maps, statistics.
 
 Files are written as results arrive, so a run over a huge folder keeps memory flat and a
 crash keeps everything inspected up to it. Running again into the same folder resumes: images
@@ -24,6 +24,8 @@ from .errors import DefectLensError, ImageError
 from .inspection import Inspection
 from .jsonutil import finite
 from .overlay import save_overlay
+from .parquet_output import FOLDER as PARQUET_FOLDER
+from .parquet_output import ParquetParts
 
 CSV_COLUMNS = ["source", "verdict", "score", "normalised_score", "confidence", "severity", "regions", "max_region_area_px",
                "max_region_area_pct", "main_type", "total_ms", "decode_ms", "backbone_ms", "search_ms", "postprocess_ms",
@@ -74,13 +76,15 @@ class BatchWriter:
     """
 
     def __init__(self, out: Path, overlays: bool = True, save_maps: bool = False, pixel_threshold: float | None = None,
-                 model_checksum: str = "", fresh: bool = False) -> None:
+                 model_checksum: str = "", fresh: bool = False, parquet: bool = False) -> None:
         self.out = Path(out)
         self.overlays = overlays
         self.save_maps = save_maps
         self.pixel_threshold = pixel_threshold
         self.model_checksum = model_checksum
         self.fresh = fresh
+        self.parquet = parquet
+        self._parts: ParquetParts | None = None
         self.done: set[str] = set()  # sources already in results.jsonl
         self._used: set[str] = set()
         self._groups: dict[str, dict[str, list[float]]] = {"verdict": defaultdict(list), "type": defaultdict(list), "folder": defaultdict(list)}
@@ -98,6 +102,8 @@ class BatchWriter:
         self._csv_file = open(self.out / "summary.csv", "w", newline="")  # noqa: SIM115 -- closed in __exit__
         self._csv = csv.DictWriter(self._csv_file, CSV_COLUMNS)
         self._csv.writeheader()
+        if self.parquet:
+            self._parts = ParquetParts(self.out / PARQUET_FOLDER, fresh=not resuming)
         if resuming:
             self._replay(results)
         self._jsonl = open(results, "a" if resuming else "w")  # noqa: SIM115
@@ -107,6 +113,7 @@ class BatchWriter:
         """One streaming pass over what an earlier run wrote: note what is done, count it, and
         rebuild the CSV from it (whatever an interrupted run left there); a last line the crash
         left unfinished is cut off, so its image is redone."""
+        parts, consistent, n = self._parts, True, 0
         with open(results, "r+b") as fh:
             keep = 0
             for line in fh:
@@ -114,6 +121,11 @@ class BatchWriter:
                     break
                 keep += len(line)
                 record = json.loads(line)
+                n += 1
+                if parts is not None:
+                    consistent = consistent and parts.follows(n, record)
+                    if n > parts.covered:
+                        parts.add(record)
                 self.done.add(record["source"])
                 if "overlay" in record or "map" in record:
                     self._used.add(Path(record.get("overlay") or record["map"]).stem)
@@ -121,6 +133,12 @@ class BatchWriter:
                     self._tally(Path(record["source"]), record)
                 self._csv.writerow(csv_row(record))
             fh.truncate(keep)
+        if parts is not None and (not consistent or n < parts.covered):
+            print(f"{self.out / PARQUET_FOLDER}: does not match results.jsonl; rewriting it from there", file=sys.stderr)
+            parts.restart()
+            with open(results, "rb") as fh:
+                for line in fh:
+                    parts.add(json.loads(line))
 
     def _tally(self, path: Path, record: dict) -> None:
         self._groups["verdict"][record["verdict"]].append(record["score"])
@@ -155,6 +173,8 @@ class BatchWriter:
         self._jsonl.write(json.dumps(finite(record)) + "\n")
         self._jsonl.flush()
         self._csv.writerow(csv_row(record))
+        if self._parts is not None:
+            self._parts.add(record)
         return record
 
     def stats(self) -> dict:
@@ -163,12 +183,14 @@ class BatchWriter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._jsonl.close()
         self._csv_file.close()
+        if self._parts is not None:
+            self._parts.flush()
         (self.out / "stats.json").write_text(json.dumps(finite(self.stats()), indent=2))
 
 
 def run_batch(inspector, paths: Sequence[Path], out: Path | None, overlays: bool, save_maps: bool = False,
               engine: str = "local", address: str | None = None, workers: int = 0, fresh: bool = False,
-              model_path: Path | None = None, db: str | None = None) -> tuple[int, int, int, int]:
+              model_path: Path | None = None, db: str | None = None, parquet: bool = False) -> tuple[int, int, int, int]:
     """Inspect and write: records to ``out`` (resumed if it holds some), else JSON lines to stdout;
     with ``db``, also one history row per image, keyed by model and file so a re-run adds none twice.
     Returns counts of good, defect and unreadable images, and how many were inspected this run."""
@@ -185,7 +207,7 @@ def run_batch(inspector, paths: Sequence[Path], out: Path | None, overlays: bool
             stack.callback(store.close)
         writer = None
         if out is not None:
-            writer = stack.enter_context(BatchWriter(out, overlays, save_maps, pixel_threshold, inspector.bundle.checksum, fresh))
+            writer = stack.enter_context(BatchWriter(out, overlays, save_maps, pixel_threshold, inspector.bundle.checksum, fresh, parquet))
             remaining = [p for p in paths if str(p) not in writer.done]
             if len(remaining) < len(paths):
                 print(f"resuming {out}: {len(paths) - len(remaining)} of {len(paths)} images already inspected", file=sys.stderr)

@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address, e.g. ray://head:10001 (default: a local Ray)")
     p.add_argument("--workers", type=int, default=0, help="Ray workers (default: one per CPU)")
     p.add_argument("--fresh", action="store_true", help="start --out over instead of resuming what it holds")
+    p.add_argument("--parquet", action="store_true", help=(
+        "also write the records as a Parquet data set, results.parquet/ under --out (one table for pandas, DuckDB, Spark)"))
     p.add_argument("--db", default=None, help="also record every inspection in this history database (SQLAlchemy URL, as for serve)")
 
     p = sub.add_parser("evaluate", help="measure a model on a labelled test split", description=(
@@ -333,10 +335,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     inspector = Inspector.load(args.model, mask_method=args.mask)
     paths = flatten_inputs(args.inputs)
     out = Path(args.out) if args.out else None
-    if out is None and (args.save_maps or args.engine != "local"):
-        raise DefectLensError("--save-maps and --engine ray need --out (results are streamed to files there)")
+    if out is None and (args.save_maps or args.parquet or args.engine != "local"):
+        raise DefectLensError("--save-maps, --parquet and --engine ray need --out (results are streamed to files there)")
     good, defect, errors, ran = run_batch(inspector, paths, out, not args.no_overlay, args.save_maps, args.engine, args.address,
-                                          args.workers, args.fresh, Path(args.model), args.db)
+                                          args.workers, args.fresh, Path(args.model), args.db, args.parquet)
     summary = f"inspected {ran - errors} images: {good} good, {defect} defect" + (f", {errors} unreadable (skipped)" if errors else "")
     print(summary + (f"; results in {out / 'results.jsonl'}" if out else ""), file=sys.stderr if out is None else sys.stdout)
     return 0
