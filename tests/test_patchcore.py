@@ -69,3 +69,40 @@ def test_unknown_search_and_exporting_an_approximate_model_are_refused(tiny_data
     det = create_detector("patchcore", image_size=64, coreset_ratio=0.2, search="ivf").fit(load_dataset(tiny_dataset).train_good)
     with pytest.raises(DefectLensError, match="approximate 'ivf' search"):
         export_onnx(Bundle(det), tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("settings", [{"reduction": "pca", "embed_dim": 48}, {"reduction": "random", "embed_dim": 48}, {"bank_dtype": "float16"}])
+def test_projections_and_half_precision_bank_round_trip_and_export(settings, tiny_dataset, tmp_path):
+    from defectlens import Bundle, Inspector
+    from defectlens.export import export_onnx
+
+    ds = load_dataset(tiny_dataset, validation_fraction=0.25)
+    images = [s.path for s in ds.test]
+    reference = create_detector("patchcore", image_size=64, coreset_ratio=0.2).fit(ds.train_good)
+    det = create_detector("patchcore", image_size=64, coreset_ratio=0.2, **settings).fit(ds.train_good)
+    assert det.memory_bank_.dtype == np.dtype(det.bank_dtype) and det.memory_bank_.shape[1] == settings.get("embed_dim", 256)
+    if det.reduction == "pca":  # orthonormal principal axes
+        np.testing.assert_allclose(det.projection_.T @ det.projection_, np.eye(48), atol=1e-4)
+    scores, maps = det.score(images)
+    ref_scores, _ = reference.score(images)
+    assert np.corrcoef(scores, ref_scores)[0, 1] > 0.9  # the same images stand out
+    if det.bank_dtype == "float16":
+        np.testing.assert_allclose(scores, ref_scores, rtol=2e-3, atol=2e-3)
+
+    bundle = det.calibrate(ds.validation)
+    loaded = Bundle.load(bundle.save(tmp_path / "m.dlens"))
+    again, again_maps = loaded.detector.score(images)
+    np.testing.assert_array_equal(again, scores)
+    np.testing.assert_array_equal(again_maps, maps)
+    exported = Inspector(Bundle.load(export_onnx(bundle, tmp_path / "m.onnx")))
+    for image, score in zip(images, scores, strict=True):
+        assert abs(exported.inspect(image).score - float(score)) <= 1e-4
+
+
+def test_projection_settings_are_checked(ds):
+    with pytest.raises(DefectLensError, match="needs embed_dim"):
+        create_detector("patchcore", reduction="pca", embed_dim=None).fit(ds.train_good[:1])
+    with pytest.raises(DefectLensError, match="must be below the backbone's 768 channels"):
+        create_detector("patchcore", image_size=64, reduction="random", embed_dim=768).fit(ds.train_good[:1])
+    with pytest.raises(DefectLensError, match="bank_dtype must be one of"):
+        create_detector("patchcore", bank_dtype="int8").fit(ds.train_good[:1])

@@ -29,7 +29,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     # Defaults come from the detector itself, so the CLI and the Python API never disagree.
     from .backbones import available_backbones
     from .detectors import PaDiM, PatchCore, available_detectors
-    from .detectors.patchcore import SEARCHES
+    from .detectors.patchcore import BANK_DTYPES, REDUCTIONS, SEARCHES
 
     d = PatchCore().get_params()
     n_features = PaDiM().get_params()["n_features"]
@@ -39,6 +39,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="local backbone weights file (default: the installed package's)")
     p.add_argument("--image-size", type=int, default=None, help=f"square input size in pixels (default: the detector's own; PatchCore {d['image_size']})")
     p.add_argument("--embed-dim", type=int, default=d["embed_dim"] or 0, help=f"patch embedding size; 0 keeps all channels (default: {d['embed_dim']})")
+    p.add_argument("--reduction", choices=REDUCTIONS, default=d["reduction"], help=(
+        f"PatchCore: how channels are reduced to --embed-dim: mean of adjacent channels, pca, or a random projection (default: {d['reduction']})"))
+    p.add_argument("--bank-dtype", choices=BANK_DTYPES, default=d["bank_dtype"], help=(
+        f"PatchCore: memory-bank precision; float16 halves it (default: {d['bank_dtype']})"))
     p.add_argument("--coreset-ratio", type=float, default=d["coreset_ratio"], help=f"PatchCore: share of patches kept (default: {d['coreset_ratio']})")
     p.add_argument("--search", choices=SEARCHES, default=d["search"], help=(
         f"PatchCore: nearest-neighbour index; ivf (approximate) for large memory banks (default: {d['search']})"))
@@ -103,6 +107,8 @@ def _given_params(args: argparse.Namespace) -> dict:
         "backbone": args.backbone,
         "weights": args.weights,
         "embed_dim": args.embed_dim or None,
+        "reduction": args.reduction,
+        "bank_dtype": args.bank_dtype,
         "coreset_ratio": args.coreset_ratio,
         "search": args.search,
         "n_features": args.n_features,

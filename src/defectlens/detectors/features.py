@@ -41,11 +41,26 @@ def pooling_matrix(d: int, k: int) -> np.ndarray:
 
 
 class PatchEmbedder(nn.Module):
+    """Backbone taps -> one embedding per patch, reduced either by averaging adjacent channels
+    (``embed_dim``) or by a learned linear projection (``set_projection``: PCA or random), which
+    runs as a 1x1 convolution so the exported graph holds it too."""
+
+    projection: torch.Tensor | None
+    projection_bias: torch.Tensor | None
+
     def __init__(self, extractor: FeatureExtractor, aggregation: int = 3, embed_dim: int | None = None) -> None:
         super().__init__()
         self.extractor = extractor
         self.aggregation = aggregation
         self.embed_dim = embed_dim
+        self.register_buffer("projection", None)
+        self.register_buffer("projection_bias", None)
+
+    def set_projection(self, matrix: np.ndarray, bias: np.ndarray) -> None:
+        """Project (d,)-embeddings x to x @ matrix + bias, (k,)."""
+        d, k = matrix.shape
+        self.projection = torch.from_numpy(np.ascontiguousarray(matrix.T, dtype=np.float32)).reshape(k, d, 1, 1)
+        self.projection_bias = torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         taps = self.extractor(images)
@@ -60,6 +75,8 @@ class PatchEmbedder(nn.Module):
         emb = torch.cat(out, dim=1)
         if self.embed_dim and self.embed_dim < emb.shape[1]:
             emb = reduce_channels(emb, self.embed_dim)
+        if self.projection is not None:
+            emb = F.conv2d(emb, self.projection, self.projection_bias)
         return emb
 
     def for_inference(self) -> PatchEmbedder:

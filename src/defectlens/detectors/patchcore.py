@@ -23,6 +23,9 @@ from .feature_based import FeatureDetector
 from .registry import register_detector
 
 SEARCHES = ("flat", "ivf")
+REDUCTIONS = ("mean", "pca", "random")
+BANK_DTYPES = ("float32", "float16")
+PCA_IMAGES = 16  # images whose patches fit the PCA: 16 x 1,024 patches at 256 px, ample for a few hundred axes
 
 
 @register_detector
@@ -34,16 +37,22 @@ class PatchCore(FeatureDetector):
     backbone : registered backbone name.
     weights : optional local weights file for the backbone (otherwise the installed package's).
     image_size : images are resized to image_size x image_size.
-    embed_dim : patch embedding size after averaging adjacent channels (PatchCore's reduction);
-        None keeps all backbone channels (768 for MobileNetV2). Search time and fit memory are
-        linear in it. 256 kept MVTec bottle's AUROC at ~3x less search time; on harder textures
-        (Magnetic Tile) all channels score slightly better.
+    embed_dim : patch embedding size; None keeps all backbone channels (768 for MobileNetV2).
+        Search time, fit memory and the memory bank are linear in it. 256 kept MVTec bottle's
+        AUROC at ~3x less search time; on harder textures (Magnetic Tile) all channels score
+        slightly better.
+    reduction : how channels are reduced to embed_dim: ``mean`` averages adjacent channels
+        (PatchCore's own), ``pca`` projects on the principal axes of the first 16 training
+        images' patches, ``random`` on a seeded Gaussian projection (Johnson-Lindenstrauss).
+        The benchmark measures each against AUROC (README).
     coreset_ratio : fraction of training patches kept. 1 % keeps inference fast on CPU and
         loses little accuracy (the paper's PatchCore-1 %); raise it for highly varied parts.
     projection_dim : dimensions of the random projection used only to select the coreset.
     num_neighbors : neighbourhood size for the paper's reweighting.
     reweight : apply the paper's image-score reweighting (eq. 7); off = plain max.
     smoothing_sigma : Gaussian sigma in pixels for the anomaly map (at image_size).
+    bank_dtype : ``float16`` halves the memory bank (and the model file's share of it); the
+        neighbour is searched among the half-precision rows and its distance measured from them.
     search : nearest-neighbour index: ``flat`` (exact, the default) or ``ivf`` (inverted lists,
         probing an eighth of them: for large memory banks, i.e. large images or many training
         images). It only chooses the neighbour; the distance is always measured exactly. HNSW was
@@ -62,6 +71,8 @@ class PatchCore(FeatureDetector):
         weights: str | None = None,
         image_size: int = 256,
         embed_dim: int | None = 256,
+        reduction: str = "mean",
+        bank_dtype: str = "float32",
         coreset_ratio: float = 0.01,
         projection_dim: int = 64,
         num_neighbors: int = 9,
@@ -76,6 +87,8 @@ class PatchCore(FeatureDetector):
         self.weights = weights
         self.image_size = image_size
         self.embed_dim = embed_dim
+        self.reduction = reduction
+        self.bank_dtype = bank_dtype
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
         self.num_neighbors = num_neighbors
@@ -92,6 +105,12 @@ class PatchCore(FeatureDetector):
             raise DefectLensError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.embed_dim is not None and self.embed_dim < 1:
             raise DefectLensError(f"embed_dim must be positive or None, got {self.embed_dim}")
+        if self.reduction not in REDUCTIONS:
+            raise DefectLensError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
+        if self.reduction != "mean" and not self.embed_dim:
+            raise DefectLensError(f"reduction '{self.reduction}' needs embed_dim (the number of dimensions to keep)")
+        if self.bank_dtype not in BANK_DTYPES:
+            raise DefectLensError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {self.bank_dtype!r}")
         if self.search not in SEARCHES:
             raise DefectLensError(f"search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
         if self.num_neighbors < 1:
@@ -100,18 +119,43 @@ class PatchCore(FeatureDetector):
     # -- fitting ---------------------------------------------------------------------------
     def fit(self, images: Sequence[ImageInput]) -> PatchCore:
         images = self._begin_fit(images)
+        if self.reduction != "mean":
+            self._fit_projection(images)
         features = self._embed_all(images)
         n_select = max(1, int(round(len(features) * self.coreset_ratio)))
         with tqdm(total=n_select, desc="coreset", unit="patch", disable=not self.verbose, leave=False) as bar:
             keep = greedy_coreset(features, n_select, self.projection_dim, self.random_state, bar.update)
-        self.memory_bank_ = np.ascontiguousarray(features[keep])
+        self.memory_bank_ = np.ascontiguousarray(features[keep], dtype=self.bank_dtype)
         self.n_train_images_ = len(images)
         self.n_train_patches_ = len(features)
         self._build_index()
         return self
 
     def _embed_dim(self) -> int | None:
-        return self.embed_dim
+        return self.embed_dim if self.reduction == "mean" else None
+
+    def _fit_projection(self, images: list[ImageInput]) -> None:
+        """Learn the (d, k) projection from all channels to embed_dim before the bank is embedded."""
+        sample = self._embed_all(images[:PCA_IMAGES] if self.reduction == "pca" else images[:1])
+        d, k = sample.shape[1], self.embed_dim
+        if k >= d:
+            raise DefectLensError(f"embed_dim {k} must be below the backbone's {d} channels to reduce them")
+        if self.reduction == "pca":
+            mean = sample.mean(axis=0, dtype=np.float64)
+            # principal axes of the sample's patches: the eigenvectors of its covariance, largest first
+            _, vectors = np.linalg.eigh(np.cov(sample, rowvar=False))
+            matrix = vectors[:, ::-1][:, :k]
+            bias = -mean @ matrix
+        else:
+            matrix = np.random.default_rng(self.random_state).standard_normal((d, k)) / np.sqrt(k)
+            bias = np.zeros(k)
+        self.projection_ = matrix.astype(np.float32)
+        self.projection_bias_ = bias.astype(np.float32)
+        self._apply_projection()
+
+    def _apply_projection(self) -> None:
+        self.embedder_.set_projection(self.projection_, self.projection_bias_)
+        self._prepare_inference()
 
     def _embed_all(self, images: list[ImageInput]) -> np.ndarray:
         features: np.ndarray | None = None
@@ -132,15 +176,23 @@ class PatchCore(FeatureDetector):
     def _build_index(self) -> None:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         n, d = self.memory_bank_.shape
+        bank = self.memory_bank_.astype(np.float32)  # faiss takes float32 in; fp16 indexes keep half-precision codes
+        half = self.bank_dtype == "float16"
         if self.search == "ivf":
             nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # faiss wants 39+ training points per list
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+            quantizer = faiss.IndexFlatL2(d)
+            if half:
+                index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+            else:
+                index = faiss.IndexIVFFlat(quantizer, d, nlist)
             index.cp.seed = self.random_state
-            index.train(self.memory_bank_)
+            index.train(bank)
             index.nprobe = min(nlist, max(4, nlist // 8))  # an eighth of the lists, and never fewer than 4
+        elif half:
+            index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
         else:
             index = faiss.IndexFlatL2(d)
-        index.add(self.memory_bank_)
+        index.add(bank)
         self._index = index
 
     def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -166,7 +218,7 @@ class PatchCore(FeatureDetector):
         """Paper eq. 7: trust a high score less when its nearest good patch sits in a dense
         neighbourhood of the memory bank that the test patch is also close to."""
         k = min(self.num_neighbors, len(self.memory_bank_))
-        _, support = self._index.search(self.memory_bank_[nearest], k)
+        _, support = self._index.search(self.memory_bank_[nearest].astype(np.float32), k)
         diffs = self.memory_bank_[support] - worst_patches[:, None, :]
         dists = np.linalg.norm(diffs.astype(np.float64), axis=2)
         softmax0 = 1.0 / np.exp(dists - dists[:, :1]).sum(axis=1)
@@ -175,7 +227,9 @@ class PatchCore(FeatureDetector):
     # -- state -----------------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
         self._require_fitted()
+        projection = {"projection": self.projection_, "projection_bias": self.projection_bias_} if self.reduction != "mean" else {}
         return {
+            **projection,
             "memory_bank": self.memory_bank_,
             "feature_shape": np.asarray(self.feature_shape_, dtype=np.int64),
             "n_train": np.asarray([self.n_train_images_, self.n_train_patches_], dtype=np.int64),
@@ -185,7 +239,11 @@ class PatchCore(FeatureDetector):
     def set_state(self, state: dict[str, np.ndarray]) -> PatchCore:
         self._validate_params()
         self._restore_backbone(state)
-        self.memory_bank_ = np.ascontiguousarray(state["memory_bank"], dtype=np.float32)
+        if self.reduction != "mean":
+            self.projection_ = np.asarray(state["projection"], dtype=np.float32)
+            self.projection_bias_ = np.asarray(state["projection_bias"], dtype=np.float32)
+            self._apply_projection()
+        self.memory_bank_ = np.ascontiguousarray(state["memory_bank"], dtype=self.bank_dtype)
         self.feature_shape_ = tuple(int(v) for v in state["feature_shape"])
         self.n_train_images_, self.n_train_patches_ = (int(v) for v in state["n_train"])
         self._build_index()
