@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.spatial.distance import cdist
 
 from defectlens.detectors.coreset import greedy_coreset
 
@@ -37,3 +38,22 @@ def test_deterministic_and_bounded():
     b = greedy_coreset(points, 50, seed=7)
     np.testing.assert_array_equal(a, b)
     assert len(greedy_coreset(points, 10_000)) == 500
+
+
+def test_two_stages_cover_almost_as_well_for_a_fraction_of_the_work():
+    # 40 "images" of 500 patches each, drawn from a shared 3-D manifold with per-image offsets
+    rng = np.random.default_rng(4)
+    basis = rng.normal(size=(3, 32))
+    points = np.concatenate([(rng.uniform(0, 10, (500, 3)) + rng.normal(0, 0.5, 3)) @ basis for _ in range(40)]).astype(np.float32)
+    one_pass = greedy_coreset(points, 200, projection_dim=0, seed=0, group_size=500, global_max=None)
+    two_stage = greedy_coreset(points, 200, projection_dim=0, seed=0, group_size=500, global_max=10_000)
+    assert len(set(two_stage.tolist())) == 200 and set(two_stage.tolist()) != set(one_pass.tolist())
+
+    def radius(idx):
+        return cdist(points, points[idx]).min(axis=1).max()
+
+    assert radius(two_stage) < 1.25 * radius(one_pass)
+    np.testing.assert_array_equal(two_stage, greedy_coreset(points, 200, projection_dim=0, seed=0, group_size=500, global_max=10_000))
+    # below the size, or without image groups, one pass runs
+    np.testing.assert_array_equal(one_pass, greedy_coreset(points, 200, projection_dim=0, seed=0, group_size=500, global_max=20_000))
+    np.testing.assert_array_equal(one_pass, greedy_coreset(points, 200, projection_dim=0, seed=0, global_max=10_000))
