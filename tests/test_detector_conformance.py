@@ -91,7 +91,9 @@ def test_bundle_round_trip_scores_identically(fitted, tmp_path):
     assert loaded.calibration == bundle.calibration
     assert loaded.detector.get_params() == det.get_params()
     insp = Inspector(loaded).inspect(paths[0])
-    assert insp.score == pytest.approx(float(s0[0]))
+    # against the image scored alone: a batch's matrix products round differently in the last bits,
+    # which an ensemble's standardisation by a small spread makes visible
+    assert insp.score == pytest.approx(float(det.score(paths[:1])[0][0]))
 
 
 def test_refuses_bad_input(fitted, tmp_path):

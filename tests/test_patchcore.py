@@ -78,11 +78,13 @@ def test_projections_and_half_precision_bank_round_trip_and_export(settings, tin
 
     ds = load_dataset(tiny_dataset, validation_fraction=0.25)
     images = [s.path for s in ds.test]
-    reference = create_detector("patchcore", image_size=64, coreset_ratio=0.2).fit(ds.train_good)
+    # a projection is compared with PatchCore's channel means; a float16 bank with the same model in float32
+    reference_settings = {"reduction": "mean", "embed_dim": 256} if "reduction" in settings else {}
+    reference = create_detector("patchcore", image_size=64, coreset_ratio=0.2, **reference_settings).fit(ds.train_good)
     det = create_detector("patchcore", image_size=64, coreset_ratio=0.2, **settings).fit(ds.train_good)
-    assert det.memory_bank_.dtype == np.dtype(det.bank_dtype) and det.memory_bank_.shape[1] == settings.get("embed_dim", 256)
+    assert det.memory_bank_.dtype == np.dtype(det.bank_dtype) and det.memory_bank_.shape[1] == det.embed_dim
     if det.reduction == "pca":  # orthonormal principal axes
-        np.testing.assert_allclose(det.projection_.T @ det.projection_, np.eye(48), atol=1e-4)
+        np.testing.assert_allclose(det.projection_.T @ det.projection_, np.eye(det.embed_dim), atol=1e-4)
     scores, maps = det.score(images)
     ref_scores, _ = reference.score(images)
     assert np.corrcoef(scores, ref_scores)[0, 1] > 0.9  # the same images stand out
@@ -100,9 +102,35 @@ def test_projections_and_half_precision_bank_round_trip_and_export(settings, tin
 
 
 def test_projection_settings_are_checked(ds):
-    with pytest.raises(DefectLensError, match="needs embed_dim"):
-        create_detector("patchcore", reduction="pca", embed_dim=None).fit(ds.train_good[:1])
     with pytest.raises(DefectLensError, match="must be below the backbone's 768 channels"):
         create_detector("patchcore", image_size=64, reduction="random", embed_dim=768).fit(ds.train_good[:1])
     with pytest.raises(DefectLensError, match="bank_dtype must be one of"):
         create_detector("patchcore", bank_dtype="int8").fit(ds.train_good[:1])
+
+
+def test_a_model_saved_before_reductions_existed_still_loads(ds, tmp_path):
+    """Bundles store every setting the detector had; one written before `reduction` (and the
+    float16 bank and two-stage coreset) existed averaged channels, whatever today's default is."""
+    import json
+    import zipfile
+
+    from defectlens import Bundle
+    from defectlens.bundle import _manifest_checksum
+
+    det = create_detector("patchcore", image_size=64, coreset_ratio=0.2, reduction="mean", embed_dim=96).fit(ds.train_good)
+    path = Bundle(det).save(tmp_path / "new.dlens")
+    old = tmp_path / "old.dlens"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(old, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "manifest.json":
+                manifest = json.loads(data)
+                for key in ("reduction", "bank_dtype", "coreset_global_max"):
+                    del manifest["detector"]["params"][key]
+                manifest["checksum"] = _manifest_checksum(manifest)
+                data = json.dumps(manifest).encode()
+            dst.writestr(item, data)
+    loaded = Bundle.load(old).detector
+    assert loaded.reduction == "mean"
+    images = [s.path for s in load_dataset(ds.root).test]
+    np.testing.assert_array_equal(loaded.score(images)[0], det.score(images)[0])

@@ -44,6 +44,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bank-dtype", choices=BANK_DTYPES, default=d["bank_dtype"], help=(
         f"PatchCore: memory-bank precision; float16 halves it (default: {d['bank_dtype']})"))
     p.add_argument("--coreset-ratio", type=float, default=d["coreset_ratio"], help=f"PatchCore: share of patches kept (default: {d['coreset_ratio']})")
+    p.add_argument("--coreset-global-max", type=int, default=d["coreset_global_max"], help=(
+        "PatchCore: most patches chosen from in one coreset pass; above it each image is thinned first "
+        f"(0: always one pass; default: {d['coreset_global_max']})"))
     p.add_argument("--search", choices=SEARCHES, default=d["search"], help=(
         f"PatchCore: nearest-neighbour index; ivf (approximate) for large memory banks (default: {d['search']})"))
     p.add_argument("--n-features", type=int, default=n_features, help=f"PaDiM: channels modelled per position (default: {n_features})")
@@ -110,6 +113,7 @@ def _given_params(args: argparse.Namespace) -> dict:
         "reduction": args.reduction,
         "bank_dtype": args.bank_dtype,
         "coreset_ratio": args.coreset_ratio,
+        "coreset_global_max": args.coreset_global_max or None,
         "search": args.search,
         "n_features": args.n_features,
         "random_state": args.seed,
