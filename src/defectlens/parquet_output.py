@@ -86,6 +86,7 @@ class ParquetParts:
         for part in self._parts():
             part.unlink()
         self.covered = 0
+        self._rows = []
 
     def add(self, record: dict) -> None:
         self._rows.append(parquet_row(record))
