@@ -170,4 +170,16 @@ def test_parquet_follows_the_journal_through_crashes(model_dir, inputs, tmp_path
     assert main(args) == 0
     table_matches_journal()
 
+    # a damaged part: the journal still holds every record, so the parts are written again from it
+    (folder / "part-00003.parquet").write_bytes(b"PAR1 not really")
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "a part is unreadable" in capsys.readouterr().err
+    table_matches_journal()
+
     assert main(["inspect", str(model_dir / "discs.dlens"), *inputs, "--parquet"]) == 2  # nowhere to put the files
+    other = tmp_path / "other"
+    (other / "results.parquet").parent.mkdir()
+    (other / "results.parquet").write_text("a file in the way")
+    assert main(["inspect", str(model_dir / "discs.dlens"), *inputs, "--out", str(other), "--parquet"]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -98,12 +98,12 @@ class BatchWriter:
             if earlier and self.model_checksum and earlier != self.model_checksum:
                 raise DefectLensError(f"{self.out}: holds results of another model (checksum {earlier[:12]}); "
                                       "choose another --out, or --fresh to start it over")
+        if self.parquet:  # before anything is written, so a refusal here leaves the folder as it was
+            self._parts = ParquetParts(self.out / PARQUET_FOLDER, fresh=not resuming)
         run.write_text(json.dumps({"model_checksum": self.model_checksum}))
         self._csv_file = open(self.out / "summary.csv", "w", newline="")  # noqa: SIM115 -- closed in __exit__
         self._csv = csv.DictWriter(self._csv_file, CSV_COLUMNS)
         self._csv.writeheader()
-        if self.parquet:
-            self._parts = ParquetParts(self.out / PARQUET_FOLDER, fresh=not resuming)
         if resuming:
             self._replay(results)
         self._jsonl = open(results, "a" if resuming else "w")  # noqa: SIM115

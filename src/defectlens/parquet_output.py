@@ -11,6 +11,7 @@ counts them and writes the rest, so a crash loses and duplicates no row.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from .errors import DefectLensError
@@ -63,15 +64,23 @@ class ParquetParts:
         pa, pq = _pyarrow()
         self.folder = Path(folder)
         self._schema = schema()
+        if self.folder.exists() and not self.folder.is_dir():
+            raise DefectLensError(f"{self.folder}: is a file; Parquet results go in a folder of that name (move the file away)")
         self.folder.mkdir(parents=True, exist_ok=True)
         for stale in self.folder.glob(".part-*"):  # a part a crash left half-written
             stale.unlink()
-        if fresh:
-            for part in self._parts():
-                part.unlink()
-        self.covered = sum(pq.read_metadata(p).num_rows for p in self._parts())
-        self._last_source = pq.read_table(self._parts()[-1], columns=["source"])["source"][-1].as_py() if self.covered else None
         self._rows: list[dict] = []
+        self.covered, self._last_source = 0, None
+        if fresh:
+            self.restart()
+            return
+        try:
+            self.covered = sum(pq.read_metadata(p).num_rows for p in self._parts())
+            if self.covered:
+                self._last_source = pq.read_table(self._parts()[-1], columns=["source"])["source"][-1].as_py()
+        except (OSError, pa.ArrowException) as exc:  # damaged by hand or by the disk: the journal still has every record
+            print(f"{self.folder}: a part is unreadable ({exc}); rewriting the parts from results.jsonl", file=sys.stderr)
+            self.restart()
 
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob("part-*.parquet"))
