@@ -134,3 +134,16 @@ def test_a_model_saved_before_reductions_existed_still_loads(ds, tmp_path):
     assert loaded.reduction == "mean"
     images = [s.path for s in load_dataset(ds.root).test]
     np.testing.assert_array_equal(loaded.score(images)[0], det.score(images)[0])
+
+
+def test_pca_sample_is_spread_over_the_set_and_capped_in_patches(ds, monkeypatch):
+    from defectlens.detectors import patchcore
+
+    monkeypatch.setattr(patchcore, "PCA_PATCHES", 100)  # 64 px images have 64 patches each: two images' worth
+    det = create_detector("patchcore", image_size=64, embed_dim=32, coreset_ratio=0.2)
+    det._begin_fit(ds.train_good)  # the backbone, before a projection is fitted
+    assert det._projection_sample(ds.train_good).shape == (100, 768)
+    first_two = det._projection_sample([ds.train_good[0], ds.train_good[1]])
+    np.testing.assert_array_equal(det._projection_sample(ds.train_good), first_two[:100])
+    spread = det._projection_sample(ds.train_good[::-1])  # a different order of the set starts elsewhere
+    assert not np.array_equal(spread, first_two[:100])

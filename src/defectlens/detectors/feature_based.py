@@ -62,12 +62,10 @@ class FeatureDetector(Detector):
 
     def _iter_embeddings(self, images: Sequence[ImageInput], desc: str = "features") -> Iterator[tuple[Batch, np.ndarray]]:
         """(batch, embeddings (n, d, h, w)) for every batch, with a progress bar when verbose."""
-        bar = tqdm(total=len(images), desc=desc, unit="img", disable=not self.verbose, leave=False)
-        with torch.inference_mode():
+        with tqdm(total=len(images), desc=desc, unit="img", disable=not self.verbose, leave=False) as bar, torch.inference_mode():
             for batch in iter_batches(images, self.image_size, self.batch_size):
                 yield batch, self._embed(torch.from_numpy(batch.pixels)).numpy()
                 bar.update(len(batch.indices))
-        bar.close()
 
     def _extractor(self) -> FeatureExtractor:
         return self.embedder_.extractor

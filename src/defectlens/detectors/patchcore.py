@@ -26,6 +26,7 @@ SEARCHES = ("flat", "ivf")
 REDUCTIONS = ("mean", "pca", "random")
 BANK_DTYPES = ("float32", "float16")
 PCA_IMAGES = 16  # images whose patches fit the PCA: 16 x 1,024 patches at 256 px, ample for a few hundred axes
+PCA_PATCHES = 65_536  # and at most this many patches, so large images take fewer (200 MB of 768-dim rows)
 
 
 @register_detector
@@ -146,8 +147,7 @@ class PatchCore(FeatureDetector):
 
     def _fit_projection(self, images: list[ImageInput]) -> None:
         """Learn the (d, k) projection from all channels to embed_dim before the bank is embedded."""
-        # PCA: images spread over the whole set (a folder sorted by time would otherwise give one shift's)
-        sample = self._embed_all(images[:: max(1, len(images) // PCA_IMAGES)][:PCA_IMAGES] if self.reduction == "pca" else images[:1])
+        sample = self._projection_sample(images)
         d, k = sample.shape[1], self.embed_dim
         if k >= d:
             raise DefectLensError(f"embed_dim {k} must be below the backbone's {d} channels to reduce them")
@@ -163,6 +163,18 @@ class PatchCore(FeatureDetector):
         self.projection_ = matrix.astype(np.float32)
         self.projection_bias_ = bias.astype(np.float32)
         self._apply_projection()
+
+    def _projection_sample(self, images: list[ImageInput]) -> np.ndarray:
+        """Patch embeddings of all channels: for PCA, of images spread over the whole set (a folder
+        sorted by time would otherwise give one shift's), up to PCA_PATCHES; a random projection
+        only needs the channel count, so one image."""
+        spread = images[:: max(1, len(images) // PCA_IMAGES)][:PCA_IMAGES] if self.reduction == "pca" else images[:1]
+        rows: list[np.ndarray] = []
+        for _, emb in self._iter_embeddings(spread, desc="projection"):
+            rows.append(emb.transpose(0, 2, 3, 1).reshape(-1, emb.shape[1]))
+            if sum(len(r) for r in rows) >= PCA_PATCHES:
+                break
+        return np.concatenate(rows)[:PCA_PATCHES]
 
     def _apply_projection(self) -> None:
         self.embedder_.set_projection(self.projection_, self.projection_bias_)
