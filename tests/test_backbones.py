@@ -48,6 +48,27 @@ def test_taps_at_strides_8_and_16(name, channels):
     assert [tuple(f.shape[-2:]) for f in feats] == [(12, 16), (6, 8)]
 
 
+@pytest.mark.parametrize("name, channels", [("mobilenet_v2", (32, 96)), ("efficientnet_lite0", (40, 112))])
+def test_block_output_taps_are_the_inputs_of_the_tap_blocks(name, channels):
+    """`features="blocks"` returns what the tap blocks take in (timm's and anomalib's features),
+    computed by the same weights as the expanded taps, without the last tap block's weights."""
+    expanded, _ = create_backbone(name)
+    blocks, _ = create_backbone(name, kind="blocks")
+    x = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        feats = blocks(x)
+        inputs, h = [], (x - expanded.mean) / expanded.std
+        for i, block in enumerate(expanded.blocks):
+            if i in expanded.tap_indices:
+                inputs.append(h)
+            h = block(h)
+    assert [f.shape[1] for f in feats] == list(channels)
+    assert [tuple(f.shape[-2:]) for f in feats] == [(12, 16), (6, 8)]
+    for got, want in zip(feats, inputs, strict=True):
+        torch.testing.assert_close(got, want)
+    assert len(blocks.blocks) == len(expanded.blocks) - 1
+
+
 def test_batchnorm_folding_keeps_outputs():
     extractor, _ = create_backbone("efficientnet_lite0")
     x = torch.rand(2, 3, 64, 64)

@@ -1,6 +1,7 @@
 """Frozen pretrained feature extractors, defined in plain torch."""
 
 from .registry import (
+    FEATURE_KINDS,
     BackboneSpec,
     FeatureExtractor,
     available_backbones,
@@ -10,4 +11,4 @@ from .registry import (
     register_backbone,
 )
 
-__all__ = ["BackboneSpec", "FeatureExtractor", "available_backbones", "create_backbone", "fuse_conv_bn", "get_spec", "register_backbone"]
+__all__ = ["FEATURE_KINDS", "BackboneSpec", "FeatureExtractor", "available_backbones", "create_backbone", "fuse_conv_bn", "get_spec", "register_backbone"]

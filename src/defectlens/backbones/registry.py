@@ -51,18 +51,29 @@ def get_spec(name: str) -> BackboneSpec:
         raise DefectLensError(f"unknown backbone '{name}' (available: {', '.join(available_backbones())})") from None
 
 
+# What a tap returns: the tap block's expanded input activation (wide: 192 + 576 channels on
+# MobileNetV2), or the block input itself, i.e. the previous block's output (narrow: 32 + 96, the
+# features timm and anomalib tap). Which describes a part better depends on the part, so it is a
+# setting of the feature detectors that `auto` chooses among.
+FEATURE_KINDS = ("expanded", "blocks")
+
+
 class FeatureExtractor(nn.Module):
     """Runs the blocks up to the last tap and returns the tapped activations.
 
     Input: float images in [0, 1], shape (N, 3, H, W). Output: one tensor per tap.
     """
 
-    def __init__(self, spec: BackboneSpec, blocks: Sequence[nn.Module]) -> None:
+    def __init__(self, spec: BackboneSpec, blocks: Sequence[nn.Module], kind: str = "expanded") -> None:
         super().__init__()
+        if kind not in FEATURE_KINDS:
+            raise DefectLensError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
         self.name = spec.name
+        self.kind = kind
         self.tap_indices = tuple(spec.taps)
         self.strides = tuple(spec.strides)
-        self.blocks = nn.ModuleList(blocks[: max(spec.taps) + 1])
+        # block outputs need no part of the last tap block, so its weights are not kept
+        self.blocks = nn.ModuleList(blocks[: max(spec.taps) + (kind == "expanded")])
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
         self.eval().requires_grad_(False)
@@ -70,13 +81,16 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = (images - self.mean) / self.std
         features = []
+        expanded = self.kind == "expanded"
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             if i in self.tap_indices:
-                features.append(block.expand(x))
-            if i == last:
+                features.append(block.expand(x) if expanded else x)
+            if expanded and i == last:
                 break
             x = block(x)
+        if not expanded:  # the last tap is the input of a block that is not kept
+            features.append(x)
         return features
 
     @torch.no_grad()
@@ -84,12 +98,14 @@ class FeatureExtractor(nn.Module):
         return tuple(f.shape[1] for f in self(torch.zeros(1, 3, 64, 64)))
 
 
-def create_backbone(name: str, weights: str | Path | None = None, pretrained: bool = True) -> tuple[FeatureExtractor, str | None]:
+def create_backbone(name: str, weights: str | Path | None = None, pretrained: bool = True,
+                    kind: str = "expanded") -> tuple[FeatureExtractor, str | None]:
     """Build a frozen feature extractor; return it with the sha256 of the weights it loaded.
 
     ``weights`` is a local file the user brings (e.g. fine-tuned); otherwise the file from
     the installed weights package is used. ``pretrained=False`` is for loading a bundle,
-    whose own state replaces the random initialisation.
+    whose own state replaces the random initialisation. ``kind`` is what the taps return
+    (``FEATURE_KINDS``).
     """
     spec = get_spec(name)
     model = spec.build()
@@ -114,7 +130,7 @@ def create_backbone(name: str, weights: str | Path | None = None, pretrained: bo
                 f"{source}: not {name} weights ({len(missing)} missing keys, e.g. "
                 f"{(missing or unexpected)[0]!r}; {len(unexpected)} unexpected)"
             )
-    return FeatureExtractor(spec, spec.blocks(model)), digest
+    return FeatureExtractor(spec, spec.blocks(model), kind), digest
 
 
 def _mobilenet_blocks(model: nn.Module) -> list[nn.Module]:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import FeatureExtractor, create_backbone, get_spec
+from ..backbones import FEATURE_KINDS, FeatureExtractor, create_backbone, get_spec
 from ..data.images import Batch, ImageInput, iter_batches
 from ..errors import DefectLensError
 from ..postprocess import AnomalyMapHead
@@ -26,6 +26,7 @@ class FeatureDetector(Detector):
     backbone: str
     weights: str | None
     smoothing_sigma: float
+    features: str = "expanded"  # what the backbone taps return (backbones.FEATURE_KINDS)
     aggregation: int = 3  # local neighbourhood averaged into each patch embedding
 
     def _embed_dim(self) -> int | None:
@@ -34,6 +35,8 @@ class FeatureDetector(Detector):
     def _validate_params(self) -> None:
         """Settings every feature detector shares; subclasses extend it with their own."""
         get_spec(self.backbone)
+        if self.features not in FEATURE_KINDS:
+            raise DefectLensError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {self.features!r}")
         if not (isinstance(self.image_size, int) and 32 <= self.image_size <= 4096 and self.image_size % 16 == 0):
             raise DefectLensError(f"image_size must be a multiple of 16 between 32 and 4096, got {self.image_size}")
         if self.batch_size < 1:
@@ -48,7 +51,7 @@ class FeatureDetector(Detector):
         return images
 
     def _setup_backbone(self) -> None:
-        extractor, digest = create_backbone(self.backbone, self.weights)
+        extractor, digest = create_backbone(self.backbone, self.weights, kind=self.features)
         self.embedder_ = PatchEmbedder(extractor, self.aggregation, self._embed_dim())
         self.backbone_sha256_ = digest or ""
         self._prepare_inference()
@@ -81,7 +84,7 @@ class FeatureDetector(Detector):
         self._prepare_inference()
 
     def _load_extractor(self, state: dict[str, np.ndarray]) -> FeatureExtractor:
-        extractor, _ = create_backbone(self.backbone, pretrained=False)
+        extractor, _ = create_backbone(self.backbone, pretrained=False, kind=self.features)
         weights = {k[len(_BACKBONE_PREFIX) :]: torch.from_numpy(np.array(v)) for k, v in state.items() if k.startswith(_BACKBONE_PREFIX)}
         missing, unexpected = extractor.load_state_dict(weights, strict=False)
         if missing or unexpected:

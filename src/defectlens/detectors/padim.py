@@ -34,7 +34,7 @@ class PaDiM(FeatureDetector):
 
     Parameters
     ----------
-    backbone, weights, image_size, smoothing_sigma, batch_size, verbose : as for PatchCore.
+    backbone, weights, image_size, features, smoothing_sigma, batch_size, verbose : as for PatchCore.
     n_features : channels modelled per position (the paper's d). Covariance memory and the
         bundle grow as positions x n_features^2 floats (160: 105 MB at 256 px).
     channel_selection : "pool" averages adjacent channels down to n_features (PatchCore's
@@ -52,6 +52,7 @@ class PaDiM(FeatureDetector):
         backbone: str = "mobilenet_v2",
         weights: str | None = None,
         image_size: int = 256,
+        features: str = "expanded",
         n_features: int = 160,
         channel_selection: str = "pool",
         smoothing_sigma: float = 4.0,
@@ -62,6 +63,7 @@ class PaDiM(FeatureDetector):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
+        self.features = features
         self.n_features = n_features
         self.channel_selection = channel_selection
         self.smoothing_sigma = smoothing_sigma

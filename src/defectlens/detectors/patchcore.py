@@ -38,6 +38,10 @@ class PatchCore(FeatureDetector):
     backbone : registered backbone name.
     weights : optional local weights file for the backbone (otherwise the installed package's).
     image_size : images are resized to image_size x image_size.
+    features : what the backbone taps give: ``expanded``, the tap blocks' widest (expanded)
+        activations (768 channels on MobileNetV2), or ``blocks``, the block outputs before them
+        (32 + 96 = 128 channels, what anomalib's PatchCore embeds). Neither wins on every part,
+        so ``fit --detector auto`` tries both.
     embed_dim : patch embedding size; None keeps all backbone channels (768 for MobileNetV2).
         Search time, fit memory and the memory bank are linear in it.
     reduction : how channels are reduced to embed_dim: ``pca`` projects on the principal axes
@@ -75,6 +79,7 @@ class PatchCore(FeatureDetector):
         backbone: str = "mobilenet_v2",
         weights: str | None = None,
         image_size: int = 256,
+        features: str = "expanded",
         embed_dim: int | None = 64,
         reduction: str = "pca",
         bank_dtype: str = "float32",
@@ -92,6 +97,7 @@ class PatchCore(FeatureDetector):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
+        self.features = features
         self.embed_dim = embed_dim
         self.reduction = reduction
         self.bank_dtype = bank_dtype
