@@ -1,9 +1,10 @@
-"""Backbone ensemble: one detector per backbone, their normalised maps averaged.
+"""Ensembles: several detectors or backbones, their standardised maps averaged.
 
 Different backbones see different things (MobileNetV2 and EfficientNet-Lite were trained with
-different recipes and resolutions); averaging their evidence steadies the score on parts where
-one of them is weak. Each member's scores live on its own scale, so each is standardised by
-the mean and spread of its scores on (up to ``norm_images``) training images before fusing.
+different recipes and resolutions), and different detectors fail differently (PaDiM models each
+position, PatchCore none): averaging their evidence steadies the score on parts where one of them
+is weak. Each member's scores live on its own scale, so each is standardised by the mean and
+spread of its scores on (up to ``norm_images``) training images before fusing.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ from .registry import create_detector, detector_class, register_detector
 class EnsembleDetector(Detector):
     """Parameters
     ----------
-    detector : the registered detector each member runs (patchcore, padim).
-    backbones : comma-separated backbone names, one member each.
-    detector_params : settings shared by all members (not image_size, set here).
+    detector : the registered detector each member runs (patchcore, padim), or several,
+        comma-separated (``patchcore,padim``): one member each.
+    backbones : comma-separated backbone names, one member each; one name is shared by every
+        detector, and one detector runs on every backbone.
+    detector_params : settings for the members; each member takes those it has (not image_size,
+        set here).
     image_size, batch_size : shared, so every member sees the same pixels and maps align.
     norm_images : training images scored after fitting to standardise each member.
     """
@@ -42,17 +46,31 @@ class EnsembleDetector(Detector):
         self.norm_images = norm_images
         self.verbose = verbose
 
-    def _names(self) -> list[str]:
-        names = [b.strip() for b in self.backbones.split(",") if b.strip()]
-        if len(names) < 2:
-            raise DefectLensError(f"an ensemble needs at least two backbones, got {self.backbones!r}")
-        if detector_class(self.detector) is EnsembleDetector:
+    def _names(self) -> list[tuple[str, str]]:
+        """(detector, backbone) of each member."""
+        detectors = [d.strip() for d in self.detector.split(",") if d.strip()]
+        backbones = [b.strip() for b in self.backbones.split(",") if b.strip()]
+        if len(detectors) > 1 and len(backbones) > 1 and len(detectors) != len(backbones):
+            raise DefectLensError(f"give one backbone, or one per detector: {self.detector!r} on {self.backbones!r}")
+        n = max(len(detectors), len(backbones))
+        if n < 2 or not detectors or not backbones:
+            raise DefectLensError(f"an ensemble needs at least two members, got detector {self.detector!r} on {self.backbones!r}")
+        if any(detector_class(d) is EnsembleDetector for d in detectors):
             raise DefectLensError("an ensemble's members cannot be ensembles")
-        return names
+        return [(detectors[i % len(detectors)], backbones[i % len(backbones)]) for i in range(n)]
 
     def _members(self) -> list[Detector]:
         params = {**(self.detector_params or {}), "image_size": self.image_size, "batch_size": self.batch_size, "verbose": self.verbose}
-        return [create_detector(self.detector, **{**params, "backbone": b}) for b in self._names()]
+        names = self._names()
+        mixed = len({d for d, _ in names}) > 1  # then each takes only its own settings; alone, a wrong one is an error
+        members = []
+        for name, backbone in names:
+            own = {**params, "backbone": backbone}
+            if mixed:
+                accepted = detector_class(name)._get_param_names()
+                own = {k: v for k, v in own.items() if k in accepted}
+            members.append(create_detector(name, **own))
+        return members
 
     def fit(self, images: Sequence[ImageInput]) -> EnsembleDetector:
         images = list(images)
