@@ -62,7 +62,7 @@ def model_dir(tiny_dataset, tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("models")
     assert main(["fit", str(tiny_dataset), "-o", str(folder / "discs.dlens"), "--validation-fraction", "0.25",
-                 "--image-size", "64", "--coreset-ratio", "0.1"]) == 0
+                 "--image-size", "64", "--coreset-ratio", "0.1", "--detector", "patchcore"]) == 0
     return folder
 
 

@@ -89,7 +89,7 @@ def test_typer_separates_clusters_and_reports_cross_validated_accuracy():
 def cli_model(tiny_dataset, tmp_path_factory):
     path = tmp_path_factory.mktemp("cal") / "m.dlens"
     assert main(["fit", str(tiny_dataset), "-o", str(path), "--validation-fraction", "0.25", "--scheme", "holdout",
-                 "--image-size", "64", "--coreset-ratio", "0.1"]) == 0
+                 "--image-size", "64", "--coreset-ratio", "0.1", "--detector", "patchcore"]) == 0
     return path
 
 

@@ -7,7 +7,7 @@ import pytest
 from defectlens import Bundle
 from defectlens.cli import COMMANDS, main
 
-SMALL = ["--image-size", "64", "--coreset-ratio", "0.1"]
+SMALL = ["--image-size", "64", "--coreset-ratio", "0.1", "--detector", "patchcore"]
 
 
 @pytest.fixture(scope="module")

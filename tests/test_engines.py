@@ -48,7 +48,7 @@ def test_resuming_with_another_model_is_refused(model_dir, inputs, tmp_path, tin
     out = tmp_path / "out"
     assert main(["inspect", str(model_dir / "discs.dlens"), inputs[0], "--out", str(out), "--no-overlay"]) == 0
     other = tmp_path / "other.dlens"
-    assert main(["fit", str(tiny_dataset), "-o", str(other), "--image-size", "64", "--coreset-ratio", "0.2"]) == 0
+    assert main(["fit", str(tiny_dataset), "-o", str(other), "--image-size", "64", "--coreset-ratio", "0.2", "--detector", "patchcore"]) == 0
     assert main(["inspect", str(other), inputs[0], "--out", str(out)]) == 2
     assert "holds results of another model" in capsys.readouterr().err
     assert main(["inspect", str(other), inputs[0], "--out", str(out), "--fresh", "--no-overlay"]) == 0

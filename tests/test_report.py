@@ -14,7 +14,7 @@ from defectlens.report import SECTIONS, TITLES
 def report_dir(tiny_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     model = root / "m.dlens"
-    assert main(["fit", str(tiny_dataset), "-o", str(model), "--image-size", "64", "--coreset-ratio", "0.1"]) == 0
+    assert main(["fit", str(tiny_dataset), "-o", str(model), "--image-size", "64", "--coreset-ratio", "0.1", "--detector", "patchcore"]) == 0
     assert main(["evaluate", str(model), str(tiny_dataset), "--out", str(root / "e.json"), "--report", str(root / "report")]) == 0
     return root / "report"
 

@@ -83,7 +83,7 @@ def test_cli_fit_with_tiles(tiny_dataset, tmp_path):
     from defectlens.cli import main
 
     out = tmp_path / "t.dlens"
-    assert main(["fit", str(tiny_dataset), "-o", str(out), "--tile", "32", "--image-size", "64", "--coreset-ratio", "0.1"]) == 0
+    assert main(["fit", str(tiny_dataset), "-o", str(out), "--tile", "32", "--image-size", "64", "--coreset-ratio", "0.1", "--detector", "patchcore"]) == 0
     det = Bundle.load(out).detector
     assert det.name == "tiled" and det.tile_size == 32 and det.detector_params["coreset_ratio"] == 0.1 and det.map_size == 64
 

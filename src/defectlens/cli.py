@@ -1,4 +1,4 @@
-"""`defectlens` command line: fit | calibrate | inspect | evaluate | export | benchmark | serve | loadtest | demo.
+"""`defectlens` command line: fit | calibrate | inspect | evaluate | export | benchmark | serve | loadtest | demo | synth.
 
 Every user-caused failure prints one line `defectlens: error: ...` and exits with status 2.
 """
@@ -25,7 +25,7 @@ EXIT_USAGE = 2
 DEMO_DATA_CANDIDATES = ("../shared/datasets/mvtec_ad/bottle", "shared/datasets/mvtec_ad/bottle")
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, default_detector: str = "patchcore") -> None:
     # Defaults come from the detector itself, so the CLI and the Python API never disagree.
     from .backbones import available_backbones
     from .detectors import PaDiM, PatchCore, available_detectors
@@ -33,7 +33,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
     d = PatchCore().get_params()
     n_features = PaDiM().get_params()["n_features"]
-    p.add_argument("--detector", default="patchcore", help=f"detector to fit: {', '.join(available_detectors())} (default: patchcore)")
+    choices = ["auto", *available_detectors()] if default_detector == "auto" else available_detectors()
+    p.add_argument("--detector", default=default_detector, help=(
+        f"detector to fit: {', '.join(choices)} (default: {default_detector})"
+        + ("; auto tries several on held-out good images with synthetic defects and keeps the best" if default_detector == "auto" else "")))
     p.add_argument("--backbone", default=d["backbone"], help=f"feature backbone ({', '.join(available_backbones())}; default: {d['backbone']}); "
                    "several, comma-separated, fit an ensemble that averages their standardised maps")
     p.add_argument("--weights", default=None, help="local backbone weights file (default: the installed package's)")
@@ -141,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         "where unseen good scores come from: holdout, kfold (few images: k models score the images they did not see), "
         "single-image (one image, augmented); auto picks holdout with 10+ held-out images, else kfold (default: auto)"))
     p.add_argument("--folds", type=int, default=5, help="folds for kfold calibration (default: 5)")
+    p.add_argument("--budget", type=float, default=300.0, metavar="SECONDS", help=(
+        "--detector auto: time for trying candidates before the chosen one is fitted (default: 300)"))
     _add_calibration_options(p, GOOD_ONLY)
-    _add_model_options(p)
+    _add_model_options(p, default_detector="auto")
 
     p = sub.add_parser("calibrate", help="re-calibrate a model's threshold without refitting", description=(
         "Choose a model's thresholds again. Without DATA, good-only rules reuse the good scores stored in the model. "
@@ -201,12 +206,28 @@ def build_parser() -> argparse.ArgumentParser:
         "100 training images), and inspect throughput of the local engine against Ray"))
     p.add_argument("--train-sizes", default="50,100,200,400,800", help="training-set sizes for --scaling")
     p.add_argument("--image-sizes", default="256,512,1024", help="image sizes for --scaling")
+    p.add_argument("--selection", action="store_true", help=(
+        "check the choice of --detector auto on every category: each candidate's synthetic AUROC beside its real test AUROC, "
+        "their rank correlation, the pick against the real best, and the pick fitted on all training images"))
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS", help=(
+        "time for trying candidates per category (default: 3600 with --selection, which carries every candidate to the "
+        "final stage; 300, as fit, for --detectors auto)"))
     _add_model_options(p)
 
     p = sub.add_parser("demo", help="fit, evaluate and draw overlays on built-in data", description=(
         "Run the main job end to end: on MVTec bottle when ../shared/datasets is present, otherwise on a generated data set."))
     p.add_argument("--data", default=None, help="use this data set instead of the built-in choice")
     p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+
+    p = sub.add_parser("synth", help="draw synthetic defects on good images, for a person to check", description=(
+        "Make synthetic defects (cut-paste, foreign texture, scratch, spot, missing material, warp) on the good training images "
+        "of DATA, the kind used to choose detectors without real defect images, and write each with its mask plus a contact "
+        "sheet, gallery.png, to look at."))
+    p.add_argument("data", help="data set or category folder")
+    p.add_argument("--out", required=True, help="folder to write gallery.png, the defects and their masks to")
+    p.add_argument("--n", type=int, default=24, help="number of defects (default: 24)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--image-size", type=int, default=256, help="longest image side in pixels; larger images are shrunk to it (default: 256)")
 
     p = sub.add_parser("export", help="export a model to ONNX that scores exactly like PyTorch", description=(
         "Write the model as one ONNX graph (normalisation, backbone, nearest-neighbour or Mahalanobis scoring, upsampling, "
@@ -249,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fit_bundle(det, ds, settings, scheme: str = "auto", folds: int = 5):
+def _fit_bundle(det, ds, settings, scheme: str = "auto", folds: int = 5, extra: dict | None = None):
     """Fit and calibrate, recording which files the model saw so re-calibration can avoid them."""
     from .calibration import fit_calibrated
     from .calibration.fitting import resolve_scheme
@@ -259,7 +280,7 @@ def _fit_bundle(det, ds, settings, scheme: str = "auto", folds: int = 5):
     scheme = resolve_scheme(scheme, len(ds.train_good), len(ds.validation))
     fitted_on = ds.train_good if scheme == "holdout" else ds.train_good + ds.validation
     meta = {"name": ds.name, "data": str(ds.root), "train_images": len(fitted_on),
-            "train_files": [str(p.resolve()) for p in fitted_on], "calibration_scheme": scheme}
+            "train_files": [str(p.resolve()) for p in fitted_on], "calibration_scheme": scheme, **(extra or {})}
     return fit_calibrated(det, ds.train_good, ds.validation, settings, scheme=scheme, folds=folds, metadata=meta)
 
 
@@ -286,12 +307,32 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
     ds = load_dataset(args.data, validation_fraction=args.validation_fraction, seed=args.seed)
     print(ds.summary())
-    det = _make_detector(args)
-    bundle = _fit_bundle(det, ds, _settings(args), args.scheme, args.folds)
+    extra = {}
+    if args.detector == "auto":
+        det, extra["selection"] = _select(args, ds)
+    else:
+        det = _make_detector(args)
+    bundle = _fit_bundle(det, ds, _settings(args), args.scheme, args.folds, extra)
     print(bundle.calibration.describe())
     path = bundle.save(args.output)
     print(f"saved {path} ({path.stat().st_size / 2**20:.1f} MiB, checksum {bundle.checksum[:12]})")
     return 0
+
+
+def _select(args: argparse.Namespace, ds):
+    """--detector auto: the chosen detector (unfitted) and the selection record for the model file."""
+    if args.tile or "," in args.backbone:
+        raise DefectLensError("--detector auto chooses tiling and detectors itself: name a detector to use --tile or several backbones")
+    return _auto_detector(ds, args.backbone, args.weights, args.image_size or 256, args.budget, args.seed)
+
+
+def _auto_detector(ds, backbone: str = "mobilenet_v2", weights: str | None = None, image_size: int = 256, budget: float = 300.0, seed: int = 0):
+    from .workflows import select_detector
+
+    selection = select_detector(ds.train_good, backbone=backbone, weights=weights, image_size=image_size, budget_s=budget,
+                                seed=seed, progress=print)
+    print(selection.describe())
+    return selection.chosen.build(verbose=True, random_state=seed), selection.to_dict()
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -386,10 +427,21 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.scaling:
         return _scaling(args)
+    if args.selection:
+        from .selection_benchmark import markdown as selection_markdown
+        from .selection_benchmark import run_selection_benchmark
+
+        entries = run_selection_benchmark(args.data, args.budget or 3600.0, args.seed)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "selection.md").write_text(selection_markdown(entries, machine_description()))
+        print(f"wrote {out / 'selection.md'}")
+        return 0
     if args.detectors or args.backbones or len(find_categories(args.data)) > 1:
         detectors = (args.detectors or args.detector).split(",")
         backbones = (args.backbones or args.backbone).split(",")
         given = {k: v for k, v in _given_params(args).items() if k != "backbone"}  # each run names its own
+        given["budget_s"] = args.budget or 300.0  # what an 'auto' run may spend choosing
         rows = compare(args.data, detectors, backbones, given)
         machine = machine_description()
         md, js = write(rows, Path(args.out), machine)
@@ -522,7 +574,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .bundle import Bundle
     from .data import load_dataset
     from .data.synthetic import make_synthetic_dataset
-    from .detectors import create_detector
     from .evaluation import evaluate
     from .inspector import Inspector
 
@@ -535,7 +586,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(ds.summary())
     from .calibration import CalibrationSettings
 
-    bundle = _fit_bundle(create_detector("patchcore", verbose=True), ds, CalibrationSettings())
+    det, selection = _auto_detector(ds)
+    bundle = _fit_bundle(det, ds, CalibrationSettings(), extra={"selection": selection})
     print(bundle.calibration.describe())
     model_path = bundle.save(out / f"{ds.name}.dlens")
     print(f"model saved to {model_path}")
@@ -554,8 +606,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .data.defects import resize_longest, write_gallery
+    from .data.images import load_rgb
+
+    if args.n < 1 or args.image_size < 16:
+        raise DefectLensError("--n must be at least 1 and --image-size at least 16")
+    ds = load_dataset(args.data, validation_fraction=0.0)
+    # one image per defect, spread over the whole training set (names often follow capture order)
+    picks = np.unique(np.linspace(0, len(ds.train_good) - 1, min(args.n, len(ds.train_good))).round().astype(int))
+    images = [resize_longest(load_rgb(ds.train_good[i]), args.image_size) for i in picks]
+    paths = write_gallery(images, Path(args.out), n=args.n, seed=args.seed)
+    print(f"wrote {args.n} synthetic defects on {len(images)} good images of {ds.name} to {Path(args.out)}: "
+          f"contact sheet {paths[0]}, each defect with its mask as defect_XXX_<family>.png and defect_XXX_mask.png")
+    return 0
+
+
 COMMANDS = {"fit": _cmd_fit, "calibrate": _cmd_calibrate, "inspect": _cmd_inspect, "evaluate": _cmd_evaluate, "benchmark": _cmd_benchmark,
-            "export": _cmd_export, "serve": _cmd_serve, "loadtest": _cmd_loadtest, "demo": _cmd_demo}
+            "export": _cmd_export, "serve": _cmd_serve, "loadtest": _cmd_loadtest, "demo": _cmd_demo,
+            "synth": _cmd_synth}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -24,6 +24,7 @@ from .data.datasets import GOOD
 from .errors import DatasetError, DefectLensError
 
 MAX_DEPTH = 3
+AUTO = "auto"  # not a detector: the choice `fit` makes among them
 T = TypeVar("T")
 
 
@@ -71,14 +72,22 @@ def _run_one(category: str, label: str, detector: str, backbone: str, params: di
     from .data.datasets import labelled_split
     from .detectors import create_from_spec
     from .evaluation import evaluate
+    from .workflows import select_detector
 
     row = Row(label, detector, backbone)
     try:
         ds = load_dataset(category, validation_fraction=0.0)
-        det = create_from_spec(detector, {**params, "backbone": backbone})
+        t0 = time.perf_counter()
+        budget = params.pop("budget_s", 300.0)
+        if detector == AUTO:  # chosen as plain `fit` chooses; the time spent choosing counts as fitting
+            sel = select_detector(ds.train_good, backbone=backbone, image_size=params.get("image_size", 256), budget_s=budget,
+                                  seed=params.get("random_state", 0))
+            det = sel.chosen.build(random_state=params.get("random_state", 0))
+            row.detector = f"auto: {sel.chosen.label}"
+        else:
+            det = create_from_spec(detector, {**params, "backbone": backbone})
         if "backbones" in det.get_params():  # an ensemble names its own backbones
             row.backbone = str(det.get_params().get("backbones", "-"))
-        t0 = time.perf_counter()
         if getattr(det, "needs_labels", False):  # learns from half the labelled test split, judged on the rest
             goods, defects = labelled_split(ds, 0.5, 0)
             seen = {s.path for s in goods + defects}
@@ -116,7 +125,8 @@ def compare(root: str | Path, detectors: list[str], backbones: list[str], params
     root = Path(root)
     for d in detectors:
         for part in d.split(":"):
-            detector_class(part)  # unknown names fail before hours of fitting
+            if part != AUTO:
+                detector_class(part)  # unknown names fail before hours of fitting
     for b in backbones:
         get_spec(b)
     categories = find_categories(root)

@@ -1,0 +1,122 @@
+"""Proof that the automatic choice is sound: synthetic against real AUROC, per candidate.
+
+`defectlens benchmark ROOT --selection` runs the selection of ``fit --detector auto`` on every
+category with every candidate carried to the final stage, scores each finalist on the real
+labelled test split too (which the choice never sees), and reports per category the rank
+correlation between synthetic and real image AUROC, the real AUROC of the pick against the
+real best, and then the real figures of the pick fitted on all training images, which is
+what a user who runs plain ``fit`` gets.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from .comparison import KILLED, find_categories, in_fresh_process
+from .errors import DefectLensError
+
+
+@dataclass
+class CategorySelection:
+    category: str
+    chosen: str = ""
+    results: list[dict] = field(default_factory=list)
+    spearman: float | None = None
+    chosen_test_auroc: float | None = None  # the pick, as measured in the final stage
+    best_label: str = ""
+    best_test_auroc: float | None = None
+    full_fit: dict = field(default_factory=dict)  # the pick fitted on all training images, evaluated
+    selection_s: float | None = None
+    peak_mb: float | None = None
+    error: str = ""
+
+
+def _run_category(category: str, label: str, budget_s: float, seed: int) -> CategorySelection:
+    """Runs in a fresh child process."""
+    from .bundle import Bundle
+    from .data import load_dataset
+    from .evaluation import evaluate
+    from .workflows.selection import TestSet, candidates, select_detector
+
+    out = CategorySelection(label)
+    try:
+        ds = load_dataset(category, validation_fraction=0.0)
+        test = TestSet([s.path for s in ds.test], np.array([s.label for s in ds.test]))
+        pool = candidates(ds.train_good)
+        t0 = time.perf_counter()
+        sel = select_detector(ds.train_good, budget_s=budget_s, finalists=len(pool), seed=seed, pool=pool, test=test)
+        out.selection_s = time.perf_counter() - t0
+        out.chosen = sel.chosen.label
+        out.results = [asdict(r) for r in sel.results]
+        finals = [r for r in sel.results if r.stage == "final" and r.test_auroc is not None and r.image_auroc is not None]
+        if len(finals) >= 3:
+            out.spearman = float(spearmanr([r.image_auroc for r in finals], [r.test_auroc for r in finals]).statistic)
+        if finals:
+            best = max(finals, key=lambda r: r.test_auroc)
+            out.best_label, out.best_test_auroc = best.label, best.test_auroc
+            out.chosen_test_auroc = next((r.test_auroc for r in finals if r.label == sel.chosen.label), None)
+        det = sel.chosen.build(random_state=seed)
+        t1 = time.perf_counter()
+        det.fit(ds.train_good)
+        fit_s = time.perf_counter() - t1
+        result = evaluate(Bundle(det), ds)
+        out.full_fit = {**{k: result.metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")},
+                        "fit_s": fit_s, "ms_per_image": result.timings["ms_per_image"], "train_images": len(ds.train_good)}
+    except DefectLensError as exc:
+        out.error = str(exc)
+    except Exception as exc:  # noqa: BLE001 -- one broken category must not lose the others
+        out.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    out.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return out
+
+
+def run_selection_benchmark(root: str | Path, budget_s: float = 3600.0, seed: int = 0, progress=print) -> list[CategorySelection]:
+    root = Path(root)
+    found = []
+    for category in find_categories(root):
+        label = category.relative_to(root).as_posix() if category != root else category.name
+        progress(f"selection benchmark: {label}")
+        try:
+            entry = in_fresh_process(_run_category, str(category), label, budget_s, seed)
+        except BrokenProcessPool:
+            entry = CategorySelection(label, error=KILLED)
+        found.append(entry)
+        progress(markdown_category(entry))
+    return found
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def markdown_category(c: CategorySelection) -> str:
+    if c.error:
+        return f"### {c.category}\n\nfailed: {c.error}\n"
+    lines = [f"### {c.category}", "", "| candidate | stage | fit images | synthetic AUROC | synthetic AUPRO | real test AUROC | fit s | ms/image |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in c.results:
+        mark = " **picked**" if r["label"] == c.chosen and r["stage"] == "final" else ""
+        lines.append(f"| {r['label']}{mark} | {r['stage']} | {r['n_fit']} | {_f(r['image_auroc'])} | {_f(r['aupro'])} | "
+                     f"{_f(r['test_auroc'])} | {_f(r['fit_s'], 1)} | {_f(r['ms_per_image'], 1)} |")
+    gap = None if c.best_test_auroc is None or c.chosen_test_auroc is None else c.best_test_auroc - c.chosen_test_auroc
+    lines += ["", f"Spearman rank correlation of synthetic and real AUROC over the finalists: {_f(c.spearman, 2)}. "
+              f"Picked {c.chosen} (real {_f(c.chosen_test_auroc)}); real best {c.best_label} ({_f(c.best_test_auroc)}); "
+              f"gap {_f(gap)}. Selection took {_f(c.selection_s, 0)} s."]
+    if c.full_fit:
+        f = c.full_fit
+        lines.append(f"The pick fitted on all {f['train_images']} training images: image AUROC {_f(f['image_auroc'])}, "
+                     f"pixel AUROC {_f(f['pixel_auroc'])}, AUPRO {_f(f['aupro'])}, fit {_f(f['fit_s'], 1)} s, "
+                     f"{_f(f['ms_per_image'], 1)} ms/image; peak {_f(c.peak_mb, 0)} MB.")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(entries: list[CategorySelection], machine: str) -> str:
+    return "\n".join([f"Machine: {machine}", "", *[markdown_category(e) for e in entries]])

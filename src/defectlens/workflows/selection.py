@@ -1,0 +1,326 @@
+"""Choosing the detector for a part from its good images alone (``fit --detector auto``).
+
+No detector wins on every part: PaDiM models each position and suits aligned parts and
+textures, PatchCore's position-free nearest neighbour suits loose parts, tiling keeps small
+defects on large images, and which backbone features describe a part best depends on the part.
+Users have no defect images to tell, so the choice is made the way SWSA (Fung et al., 2023)
+validates anomaly detectors: some good images are held out, synthetic defects are made from
+them (``data.defects``), every candidate is fitted on the other good images and scored on the
+held-out good images and their defective copies, and the candidate that separates them best
+(image AUROC; ties by AUPRO, then speed) is kept. The held-out images never fit a candidate.
+
+Screening is cheap first: every candidate on a spread of a few dozen images, then the
+finalists on more, within a time budget. Where synthetic defects mislead (a part whose real
+defects look like none of the families) the choice can be wrong; the selection table is kept in
+the model so a person can see what was measured.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..data.defects import synthesize
+from ..data.images import ImageInput, load_rgb
+from ..detectors import Detector, available_detectors, create_from_spec
+from ..errors import DefectLensError
+from ..metrics import aupro, image_auroc
+
+MIN_IMAGES = 8  # below this, a held-out share is too small to rank candidates on
+MAX_SIDE = 1024  # synthetic defects are made at native resolution, capped here (tiling sees them too)
+AUROC_TIE = 0.005  # candidates this close in synthetic AUROC are tied: AUPRO, then speed decide
+AUPRO_TIE = 0.01
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration: a registered detector (or ``wrapper:inner``) and its settings."""
+
+    label: str
+    spec: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, **extra: Any) -> Detector:
+        return create_from_spec(self.spec, {**self.params, **extra})
+
+
+@dataclass
+class CandidateResult:
+    label: str
+    stage: str  # "screen" (few images) or "final" (more), or "skipped"
+    n_fit: int
+    image_auroc: float | None = None
+    aupro: float | None = None
+    fit_s: float | None = None
+    ms_per_image: float | None = None
+    test_auroc: float | None = None  # real test AUROC: only the selection benchmark measures it, never fit
+    note: str = ""
+
+
+@dataclass
+class Selection:
+    """What was measured and what was chosen; ``to_dict`` is what the model file keeps."""
+
+    chosen: Candidate
+    results: list[CandidateResult]
+    n_fit: int
+    n_heldout: int
+    n_synthetic: int
+    seed: int
+    budget_s: float
+    elapsed_s: float
+    reason: str = ""
+
+    def table(self) -> str:
+        lines = ["| candidate | stage | fit images | synthetic image AUROC | synthetic AUPRO | fit s | ms/image | note |",
+                 "|---|---|---|---|---|---|---|---|"]
+        chosen = self._chosen_row()
+        for r in self.results:
+            mark = " **chosen**" if r is chosen else ""
+            lines.append(f"| {r.label}{mark} | {r.stage} | {r.n_fit} | {_f(r.image_auroc)} | {_f(r.aupro)} | {_f(r.fit_s, 1)} | "
+                         f"{_f(r.ms_per_image, 1)} | {r.note} |")
+        return "\n".join(lines)
+
+    def describe(self) -> str:
+        head = (f"detector selection: {len(self.results)} measurements on {self.n_heldout} held-out good images and "
+                f"{self.n_synthetic} synthetic defects made from them ({self.elapsed_s:.0f} s of a {self.budget_s:.0f} s budget)")
+        if not self.results:
+            return f"{head}\nchose {self.chosen.label}: {self.reason}"
+        return f"{head}\n{self.table()}\nchose {self.chosen.label}: {self.reason} (synthetic figures are estimates, not real defects)"
+
+    def _chosen_row(self) -> CandidateResult | None:
+        rows = [r for r in self.results if r.label == self.chosen.label and r.image_auroc is not None]
+        return max(rows, key=lambda r: r.n_fit) if rows else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chosen": asdict(self.chosen), "results": [asdict(r) for r in self.results], "n_fit": self.n_fit,
+                "n_heldout": self.n_heldout, "n_synthetic": self.n_synthetic, "seed": self.seed, "budget_s": self.budget_s,
+                "elapsed_s": self.elapsed_s, "reason": self.reason}
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def native_sizes(images: Sequence[ImageInput], sample: int = 16) -> list[tuple[int, int]]:
+    """(height, width) of a spread of the images, read from file headers where possible."""
+    sizes = []
+    for img in list(images)[:: max(1, len(images) // sample)][:sample]:
+        if isinstance(img, np.ndarray):
+            sizes.append(img.shape[:2])
+        elif isinstance(img, Image.Image):
+            sizes.append((img.height, img.width))
+        else:
+            with Image.open(img) as im:
+                sizes.append((im.height, im.width))
+    return sizes
+
+
+def tiling_for(sizes: Sequence[tuple[int, int]], image_size: int) -> dict[str, Any] | None:
+    """Tile settings when resizing to ``image_size`` would shrink small defects away: images whose
+    long side is at least twice the model input, or elongated ones (squashed into a square);
+    None when the images are small and square enough that resizing loses little."""
+    short = float(np.median([min(s) for s in sizes]))
+    long = float(np.median([max(s) for s in sizes]))
+    if long < 2 * image_size and long < 2 * short:
+        return None
+    scale = 1.0 if short >= 128 else min(4.0, 128.0 / short)  # thin strips are enlarged so a tile has texture to model
+    tile = int(min(image_size, short * scale)) // 16 * 16
+    return {"tile_size": max(64, tile), "scale": round(scale, 3), "overlap": 0.25, "map_size": image_size}
+
+
+def candidates(images: Sequence[ImageInput], backbone: str = "mobilenet_v2", image_size: int = 256, weights: str | None = None) -> list[Candidate]:
+    """The configurations worth trying on these images.
+
+    Two detector families (memory bank, per-position Gaussian), their combination, the
+    discriminative detector when registered, each on the wide (expanded) and the narrow (block
+    output) taps of the backbone, and tiling at native resolution when the images call for it.
+    """
+    base: dict[str, Any] = {"backbone": backbone, "image_size": image_size, **({"weights": weights} if weights else {})}
+    out = [
+        Candidate("patchcore", "patchcore", dict(base)),
+        Candidate("patchcore/blocks", "patchcore", {**base, "features": "blocks", "embed_dim": None}),
+        Candidate("padim", "padim", dict(base)),
+        Candidate("padim/blocks", "padim", {**base, "features": "blocks"}),
+        Candidate("patchcore+padim", "ensemble", {"detector": "patchcore,padim", "backbones": backbone, "image_size": image_size,
+                                                  **({"detector_params": {"weights": weights}} if weights else {})}),
+    ]
+    if "simplenet" in available_detectors():
+        out.append(Candidate("simplenet", "simplenet", dict(base)))
+    tiles = tiling_for(native_sizes(images), image_size)
+    if tiles is not None:
+        out.append(Candidate(f"tiled:padim/{tiles['tile_size']}px", "tiled:padim", {**base, **tiles}))
+    return out
+
+
+def _spread(items: list, n: int) -> list:
+    """n items evenly spread over the list (a folder sorted by time gives every shift a say)."""
+    if n >= len(items):
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+def _fit_size(rgb: np.ndarray) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    if max(h, w) <= MAX_SIDE:
+        return rgb
+    k = MAX_SIDE / max(h, w)
+    size = (max(1, round(w * k)), max(1, round(h * k)))
+    return np.stack([np.asarray(Image.fromarray(rgb[..., c], mode="F").resize(size, Image.BILINEAR)) for c in range(3)], axis=2)
+
+
+@dataclass
+class ValidationSet:
+    """Held-out good images plus synthetic defects made from them, with their masks."""
+
+    images: list[np.ndarray]
+    labels: np.ndarray
+    masks: list[np.ndarray]
+    families: list[str]
+
+    @classmethod
+    def make(cls, heldout: Sequence[ImageInput], seed: int, target_defects: int = 64) -> ValidationSet:
+        goods = [_fit_size(load_rgb(p)) for p in heldout]
+        per_image = max(2, math.ceil(target_defects / max(1, len(goods))))
+        defects = synthesize(goods, per_image * len(goods), seed=seed)
+        images = goods + [d.image for d in defects]
+        masks = [np.zeros(g.shape[:2], bool) for g in goods] + [d.mask for d in defects]
+        labels = np.r_[np.zeros(len(goods)), np.ones(len(defects))].astype(int)
+        return cls(images, labels, masks, ["good"] * len(goods) + [d.family for d in defects])
+
+    def masks_at(self, size: int) -> np.ndarray:
+        """Masks resized as the detectors resize images: to a square of the map size."""
+        return np.stack([np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+                         for m in self.masks])
+
+
+@dataclass
+class TestSet:
+    """Labelled real test images, scored only by the selection benchmark to show whether the
+    synthetic validation ranks candidates as real defects do; fit never sees one."""
+
+    images: list[ImageInput]
+    labels: np.ndarray
+
+
+def measure(candidate: Candidate, fit_images: Sequence[ImageInput], validation: ValidationSet, seed: int, stage: str,
+            test: TestSet | None = None) -> CandidateResult:
+    """Fit on ``fit_images``, score the validation set; a candidate that fails becomes a note."""
+    result = CandidateResult(candidate.label, stage, len(fit_images))
+    try:
+        det = candidate.build(random_state=seed)  # each part of a wrapped spec takes the settings it has
+        t0 = time.perf_counter()
+        det.fit(list(fit_images))
+        t1 = time.perf_counter()
+        scores, maps = det.score(validation.images)
+        t2 = time.perf_counter()
+    except (DefectLensError, ValueError, RuntimeError, MemoryError) as exc:
+        result.note = f"failed: {str(exc).splitlines()[0][:120]}"
+        return result
+    result.fit_s = t1 - t0
+    result.ms_per_image = 1000.0 * (t2 - t1) / len(validation.images)
+    result.image_auroc = image_auroc(validation.labels, scores)
+    result.aupro = aupro(validation.masks_at(maps.shape[-1]), maps)
+    if test is not None:
+        result.test_auroc = image_auroc(test.labels, det.score(test.images)[0])
+    return result
+
+
+def rank(results: Sequence[CandidateResult]) -> list[CandidateResult]:
+    """Best first: image AUROC; within AUROC_TIE of the best, AUPRO; within AUPRO_TIE of that, speed."""
+    done = [r for r in results if r.image_auroc is not None and not math.isnan(r.image_auroc)]
+    if not done:
+        return []
+    top = max(r.image_auroc for r in done)
+    tied = [r for r in done if r.image_auroc >= top - AUROC_TIE]
+    best_pro = max((r.aupro for r in tied if r.aupro is not None and not math.isnan(r.aupro)), default=None)
+    contenders = tied if best_pro is None else [r for r in tied if r.aupro is not None and r.aupro >= best_pro - AUPRO_TIE]
+    head = sorted(contenders, key=lambda r: (r.ms_per_image or 0.0, r.fit_s or 0.0))
+    rest = sorted((r for r in done if r not in head), key=lambda r: -r.image_auroc)
+    return head + rest
+
+
+def select_detector(
+    images: Sequence[ImageInput],
+    *,
+    backbone: str = "mobilenet_v2",
+    weights: str | None = None,
+    image_size: int = 256,
+    budget_s: float = 300.0,
+    screen_images: int = 40,
+    final_images: int = 200,
+    finalists: int = 3,
+    heldout_fraction: float = 0.2,
+    seed: int = 0,
+    pool: Sequence[Candidate] | None = None,
+    progress: Callable[[str], None] | None = None,
+    test: TestSet | None = None,
+) -> Selection:
+    """Choose a detector configuration for these good images (see the module docstring).
+
+    ``images`` are good training images only; a share of them is held out for validation and
+    never fits a candidate. Returns the Selection; build the chosen detector with
+    ``selection.chosen.build()`` and fit it on all the images. ``test`` (real labelled images)
+    is for the selection benchmark only: finalists are also scored on it, and it changes nothing
+    of the choice.
+    """
+    say = progress or (lambda _msg: None)
+    start = time.perf_counter()
+    images = list(images)
+    pool = list(pool) if pool is not None else candidates(images, backbone, image_size, weights)
+    if not pool:
+        raise DefectLensError("no candidate detectors to choose among")
+    if len(images) < MIN_IMAGES:
+        return Selection(pool[0], [], len(images), 0, 0, seed, budget_s, 0.0,
+                         f"only {len(images)} good images (selection needs {MIN_IMAGES}+): the first candidate, {pool[0].label}, is used")
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_held = int(np.clip(round(len(images) * heldout_fraction), 4, 30))
+    heldout = [images[i] for i in sorted(order[:n_held])]
+    fit_pool = [images[i] for i in sorted(order[n_held:])]
+    say(f"selection: making synthetic defects from {n_held} held-out good images")
+    validation = ValidationSet.make(heldout, seed)
+    n_syn = int(validation.labels.sum())
+
+    results: list[CandidateResult] = []
+    screen = _spread(fit_pool, screen_images)
+    for c in pool:
+        if time.perf_counter() - start > budget_s and results:
+            results.append(CandidateResult(c.label, "skipped", 0, note="over the time budget"))
+            continue
+        say(f"selection: screening {c.label} on {len(screen)} images")
+        results.append(measure(c, screen, validation, seed, "screen"))
+        say(f"  synthetic AUROC {_f(results[-1].image_auroc)}, AUPRO {_f(results[-1].aupro)} {results[-1].note}")
+
+    final = _spread(fit_pool, final_images)
+    ranked = rank(results)
+    if (len(final) > len(screen) or test is not None) and ranked:
+        by_label = {c.label: c for c in pool}
+        for r in ranked[:finalists]:
+            elapsed = time.perf_counter() - start
+            estimate = (r.fit_s or 0.0) * len(final) / len(screen) + (r.ms_per_image or 0.0) * len(validation.images) / 1000.0
+            if r is not ranked[0] and elapsed + estimate > budget_s:
+                results.append(CandidateResult(r.label, "skipped", len(final), note=f"final fit would take ~{estimate:.0f} s, over the budget"))
+                continue
+            say(f"selection: finalist {r.label} on {len(final)} images")
+            results.append(measure(by_label[r.label], final, validation, seed, "final", test))
+            say(f"  synthetic AUROC {_f(results[-1].image_auroc)}, AUPRO {_f(results[-1].aupro)} {results[-1].note}")
+        finals = [r for r in results if r.stage == "final"]
+        ranked = rank(finals) or ranked
+    if not ranked:
+        return Selection(pool[0], results, len(fit_pool), n_held, n_syn, seed, budget_s, time.perf_counter() - start,
+                         f"no candidate could be measured: the first, {pool[0].label}, is used")
+    best = ranked[0]
+    chosen = next(c for c in pool if c.label == best.label)
+    reason = f"best synthetic image AUROC {_f(best.image_auroc)} (AUPRO {_f(best.aupro)}) on {best.n_fit} fit images"
+    if len(ranked) > 1 and ranked[1].image_auroc is not None and ranked[1].image_auroc >= best.image_auroc - AUROC_TIE:
+        reason += f"; tied with {ranked[1].label} on AUROC, ahead on AUPRO or speed"
+    return Selection(chosen, results, len(fit_pool), n_held, n_syn, seed, budget_s, time.perf_counter() - start, reason)
+
+
+__all__ = ["Candidate", "CandidateResult", "Selection", "TestSet", "ValidationSet", "candidates", "rank", "select_detector", "tiling_for"]

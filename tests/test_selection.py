@@ -1,0 +1,103 @@
+"""Automatic detector choice from good images and synthetic defects (`fit --detector auto`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from defectlens import Bundle
+from defectlens.cli import main
+from defectlens.data import load_dataset
+from defectlens.workflows import selection
+from defectlens.workflows.selection import Candidate, CandidateResult, ValidationSet, rank, select_detector, tiling_for
+
+SMALL_POOL = [
+    Candidate("patchcore", "patchcore", {"image_size": 64, "coreset_ratio": 0.1}),
+    Candidate("padim", "padim", {"image_size": 64, "n_features": 20}),
+]
+
+
+def test_ties_are_broken_by_aupro_then_speed():
+    results = [
+        CandidateResult("slow-precise", "final", 10, image_auroc=0.990, aupro=0.80, fit_s=9, ms_per_image=30),
+        CandidateResult("fast-precise", "final", 10, image_auroc=0.987, aupro=0.795, fit_s=1, ms_per_image=5),
+        CandidateResult("fast-vague", "final", 10, image_auroc=0.992, aupro=0.60, fit_s=1, ms_per_image=2),
+        CandidateResult("weak", "final", 10, image_auroc=0.90, aupro=0.90, fit_s=1, ms_per_image=1),
+        CandidateResult("broken", "final", 10, note="failed: x"),
+    ]
+    # within 0.005 AUROC of the best all three tie; AUPRO keeps the two precise ones; speed picks
+    assert [r.label for r in rank(results)] == ["fast-precise", "slow-precise", "fast-vague", "weak"]
+
+
+def test_tiling_is_offered_for_large_or_elongated_images_only():
+    assert tiling_for([(256, 256)] * 4, 256) is None
+    assert tiling_for([(300, 400)] * 4, 256) is None
+    large = tiling_for([(640, 640)] * 4, 256)
+    assert large == {"tile_size": 256, "scale": 1.0, "overlap": 0.25, "map_size": 256}
+    strip = tiling_for([(64, 1024)] * 4, 256)
+    assert strip["scale"] == 2.0 and strip["tile_size"] == 128  # a thin strip is enlarged so tiles hold texture
+
+
+def test_validation_set_pairs_held_out_goods_with_their_synthetic_defects(tiny_dataset):
+    ds = load_dataset(tiny_dataset, validation_fraction=0.0)
+    v = ValidationSet.make(ds.train_good[:4], seed=3, target_defects=12)
+    assert (v.labels == 0).sum() == 4 and (v.labels == 1).sum() == 12
+    assert all(m.any() for m, label in zip(v.masks, v.labels, strict=True) if label)
+    assert not any(m.any() for m, label in zip(v.masks, v.labels, strict=True) if not label)
+    again = ValidationSet.make(ds.train_good[:4], seed=3, target_defects=12)
+    assert all(np.array_equal(a, b) for a, b in zip(v.images, again.images, strict=True))
+    assert v.masks_at(32).shape == (16, 32, 32)
+
+
+def test_held_out_images_never_fit_a_candidate(tiny_dataset, monkeypatch):
+    ds = load_dataset(tiny_dataset, validation_fraction=0.0)
+    seen_fit, seen_validation = [], []
+    real_make, real_measure = ValidationSet.make, selection.measure
+
+    def spy_make(heldout, seed, target_defects=64):
+        seen_validation.extend(str(p) for p in heldout)
+        return real_make(heldout, seed, target_defects=16)
+
+    def spy_measure(candidate, fit_images, validation, seed, stage, test=None):
+        seen_fit.extend(str(p) for p in fit_images)
+        return real_measure(candidate, fit_images, validation, seed, stage, test)
+
+    monkeypatch.setattr(ValidationSet, "make", staticmethod(spy_make))
+    monkeypatch.setattr(selection, "measure", spy_measure)
+    sel = select_detector(ds.train_good, pool=SMALL_POOL, screen_images=6, final_images=12, seed=0)
+    assert seen_validation and seen_fit and not set(seen_validation) & set(seen_fit)
+    assert sel.chosen.label in {"patchcore", "padim"}
+    assert {r.stage for r in sel.results} == {"screen", "final"}
+    chosen = [r for r in sel.results if r.label == sel.chosen.label and r.stage == "final"][0]
+    assert chosen is rank([r for r in sel.results if r.stage == "final"])[0]
+    assert sel.n_heldout == len(seen_validation) and sel.n_synthetic == 16
+    assert "**chosen**" in sel.table() and "synthetic" in sel.describe()
+
+
+def test_too_few_images_fall_back_to_the_first_candidate_and_say_why(tiny_dataset):
+    ds = load_dataset(tiny_dataset, validation_fraction=0.0)
+    sel = select_detector(ds.train_good[:5], pool=SMALL_POOL)
+    assert sel.chosen.label == "patchcore" and not sel.results and "5 good images" in sel.reason
+
+
+def test_a_failing_candidate_becomes_a_note(tiny_dataset):
+    ds = load_dataset(tiny_dataset, validation_fraction=0.0)
+    broken = Candidate("broken", "patchcore", {"image_size": 64, "coreset_ratio": 7.0})
+    sel = select_detector(ds.train_good, pool=[broken, SMALL_POOL[1]], screen_images=8, final_images=8)
+    assert sel.chosen.label == "padim"
+    assert [r.note for r in sel.results if r.label == "broken"][0].startswith("failed: coreset_ratio")
+
+
+@pytest.mark.parametrize("flags, expect", [([], "auto"), (["--detector", "padim", "--n-features", "20"], "padim")])
+def test_fit_chooses_by_default_and_a_named_detector_is_fitted_as_before(flags, expect, tiny_dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(selection, "candidates", lambda images, backbone, image_size, weights=None: SMALL_POOL)
+    out = tmp_path / "m.dlens"
+    assert main(["fit", str(tiny_dataset), "-o", str(out), "--image-size", "64", *flags]) == 0
+    bundle = Bundle.load(out)
+    printed = capsys.readouterr().out
+    if expect == "auto":
+        record = bundle.metadata["selection"]
+        assert bundle.detector.name == record["chosen"]["spec"] and "detector selection" in printed
+        assert {r["label"] for r in record["results"]} == {"patchcore", "padim"}
+    else:
+        assert bundle.detector.name == "padim" and "selection" not in bundle.metadata
