@@ -27,6 +27,18 @@ def test_mvtec_layout_with_masks_and_summary(tiny_dataset):
     assert "train good: 12" in summary and "test scratch: 4   masks 4/4" in summary and "64x64 RGB" in summary
 
 
+def test_a_validation_good_folder_is_the_calibration_set(tmp_path):
+    """MVTec LOCO / 3D-AD / VisA layouts: validation/good calibrates, all of train/good trains."""
+    root = tmp_path / "part"
+    train = [_img(root / "train" / "good" / f"{i}.png") for i in range(6)]
+    val = [_img(root / "validation" / "good" / f"v{i}.png") for i in range(3)]
+    _img(root / "test" / "good" / "t.png")
+    ds = load_dataset(root, validation_fraction=0.5)
+    assert ds.train_good == train and ds.validation == val and ds.validation_source == "validation/good"
+    assert "validation good (validation/good): 3" in ds.summary()
+    assert load_dataset(root, validation_fraction=0.0).validation == val
+
+
 def test_missing_masks_are_reported(tmp_path):
     root = tmp_path / "cat"
     for i in range(3):

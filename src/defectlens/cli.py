@@ -357,7 +357,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         ds = load_dataset(args.data, validation_fraction=0.0)
         print(ds.summary())
         fitted = set(bundle.metadata.get("train_files", []))
-        unseen = [p for p in ds.train_good if str(p.resolve()) not in fitted]
+        unseen = [p for p in ds.train_good + ds.validation if str(p.resolve()) not in fitted]
         good_test, defects = [], []
         if settings.strategy in LABELLED or args.symmetry:
             good_test, defects = labelled_split(ds, args.labelled_fraction, args.seed)

@@ -38,6 +38,7 @@ class Dataset:
     train_good: list[Path]
     validation: list[Path]  # held-out good images for calibration, disjoint from train_good
     test: list[Sample] = field(default_factory=list)
+    validation_source: str = "held out"  # or "validation/good": the data set's own folder for it
 
     @property
     def name(self) -> str:
@@ -50,7 +51,7 @@ class Dataset:
     def summary(self, inspect_images: int = 50) -> str:
         """Counts per split and defect type, masks found or missing, image sizes and modes."""
         lines = [f"data set '{self.name}' at {self.root} ({self.layout} layout)"]
-        lines.append(f"  train good: {len(self.train_good)}   validation good (held out): {len(self.validation)}")
+        lines.append(f"  train good: {len(self.train_good)}   validation good ({self.validation_source}): {len(self.validation)}")
         by_type = Counter(s.defect_type for s in self.test)
         masks = Counter(s.defect_type for s in self.test if s.mask_path is not None)
         for t in sorted(by_type, key=lambda t: (t != GOOD, t)):
@@ -116,7 +117,9 @@ def load_dataset(root: str | Path, validation_fraction: float = 0.1, seed: int =
     - Plain folders: ``good/`` plus optional ``<defect_type>/`` folders and optional
       ``masks/<type>/<stem>.png``; or a single folder of good images.
 
-    ``validation_fraction`` of the good training images is held out for calibration.
+    ``validation_fraction`` of the good training images is held out for calibration, unless
+    the MVTec layout has a ``validation/good`` folder (MVTec 3D-AD, LOCO, VisA): then those
+    images are the calibration set and every training image trains.
     """
     root = Path(root)
     if not root.exists():
@@ -131,9 +134,14 @@ def load_dataset(root: str | Path, validation_fraction: float = 0.1, seed: int =
         good = list_images(good_dir)
         if not good:
             raise DatasetError(f"{good_dir}: no training images (png, jpg, bmp, tif)")
-        train, val = _split_validation(good, validation_fraction, seed)
         test_dir = root / "test"
         test = _test_samples(root, _subfolders(test_dir)) if test_dir.is_dir() else []
+        # MVTec 3D-AD, MVTec LOCO and VisA ship good images meant for validation: calibrate on those
+        # and train on every training image, instead of carving a share out of train/good
+        own_validation = list_images(root / "validation" / GOOD) if (root / "validation" / GOOD).is_dir() else []
+        if own_validation:
+            return Dataset(root, "mvtec", good, own_validation, test, validation_source="validation/good")
+        train, val = _split_validation(good, validation_fraction, seed)
         return Dataset(root, "mvtec", train, val, test)
 
     if (root / GOOD).is_dir():
