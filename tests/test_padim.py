@@ -80,5 +80,5 @@ def test_ensemble_fuses_standardised_members(tiny_dataset):
     expected = np.mean([(m.score(paths)[0] - n[0]) / n[1] for m, n in zip(ens.members_, ens.norm_, strict=True)], axis=0)
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
     assert image_auroc(np.array([s.label for s in ds.test]), scores) >= 0.9
-    with pytest.raises(Exception, match="at least two backbones"):
+    with pytest.raises(Exception, match="at least two members"):
         create_detector("ensemble", backbones="mobilenet_v2").fit(ds.train_good[:2])

@@ -52,7 +52,8 @@ def _run_category(category: str, label: str, budget_s: float, seed: int) -> Cate
         test = TestSet([s.path for s in ds.test], np.array([s.label for s in ds.test]))
         pool = candidates(ds.train_good)
         t0 = time.perf_counter()
-        sel = select_detector(ds.train_good, budget_s=budget_s, finalists=len(pool), seed=seed, pool=pool, test=test)
+        sel = select_detector(ds.train_good, budget_s=budget_s, finalists=len(pool), seed=seed, pool=pool, test=test,
+                              progress=lambda msg: print(f"  {label}: {msg.strip()}", flush=True))
         out.selection_s = time.perf_counter() - t0
         out.chosen = sel.chosen.label
         out.results = [asdict(r) for r in sel.results]

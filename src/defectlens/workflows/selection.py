@@ -9,8 +9,8 @@ them (``data.defects``), every candidate is fitted on the other good images and 
 held-out good images and their defective copies, and the candidate that separates them best
 (image AUROC; ties by AUPRO, then speed) is kept. The held-out images never fit a candidate.
 
-Screening is cheap first: every candidate on a spread of a few dozen images, then the
-finalists on more, within a time budget. Where synthetic defects mislead (a part whose real
+Screening is cheap first: every candidate on a spread of 40 images, then the three finalists
+on 120, within a time budget. Where synthetic defects mislead (a part whose real
 defects look like none of the families) the choice can be wrong; the selection table is kept in
 the model so a person can see what was measured.
 """
@@ -254,7 +254,7 @@ def select_detector(
     image_size: int = 256,
     budget_s: float = 300.0,
     screen_images: int = 40,
-    final_images: int = 200,
+    final_images: int = 120,
     finalists: int = 3,
     heldout_fraction: float = 0.2,
     seed: int = 0,
