@@ -99,5 +99,16 @@ def test_fit_chooses_by_default_and_a_named_detector_is_fitted_as_before(flags, 
         record = bundle.metadata["selection"]
         assert bundle.detector.name == record["chosen"]["spec"] and "detector selection" in printed
         assert {r["label"] for r in record["results"]} == {"patchcore", "padim"}
+        # the report and the service's model details show how the model was chosen
+        assert main(["evaluate", str(out), str(tiny_dataset), "--out", str(tmp_path / "ev.json"), "--report", str(tmp_path / "rep")]) == 0
+        html = (tmp_path / "rep" / "report.html").read_text()
+        assert "How the detector was chosen" in html and "&#9654; " + record["chosen"]["label"] in html
+        from fastapi.testclient import TestClient
+
+        from defectlens.service.app import InspectionService, ServiceSettings, create_app
+
+        settings = ServiceSettings(db_url=f"sqlite:///{tmp_path / 'h.db'}", model_dir=tmp_path, models=[out])
+        details = TestClient(create_app(InspectionService(settings))).get("/api/models/m").json()
+        assert details["selection"]["chosen"]["label"] == record["chosen"]["label"]
     else:
         assert bundle.detector.name == "padim" and "selection" not in bundle.metadata

@@ -27,8 +27,9 @@ from .data.images import load_rgb, resize_rgb
 from .evaluation import Evaluation, fmt, load_mask
 from .overlay import colourise
 
-SECTIONS = ("summary", "calibration", "curves", "histogram", "confusion", "per-type", "pixel", "errors", "timings")
-TITLES = {"summary": "Summary", "calibration": "Calibration", "curves": "ROC and precision-recall curves",
+SECTIONS = ("summary", "selection", "calibration", "curves", "histogram", "confusion", "per-type", "pixel", "errors", "timings")
+TITLES = {"summary": "Summary", "selection": "How the detector was chosen (synthetic defects: estimates)",
+          "calibration": "Calibration", "curves": "ROC and precision-recall curves",
           "histogram": "Score distributions", "confusion": "Confusion matrix", "per-type": "Per defect type",
           "pixel": "Pixel-level metrics", "errors": "Error analysis: worst-judged images", "timings": "Timings"}
 
@@ -168,7 +169,13 @@ def _rows(ev: Evaluation, bundle: Bundle) -> dict[str, list[list[str]]]:
              ["pixel threshold", fmt(m.get("pixel_threshold"))]]
     timings = [["images scored", str(len(ev.scores))], ["scoring time", f"{ev.timings['score_s']:.2f} s"],
                ["throughput", f"{ev.timings['images_per_s']:.1f} images/s"], ["per image", f"{ev.timings['ms_per_image']:.1f} ms"]]
-    return {"summary": summary, "calibration": calibration, "per-type": per_type, "pixel": pixel, "timings": timings}
+    selection = bundle.metadata.get("selection") or {}
+    chosen = selection.get("chosen", {}).get("label")
+    picked = [r for r in selection.get("results", []) if r["label"] == chosen and r["stage"] != "skipped"]
+    picked_row = max(picked, key=lambda r: r["n_fit"]) if picked else None
+    choice = [[("&#9654; " if r is picked_row else "") + html.escape(r["label"]), r["stage"], str(r["n_fit"]), fmt(r["image_auroc"]),
+               fmt(r["aupro"]), fmt(r["fit_s"]), fmt(r["ms_per_image"]), r["note"]] for r in selection.get("results", [])]
+    return {"summary": summary, "selection": choice, "calibration": calibration, "per-type": per_type, "pixel": pixel, "timings": timings}
 
 
 _HTML = """<!doctype html>
@@ -185,7 +192,7 @@ figure{margin:0}figcaption{font-size:.85em;color:#444}.note{color:#555;font-size
 {% for key in sections %}<section id="{{ key }}"><h2>{{ titles[key] }}</h2>
 {% if key in tables and tables[key] %}<table>{% if key in heads %}<tr>{% for h in heads[key] %}<th>{{ h }}</th>{% endfor %}</tr>{% endif %}
 {% for row in tables[key] %}<tr>{% for cell in row %}
-<td>{{ cell | safe if key == 'calibration' and loop.first else cell }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
+<td>{{ cell | safe if key in ('calibration', 'selection') and loop.first else cell }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 {% if key == 'calibration' %}<p class="note">{{ calibration_note }}</p>{% endif %}
 {% if key in images %}<img alt="{{ titles[key] }}" src="{{ images[key] }}">{% endif %}
 {% if key == 'errors' %}<p class="note">Left: the image. Right: heat map (colour scale fixed by the calibrated pixel threshold),
@@ -199,7 +206,8 @@ true defect outlined in white.</p>
 """
 
 HEADS = {"calibration": ["rule", "threshold", "precision", "recall", "false rejects", "escapes", "expected FRR"],
-         "per-type": ["defect type", "n", "AUROC", "recall at threshold", "mean score"]}
+         "per-type": ["defect type", "n", "AUROC", "recall at threshold", "mean score"],
+         "selection": ["candidate", "stage", "fit images", "synthetic image AUROC", "synthetic AUPRO", "fit s", "ms/image", "note"]}
 
 
 def write_report(ev: Evaluation, bundle: Bundle, out_dir: Path, machine: str = "") -> tuple[Path, Path]:

@@ -208,6 +208,7 @@ class InspectionService:
             "good_scores": [] if cal is None else cal.good_scores,
             "defect_scores": [] if cal is None else cal.defect_scores,
             "threshold_changes": self.store.threshold_history(name, model.checksum),
+            "selection": model.bundle.metadata.get("selection"),  # how fit --detector auto chose, when it did
         }
 
 

@@ -25,7 +25,20 @@ async function chooseModel(name) {
   setSliderRange();
   $("threshold").value = state.details.threshold ?? "";
   $("model-threshold").textContent = fmt(state.details.threshold, 4);
+  showSelection(state.details.selection);
   rejudge();
+}
+
+function showSelection(selection) {
+  $("selection-panel").hidden = !selection;
+  if (!selection) return;
+  $("selection-reason").textContent = `Chose ${selection.chosen.label}: ${selection.reason}.`;
+  const head = el("tr", {}, ...["candidate", "stage", "fit images", "synthetic AUROC", "synthetic AUPRO", "fit s", "ms/image", "note"]
+    .map((h) => el("th", { text: h })));
+  const rows = selection.results.map((r) => el("tr", r.label === selection.chosen.label && r.stage !== "skipped" ? { class: "chosen" } : {},
+    ...[r.label, r.stage, String(r.n_fit), fmt(r.image_auroc), fmt(r.aupro), fmt(r.fit_s, 1), fmt(r.ms_per_image, 1), r.note]
+      .map((c) => el("td", { text: c }))));
+  $("selection-table").replaceChildren(head, ...rows);
 }
 
 function setSliderRange() {
