@@ -27,7 +27,7 @@ DEMO_DATA_CANDIDATES = ("../shared/datasets/mvtec_ad/bottle", "shared/datasets/m
 
 def _add_model_options(p: argparse.ArgumentParser, default_detector: str = "patchcore") -> None:
     # Defaults come from the detector itself, so the CLI and the Python API never disagree.
-    from .backbones import available_backbones
+    from .backbones import FEATURE_KINDS, available_backbones
     from .detectors import PaDiM, PatchCore, available_detectors
     from .detectors.patchcore import BANK_DTYPES, REDUCTIONS, SEARCHES
 
@@ -40,6 +40,9 @@ def _add_model_options(p: argparse.ArgumentParser, default_detector: str = "patc
     p.add_argument("--backbone", default=d["backbone"], help=f"feature backbone ({', '.join(available_backbones())}; default: {d['backbone']}); "
                    "several, comma-separated, fit an ensemble that averages their standardised maps")
     p.add_argument("--weights", default=None, help="local backbone weights file (default: the installed package's)")
+    p.add_argument("--features", choices=FEATURE_KINDS, default=d["features"], help=(
+        "what the backbone taps give: expanded (the tap blocks' wide expanded activations) or blocks (the block outputs before "
+        f"them, as anomalib embeds; better on Magnetic Tile) (default: {d['features']})"))
     p.add_argument("--image-size", type=int, default=None, help=f"square input size in pixels (default: the detector's own; PatchCore {d['image_size']})")
     p.add_argument("--embed-dim", type=int, default=d["embed_dim"] or 0, help=f"patch embedding size; 0 keeps all channels (default: {d['embed_dim']})")
     p.add_argument("--reduction", choices=REDUCTIONS, default=d["reduction"], help=(
@@ -112,6 +115,7 @@ def _given_params(args: argparse.Namespace) -> dict:
     given = {
         "backbone": args.backbone,
         "weights": args.weights,
+        "features": args.features,
         "embed_dim": args.embed_dim or None,
         "reduction": args.reduction,
         "bank_dtype": args.bank_dtype,
