@@ -103,6 +103,7 @@ def test_fit_chooses_by_default_and_a_named_detector_is_fitted_as_before(flags, 
         assert main(["evaluate", str(out), str(tiny_dataset), "--out", str(tmp_path / "ev.json"), "--report", str(tmp_path / "rep")]) == 0
         html = (tmp_path / "rep" / "report.html").read_text()
         assert "How the detector was chosen" in html and "&#9654; " + record["chosen"]["label"] in html
+        assert (tmp_path / "rep" / "figures" / "synthetic.png").is_file() and 'alt="Synthetic defects' in html
         from fastapi.testclient import TestClient
 
         from defectlens.service.app import InspectionService, ServiceSettings, create_app

@@ -23,12 +23,15 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from . import __version__
 from .bundle import Bundle
+from .data.defects import contact_sheet, resize_longest, synthesize
 from .data.images import load_rgb, resize_rgb
+from .errors import ImageError
 from .evaluation import Evaluation, fmt, load_mask
 from .overlay import colourise
 
-SECTIONS = ("summary", "selection", "calibration", "curves", "histogram", "confusion", "per-type", "pixel", "errors", "timings")
+SECTIONS = ("summary", "selection", "synthetic", "calibration", "curves", "histogram", "confusion", "per-type", "pixel", "errors", "timings")
 TITLES = {"summary": "Summary", "selection": "How the detector was chosen (synthetic defects: estimates)",
+          "synthetic": "Synthetic defects made from the training images (what selection is measured on)",
           "calibration": "Calibration", "curves": "ROC and precision-recall curves",
           "histogram": "Score distributions", "confusion": "Confusion matrix", "per-type": "Per defect type",
           "pixel": "Pixel-level metrics", "errors": "Error analysis: worst-judged images", "timings": "Timings"}
@@ -135,7 +138,26 @@ def build_figures(ev: Evaluation, bundle: Bundle, thumb: int = 192) -> Figures:
     pixel_threshold = bundle.calibration.pixel_threshold if bundle.calibration else None
     for i, item in enumerate(ev.gallery):
         png[f"gallery_{i}"] = _gallery_image(item, pixel_threshold, thumb)
+    synthetic = _synthetic_sheet(bundle)
+    if synthetic is not None:
+        png["synthetic"] = synthetic
     return Figures(png)
+
+
+def _synthetic_sheet(bundle: Bundle, n: int = 8) -> bytes | None:
+    """A few of the synthetic defects a model is chosen (and its recall estimated) on, made from
+    its own training images, so a reader can judge whether they resemble the part's real ones."""
+    files = [Path(f) for f in bundle.metadata.get("train_files", [])]
+    files = [f for f in files[:: max(1, len(files) // 4)][:4] if f.is_file()]
+    if not files:
+        return None
+    try:
+        goods = [resize_longest(load_rgb(f), 256) for f in files]
+    except ImageError:
+        return None
+    buf = io.BytesIO()
+    contact_sheet(synthesize(goods, n, seed=0), tile=160).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _rows(ev: Evaluation, bundle: Bundle) -> dict[str, list[list[str]]]:
@@ -225,7 +247,7 @@ def write_report(ev: Evaluation, bundle: Bundle, out_dir: Path, machine: str = "
         + f" images ({cal.source}). Expected false-reject rate on new good parts: {100 * cal.expected_frr['expected']:.2f} % "
         f"(95 % interval {100 * cal.expected_frr['ci95'][0]:.2f}-{100 * cal.expected_frr['ci95'][1]:.2f} %).")
     captions = [f"{g.kind}: {g.sample.defect_type}/{g.sample.path.name}, score {g.score:.4f}" for g in ev.gallery]
-    images = {k: figs.data_uri(k) for k in ("curves", "histogram", "confusion") if k in figs.png}
+    images = {k: figs.data_uri(k) for k in ("synthetic", "curves", "histogram", "confusion") if k in figs.png}
     env = Environment(autoescape=select_autoescape(default=True))
     page = env.from_string(_HTML).render(
         name=ev.dataset, version=__version__, machine=machine, sections=SECTIONS, titles=TITLES, tables=tables, heads=HEADS,

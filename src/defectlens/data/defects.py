@@ -569,7 +569,13 @@ def write_gallery(images: Sequence[np.ndarray], out: Path, n: int = 24, seed: in
         Image.fromarray(_to_uint8(d.image)).save(out / f"defect_{i:03d}_{d.family}.png")
         Image.fromarray(d.mask.astype(np.uint8) * 255).save(out / f"defect_{i:03d}_mask.png")
         written += [out / f"defect_{i:03d}_{d.family}.png", out / f"defect_{i:03d}_mask.png"]
-    pairs, caption, gap = 4, 14, 4
+    contact_sheet(defects, tile).save(out / "gallery.png")
+    return [out / "gallery.png", *written]
+
+
+def contact_sheet(defects: Sequence[SyntheticDefect], tile: int = 256, pairs: int = 4) -> Image.Image:
+    """Rows of (defect, defect with its mask outlined), captioned with family and area."""
+    caption, gap = 14, 4
     stride = 2 * tile + 4 * gap
     tiles = [_tile_pair(d, tile) for d in defects]
     rows = [tiles[r:r + pairs] for r in range(0, len(tiles), pairs)]
@@ -581,5 +587,4 @@ def write_gallery(images: Sequence[np.ndarray], out: Path, n: int = 24, seed: in
         draw.text((x + 2, y + 1), f"{i:03d} {d.family} {100 * d.area:.2f}%", fill=(230, 230, 230))
         sheet.paste(image, (x, y + caption))
         sheet.paste(overlay, (x + image.width + gap, y + caption))
-    sheet.save(out / "gallery.png")
-    return [out / "gallery.png", *written]
+    return sheet
