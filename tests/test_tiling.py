@@ -95,4 +95,5 @@ def test_cli_fit_with_several_backbones_builds_an_ensemble(tiny_dataset, tmp_pat
     assert main(["fit", str(tiny_dataset), "-o", str(out), "--detector", "padim", "--n-features", "16", "--scheme", "holdout",
                  "--validation-fraction", "0.25", "--backbone", "mobilenet_v2,efficientnet_lite0", "--image-size", "64"]) == 0
     det = Bundle.load(out).detector
-    assert det.name == "ensemble" and det.detector == "padim" and det.detector_params == {"features": "expanded", "n_features": 16, "random_state": 0, "weights": None}
+    assert det.name == "ensemble" and det.detector == "padim"
+    assert det.detector_params == {"features": "expanded", "n_features": 16, "random_state": 0, "weights": None}
