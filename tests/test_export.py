@@ -33,9 +33,12 @@ def assert_same_inspections(bundle: Bundle, exported: Bundle, images) -> None:
         assert a.verdict == b.verdict and [r.box for r in a.regions] == [r.box for r in b.regions]
 
 
-@pytest.mark.parametrize("name", ["patchcore", "padim"])
+EXPORT_PARAMS = {"patchcore": {"coreset_ratio": 0.1}, "padim": {"n_features": 50}, "simplenet": {"embed_dim": 16, "hidden": 32, "max_epochs": 3}}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORT_PARAMS))
 def test_export_scores_like_pytorch(name, tiny_dataset, tmp_path):
-    bundle, ds = fitted(name, tiny_dataset, **({"coreset_ratio": 0.1} if name == "patchcore" else {"n_features": 50}))
+    bundle, ds = fitted(name, tiny_dataset, **EXPORT_PARAMS[name])
     path = export_onnx(bundle, tmp_path / "model.onnx")
     exported = Bundle.load(path)
     assert exported.checksum == bundle.checksum and exported.calibration.image_threshold == bundle.calibration.image_threshold
@@ -71,7 +74,7 @@ def test_export_on_real_images(tmp_path):
 def test_what_cannot_be_exported_is_refused_in_one_line(tiny_dataset, tmp_path):
     ds = load_dataset(tiny_dataset)
     auto = create_detector("autoencoder", image_size=64, max_epochs=1).fit(ds.train_good)
-    with pytest.raises(DefectLensError, match="export supports patchcore and padim models; 'autoencoder'"):
+    with pytest.raises(DefectLensError, match="export supports patchcore, padim and simplenet models; 'autoencoder'"):
         export_onnx(Bundle(auto), tmp_path / "a.onnx")
     reweighted = create_detector("patchcore", image_size=64, coreset_ratio=0.1, reweight=True).fit(ds.train_good)
     with pytest.raises(DefectLensError, match="reweight"):

@@ -6,10 +6,11 @@ from .ensemble import EnsembleDetector
 from .padim import PaDiM
 from .patchcore import PatchCore
 from .registry import available_detectors, create_detector, create_from_spec, detector_class, register_detector
+from .simplenet import SimpleNet
 from .supervised import SupervisedClassifier
 from .tiling import TiledDetector
 
 __all__ = [
-    "Autoencoder", "BatchScores", "Detector", "EnsembleDetector", "PaDiM", "PatchCore", "SupervisedClassifier", "TiledDetector",
+    "Autoencoder", "BatchScores", "Detector", "EnsembleDetector", "PaDiM", "PatchCore", "SimpleNet", "SupervisedClassifier", "TiledDetector",
     "available_detectors", "create_detector", "create_from_spec", "detector_class", "register_detector",
 ]

@@ -1,9 +1,10 @@
 """A fitted detector and its calibration as one torch module: model-size pixels in, scores out.
 
 Everything after decoding and resizing is inside: normalisation, backbone, patch scoring as
-matrix products (nearest neighbour for PatchCore, Mahalanobis for PaDiM), upsampling, smoothing,
-the symmetry term and the normalised score. Decoding and the antialiased resize stay outside, in
-the same Python code both paths share, because ONNX has no resize that matches it to 1e-4.
+matrix products (nearest neighbour for PatchCore, Mahalanobis for PaDiM, the discriminator for
+SimpleNet), upsampling, smoothing, the symmetry term and the normalised score. Decoding and the
+antialiased resize stay outside, in the same Python code both paths share, because ONNX has no
+resize that matches it to 1e-4.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..detectors.base import Detector
 from ..detectors.feature_based import FeatureDetector
 from ..detectors.padim import PaDiM
 from ..detectors.patchcore import PatchCore
+from ..detectors.simplenet import SimpleNet
 from ..errors import DefectLensError
 from ..symmetry import asymmetry_torch
 
@@ -25,8 +27,8 @@ OUTPUTS = ("score", "anomaly_map", "normalised_score")
 
 def exportable(detector: Detector) -> None:
     """Refuse, in one line, what the graph cannot express."""
-    if type(detector) not in (PatchCore, PaDiM):
-        raise DefectLensError(f"export supports patchcore and padim models; '{detector.name}' models are scored in PyTorch only")
+    if type(detector) not in (PatchCore, PaDiM, SimpleNet):
+        raise DefectLensError(f"export supports patchcore, padim and simplenet models; '{detector.name}' models are scored in PyTorch only")
     if isinstance(detector, PatchCore) and detector.reweight:
         raise DefectLensError("export does not support PatchCore's reweighting (reweight=True); refit with reweight=False to export")
     if isinstance(detector, PatchCore) and detector.search != "flat":
@@ -79,6 +81,8 @@ class ScoringGraph(nn.Module):
         self.embedder = detector._fast_embedder
         if isinstance(detector, PatchCore):
             self.patches: nn.Module = NearestNeighbourScorer(detector.memory_bank_)
+        elif isinstance(detector, SimpleNet):
+            self.patches = detector.scorer_  # the very module PyTorch scoring runs
         else:
             assert isinstance(detector, PaDiM)
             self.patches = MahalanobisScorer(detector.mean_, detector.precision_, detector.channels_, detector.feature_shape_)
