@@ -10,7 +10,6 @@ what a user who runs plain ``fit`` gets.
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -22,6 +21,7 @@ from scipy.stats import spearmanr
 
 from .comparison import KILLED, find_categories, in_fresh_process
 from .errors import DefectLensError
+from .workflows.selection import format_figure
 
 
 @dataclass
@@ -94,10 +94,6 @@ def run_selection_benchmark(root: str | Path, budget_s: float = 3600.0, seed: in
     return found
 
 
-def _f(v: float | None, digits: int = 3) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
 def markdown_category(c: CategorySelection) -> str:
     if c.error:
         return f"### {c.category}\n\nfailed: {c.error}\n"
@@ -105,17 +101,17 @@ def markdown_category(c: CategorySelection) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in c.results:
         mark = " **picked**" if r["label"] == c.chosen and r["stage"] == "final" else ""
-        lines.append(f"| {r['label']}{mark} | {r['stage']} | {r['n_fit']} | {_f(r['image_auroc'])} | {_f(r['aupro'])} | "
-                     f"{_f(r['test_auroc'])} | {_f(r['fit_s'], 1)} | {_f(r['ms_per_image'], 1)} |")
+        lines.append(f"| {r['label']}{mark} | {r['stage']} | {r['n_fit']} | {format_figure(r['image_auroc'])} | {format_figure(r['aupro'])} | "
+                     f"{format_figure(r['test_auroc'])} | {format_figure(r['fit_s'], 1)} | {format_figure(r['ms_per_image'], 1)} |")
     gap = None if c.best_test_auroc is None or c.chosen_test_auroc is None else c.best_test_auroc - c.chosen_test_auroc
-    lines += ["", f"Spearman rank correlation of synthetic and real AUROC over the finalists: {_f(c.spearman, 2)}. "
-              f"Picked {c.chosen} (real {_f(c.chosen_test_auroc)}); real best {c.best_label} ({_f(c.best_test_auroc)}); "
-              f"gap {_f(gap)}. Selection took {_f(c.selection_s, 0)} s."]
+    lines += ["", f"Spearman rank correlation of synthetic and real AUROC over the finalists: {format_figure(c.spearman, 2)}. "
+              f"Picked {c.chosen} (real {format_figure(c.chosen_test_auroc)}); real best {c.best_label} ({format_figure(c.best_test_auroc)}); "
+              f"gap {format_figure(gap)}. Selection took {format_figure(c.selection_s, 0)} s."]
     if c.full_fit:
         f = c.full_fit
-        lines.append(f"The pick fitted on all {f['train_images']} training images: image AUROC {_f(f['image_auroc'])}, "
-                     f"pixel AUROC {_f(f['pixel_auroc'])}, AUPRO {_f(f['aupro'])}, fit {_f(f['fit_s'], 1)} s, "
-                     f"{_f(f['ms_per_image'], 1)} ms/image; peak {_f(c.peak_mb, 0)} MB.")
+        lines.append(f"The pick fitted on all {f['train_images']} training images: image AUROC {format_figure(f['image_auroc'])}, "
+                     f"pixel AUROC {format_figure(f['pixel_auroc'])}, AUPRO {format_figure(f['aupro'])}, fit {format_figure(f['fit_s'], 1)} s, "
+                     f"{format_figure(f['ms_per_image'], 1)} ms/image; peak {format_figure(c.peak_mb, 0)} MB.")
     return "\n".join(lines) + "\n"
 
 

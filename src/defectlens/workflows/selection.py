@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..data.defects import synthesize
+from ..data.defects import resize_longest, synthesize
 from ..data.images import ImageInput, load_rgb
 from ..detectors import Detector, available_detectors, create_from_spec
 from ..errors import DefectLensError
@@ -83,8 +83,8 @@ class Selection:
         chosen = self._chosen_row()
         for r in self.results:
             mark = " **chosen**" if r is chosen else ""
-            lines.append(f"| {r.label}{mark} | {r.stage} | {r.n_fit} | {_f(r.image_auroc)} | {_f(r.aupro)} | {_f(r.fit_s, 1)} | "
-                         f"{_f(r.ms_per_image, 1)} | {r.note} |")
+            figures = [format_figure(r.image_auroc), format_figure(r.aupro), format_figure(r.fit_s, 1), format_figure(r.ms_per_image, 1)]
+            lines.append(f"| {r.label}{mark} | {r.stage} | {r.n_fit} | {' | '.join(figures)} | {r.note} |")
         return "\n".join(lines)
 
     def describe(self) -> str:
@@ -104,7 +104,8 @@ class Selection:
                 "elapsed_s": self.elapsed_s, "reason": self.reason}
 
 
-def _f(v: float | None, digits: int = 3) -> str:
+def format_figure(v: float | None, digits: int = 3) -> str:
+    """A figure for a table; '-' where it was not measured (or is NaN)."""
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
@@ -166,15 +167,6 @@ def _spread(items: list, n: int) -> list:
     return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
-def _fit_size(rgb: np.ndarray) -> np.ndarray:
-    h, w = rgb.shape[:2]
-    if max(h, w) <= MAX_SIDE:
-        return rgb
-    k = MAX_SIDE / max(h, w)
-    size = (max(1, round(w * k)), max(1, round(h * k)))
-    return np.stack([np.asarray(Image.fromarray(rgb[..., c], mode="F").resize(size, Image.BILINEAR)) for c in range(3)], axis=2)
-
-
 @dataclass
 class ValidationSet:
     """Held-out good images plus synthetic defects made from them, with their masks."""
@@ -186,7 +178,7 @@ class ValidationSet:
 
     @classmethod
     def make(cls, heldout: Sequence[ImageInput], seed: int, target_defects: int = 64) -> ValidationSet:
-        goods = [_fit_size(load_rgb(p)) for p in heldout]
+        goods = [resize_longest(load_rgb(p), MAX_SIDE) for p in heldout]
         per_image = max(2, math.ceil(target_defects / max(1, len(goods))))
         defects = synthesize(goods, per_image * len(goods), seed=seed)
         images = goods + [d.image for d in defects]
@@ -295,7 +287,7 @@ def select_detector(
             continue
         say(f"selection: screening {c.label} on {len(screen)} images")
         results.append(measure(c, screen, validation, seed, "screen"))
-        say(f"  synthetic AUROC {_f(results[-1].image_auroc)}, AUPRO {_f(results[-1].aupro)} {results[-1].note}")
+        say(f"  synthetic AUROC {format_figure(results[-1].image_auroc)}, AUPRO {format_figure(results[-1].aupro)} {results[-1].note}")
 
     final = _spread(fit_pool, final_images)
     ranked = rank(results)
@@ -309,7 +301,7 @@ def select_detector(
                 continue
             say(f"selection: finalist {r.label} on {len(final)} images")
             results.append(measure(by_label[r.label], final, validation, seed, "final", test))
-            say(f"  synthetic AUROC {_f(results[-1].image_auroc)}, AUPRO {_f(results[-1].aupro)} {results[-1].note}")
+            say(f"  synthetic AUROC {format_figure(results[-1].image_auroc)}, AUPRO {format_figure(results[-1].aupro)} {results[-1].note}")
         finals = [r for r in results if r.stage == "final"]
         ranked = rank(finals) or ranked
     if not ranked:
@@ -317,10 +309,10 @@ def select_detector(
                          f"no candidate could be measured: the first, {pool[0].label}, is used")
     best = ranked[0]
     chosen = next(c for c in pool if c.label == best.label)
-    reason = f"best synthetic image AUROC {_f(best.image_auroc)} (AUPRO {_f(best.aupro)}) on {best.n_fit} fit images"
+    reason = f"best synthetic image AUROC {format_figure(best.image_auroc)} (AUPRO {format_figure(best.aupro)}) on {best.n_fit} fit images"
     if len(ranked) > 1 and ranked[1].image_auroc is not None and ranked[1].image_auroc >= best.image_auroc - AUROC_TIE:
         reason += f"; tied with {ranked[1].label} on AUROC, ahead on AUPRO or speed"
     return Selection(chosen, results, len(fit_pool), n_held, n_syn, seed, budget_s, time.perf_counter() - start, reason)
 
 
-__all__ = ["Candidate", "CandidateResult", "Selection", "TestSet", "ValidationSet", "candidates", "rank", "select_detector", "tiling_for"]
+__all__ = ["Candidate", "CandidateResult", "Selection", "TestSet", "ValidationSet", "candidates", "rank", "select_detector", "format_figure", "tiling_for"]
