@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from defectlens.calibration import Calibration, CalibrationSettings, calibrate_scores
 from defectlens.calibration import strategies as st
@@ -14,22 +15,22 @@ from defectlens.symmetry import asymmetry, choose_weight
 
 
 @pytest.mark.parametrize("target", [0.01, 0.05])
-def test_target_frr_is_met_on_new_good_parts_with_many_images(target):
+def test_tail_rule_meets_its_target_with_many_images(target):
     rng = np.random.default_rng(1)
     calib = rng.gumbel(1.0, 0.1, 20_000)
     fresh = rng.gumbel(1.0, 0.1, 200_000)
-    t = st.threshold_for_frr(calib, target)
+    t = st.threshold_tail(calib, target)
     assert (fresh > t).mean() == pytest.approx(target, rel=0.15)
 
 
 @pytest.mark.parametrize("family", ["gumbel", "normal", "lognormal"])
-def test_target_frr_stays_near_target_from_30_images(family):
+def test_tail_rule_stays_near_target_from_30_images(family):
     """Averaged over many small calibration sets, the real FRR stays close to the 1 % target,
     whatever the (unknown) shape of the good-score distribution."""
     rng = np.random.default_rng(2)
     draw = {"gumbel": lambda n: rng.gumbel(1, 0.1, n), "normal": lambda n: rng.normal(1, 0.1, n),
             "lognormal": lambda n: rng.lognormal(0, 0.3, n)}[family]
-    frrs = [(draw(20_000) > st.threshold_for_frr(draw(30), 0.01)).mean() for _ in range(100)]
+    frrs = [(draw(20_000) > st.threshold_tail(draw(30), 0.01)).mean() for _ in range(100)]
     assert np.mean(frrs) < 0.02
 
 
@@ -38,7 +39,7 @@ def test_frr_interval_covers_the_true_rate():
     covered = 0
     for i in range(100):
         calib = rng.gumbel(0, 1, 50)
-        t = st.threshold_for_frr(calib, 0.02)
+        t = st.threshold_tail(calib, 0.02)
         true_rate = float(np.exp(-np.exp(-t)) * -1 + 1)  # Gumbel(0, 1) survival function
         est = st.estimate_frr(calib, t, seed=i)
         assert est.low <= est.expected <= est.high and est.n == 50
@@ -63,7 +64,7 @@ def test_k_sigma_is_mean_plus_k_std():
 
 def test_bad_targets_are_refused():
     with pytest.raises(DefectLensError, match="between 0 and 1"):
-        st.threshold_for_frr(np.ones(5), 0.0)
+        st.threshold_tail(np.ones(5), 0.0)
     with pytest.raises(DefectLensError, match="recall"):
         st.threshold_for_recall(np.ones(3), np.ones(3) * 2, 1.5)
     with pytest.raises(DefectLensError, match="unknown calibration strategy"):
@@ -99,7 +100,7 @@ def test_calibrate_scores_builds_the_threshold_table():
     types = ["crack"] * 20 + ["spot"] * 20
     cal = calibrate_scores(good, good * 0.8, CalibrationSettings(strategy="f1"), defect_scores=defect, defect_types=types)
     keys = [r["key"] for r in cal.table]
-    assert keys == ["target_frr", "k_sigma", "f1", "target_recall", "zero_false_rejects"]
+    assert keys == ["target_frr", "tail", "k_sigma", "f1", "target_recall", "zero_false_rejects"]
     chosen = [r for r in cal.table if r["chosen"]]
     assert len(chosen) == 1 and chosen[0]["key"] == "f1" and chosen[0]["threshold"] == cal.image_threshold
     zero = next(r for r in cal.table if r["key"] == "zero_false_rejects")
@@ -117,7 +118,10 @@ def test_labelled_strategy_without_defects_says_what_to_do():
 def test_few_images_warn_but_work():
     with pytest.warns(UserWarning, match="3 good images"):
         cal = calibrate_scores(np.array([1.0, 1.1, 0.9]), np.array([0.5, 0.6, 0.4]))
-    assert cal.image_threshold > 1.1 and cal.pixel_threshold > 0.6
+    # three images cannot promise 1 %: the largest good score is the threshold, and the record says what it promises
+    assert cal.image_threshold == 1.1 and cal.pixel_threshold == 0.6
+    assert cal.guarantee["bound"] == pytest.approx(0.25) and not cal.guarantee["achievable"] and cal.guarantee["images_needed"] == 99
+    assert "3 images: FRR <= 25 % guaranteed on average" in cal.describe() and "needs >= 99 images" in cal.describe()
 
 
 def test_normalised_score_is_one_half_at_the_threshold():
@@ -154,3 +158,101 @@ def test_symmetry_is_used_only_when_it_helps():
     same = rng.normal(0, 0.1, 100)
     useless = choose_weight(np.linspace(0, 1, 50), same[:50], np.linspace(2, 3, 50), same[50:])
     assert not useless["used"] and useless["auroc_appearance"] == 1.0
+
+
+# -- conformal thresholds: the guarantee checked by simulation ----------------------------------
+
+DISTRIBUTIONS = {
+    "gumbel": (lambda rng, n: rng.gumbel(1, 0.1, n), lambda t: stats.gumbel_r.sf(t, 1, 0.1)),
+    "normal": (lambda rng, n: rng.normal(1, 0.1, n), lambda t: stats.norm.sf(t, 1, 0.1)),
+    "lognormal": (lambda rng, n: rng.lognormal(0, 0.5, n), lambda t: stats.lognorm.sf(t, 0.5)),
+    "pareto": (lambda rng, n: rng.pareto(2.0, n) + 1, lambda t: stats.pareto.sf(t, 2.0)),  # a heavy tail no Gumbel fits
+}
+
+
+@pytest.mark.parametrize("family", sorted(DISTRIBUTIONS))
+@pytest.mark.parametrize(("n", "alpha"), [(20, 0.05), (50, 0.05), (200, 0.01), (199, 0.1)])
+def test_conformal_frr_is_at_most_its_bound_on_average(family, n, alpha):
+    """Over 1,000 calibration sets, the true FRR of the conformal threshold averages at most
+    k/(n+1), and no less either (the bound is tight for continuous scores)."""
+    draw, sf = DISTRIBUTIONS[family]
+    rng = np.random.default_rng(7)
+    frr, bounds = [], set()
+    for _ in range(1000):
+        g = st.threshold_conformal(draw(rng, n), alpha)
+        frr.append(float(sf(g.threshold)))
+        bounds.add(g.bound)
+    (bound,) = bounds
+    assert bound <= alpha
+    tolerance = 3 * np.std(frr) / np.sqrt(len(frr))
+    assert np.mean(frr) <= bound + tolerance
+    assert np.mean(frr) >= bound - tolerance
+
+
+@pytest.mark.parametrize("family", sorted(DISTRIBUTIONS))
+@pytest.mark.parametrize(("n", "alpha", "confidence"), [(100, 0.05, 0.9), (300, 0.01, 0.8)])
+def test_pac_threshold_holds_at_its_confidence(family, n, alpha, confidence):
+    draw, sf = DISTRIBUTIONS[family]
+    rng = np.random.default_rng(8)
+    guarantees = [st.threshold_conformal(draw(rng, n), alpha, confidence) for _ in range(1000)]
+    assert all(g.achievable for g in guarantees)
+    exceeded = np.mean([sf(g.threshold) > alpha for g in guarantees])
+    assert exceeded <= (1 - confidence) + 3 * np.sqrt(confidence * (1 - confidence) / 1000)
+    # and it is stricter than the on-average threshold from the same scores
+    assert guarantees[0].rank <= st.conformal_rank(n, alpha)
+
+
+def test_conformal_rank_and_images_needed():
+    assert st.conformal_rank(99, 0.01) == 1 and st.conformal_rank(98, 0.01) == 0
+    assert st.images_needed(0.01) == 99 and st.images_needed(0.05) == 19
+    assert st.images_needed(0.05, delta=0.1) == 45  # 0.95 ** 45 < 0.1 <= 0.95 ** 44
+    assert st.pac_rank(44, 0.05, 0.1) == 0 and st.pac_rank(45, 0.05, 0.1) == 1
+    values = np.arange(1.0, 201.0)  # 200 scores: 1 % of 201 -> the 2nd largest
+    g = st.threshold_conformal(values, 0.01)
+    assert g.threshold == 199.0 and g.rank == 2 and g.bound == pytest.approx(2 / 201) and g.achievable
+
+
+def test_too_few_images_give_the_largest_score_and_say_so():
+    g = st.threshold_conformal(np.linspace(1, 2, 21), 0.01)
+    assert g.threshold == 2.0 and g.bound == pytest.approx(1 / 22) and not g.achievable and g.images_needed == 99
+    cal = calibrate_scores(np.linspace(1, 2, 21), np.linspace(1, 2, 21))
+    assert "21 images: FRR <= 4.5 % guaranteed on average" in cal.describe()
+    assert "the 1 % target needs >= 99 images" in cal.describe()
+
+
+def test_tail_rule_beyond_the_largest_score_says_so():
+    rng = np.random.default_rng(9)
+    good = rng.gumbel(1, 0.1, 20)
+    cal = calibrate_scores(good, good, CalibrationSettings(strategy="tail"))
+    assert cal.image_threshold > good.max()
+    assert any("above the largest good score" in n for n in cal.notes) and "note:" in cal.describe()
+    assert not calibrate_scores(good, good).notes  # the conformal threshold never leaves the data
+
+
+def test_cost_rule_trades_false_rejects_for_escapes():
+    good = np.arange(1.0, 21.0)  # 20 good scores 1..20
+    synthetic = np.r_[np.full(50, 19.5), np.full(50, 30.0)]  # half just under the largest good score
+    # escapes cheap: keep the largest good score (FRR 1/21), miss half
+    assert st.threshold_cost(good, synthetic, escape_cost=0.1, defect_rate=0.05) == 20.0
+    # escapes dear: go down to the 2nd largest (FRR 2/21) and catch them all
+    assert st.threshold_cost(good, synthetic, escape_cost=10, defect_rate=0.05) == 19.0
+    cal = calibrate_scores(good, good, CalibrationSettings(strategy="cost"), synthetic_scores=synthetic)
+    assert cal.image_threshold == 19.0 and cal.guarantee["bound"] == pytest.approx(2 / 21)
+    row = next(r for r in cal.table if r["key"] == "cost")
+    assert row["synthetic_recall"] == 1.0 and row["chosen"]
+    with pytest.raises(DefectLensError, match="synthetic"):
+        calibrate_scores(good, good, CalibrationSettings(strategy="cost"))
+
+
+def test_tradeoff_table_lowers_the_threshold_step_by_step():
+    rng = np.random.default_rng(10)
+    good, synthetic = rng.normal(1, 0.1, 100), rng.normal(1.3, 0.2, 64)
+    cal = calibrate_scores(good, good, synthetic_scores=synthetic, synthetic_families=["spot"] * 64)
+    rows = cal.tradeoff
+    assert rows[0]["threshold"] == good.max() and sum(r["chosen"] for r in rows) == 1
+    assert np.all(np.diff([r["threshold"] for r in rows]) < 0)
+    for key in ("guaranteed_frr", "synthetic_recall"):
+        assert np.all(np.diff([r[key] for r in rows]) >= 0)
+    text = cal.describe()
+    assert "trade-off (64 synthetic defects; their recall is an estimate" in text
+    assert Calibration.from_dict(cal.to_dict()) == cal

@@ -21,7 +21,7 @@ SMALL = {"image_size": 64, "coreset_ratio": 0.1}
 def test_kfold_scores_come_from_models_that_did_not_see_the_image(tiny_dataset):
     images = load_dataset(tiny_dataset, validation_fraction=0.0).train_good[:8]
     det = create_detector("patchcore", **SMALL)
-    out_of_fold = kfold_scores(det, images, folds=4)
+    out_of_fold, _ = kfold_scores(det, images, folds=4)
     in_sample = score_images(det.fit(images), images)
     assert out_of_fold.scores.shape == (8,)
     # a memory bank holding the image's own patches scores it far lower
@@ -96,12 +96,16 @@ def cli_model(tiny_dataset, tmp_path_factory):
 def test_calibrate_without_data_reuses_stored_scores(cli_model, tmp_path, capsys):
     before = Bundle.load(cli_model).calibration
     out = tmp_path / "strict.dlens"
-    assert main(["calibrate", str(cli_model), "--target-frr", "0.2", "-o", str(out)]) == 0
+    assert main(["calibrate", str(cli_model), "--target-frr", "0.5", "-o", str(out)]) == 0
     after = Bundle.load(out).calibration
-    assert after.n_good == before.n_good and after.good_scores == before.good_scores
-    assert after.image_threshold < before.image_threshold  # 20 % false rejects allowed: a lower threshold
+    assert after.n_good == before.n_good == 4 and after.good_scores == before.good_scores
+    # 50 % false rejects allowed: the 2nd largest of 4 good scores, guaranteed FRR <= 2/5
+    assert after.image_threshold == sorted(before.good_scores)[-2] < before.image_threshold
+    assert after.guarantee["rank"] == 2 and after.guarantee["bound"] == pytest.approx(0.4)
+    assert after.synthetic_scores == before.synthetic_scores and len(after.synthetic_scores) >= 8
     assert Bundle.load(cli_model).calibration == before  # -o leaves the original alone
-    assert "expected false-reject rate" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "estimated false-reject rate" in out_text and "FRR <= 40 % guaranteed on average" in out_text
 
 
 def test_calibrate_with_labelled_data_and_evaluation_leaves_those_images_out(cli_model, tiny_dataset, tmp_path, capsys):

@@ -55,6 +55,12 @@ def test_upload_shows_verdict_overlay_and_boxes_and_the_slider_rejudges(server, 
     assert badges(page) == ["defect", "defect"] and "2 of 2" in page.inner_text("#tally")
     set_slider(page, high + 1e-3)
     assert badges(page) == ["good", "good"] and "0 of 2" in page.inner_text("#tally")
+    details = httpx.get(server.url + "/api/models/discs").json()
+    n_good = len(details["good_scores"])
+    above = sum(v > high + 1e-3 for v in details["good_scores"])
+    promise = page.inner_text("#threshold-promise")
+    assert f"≤ {100 * (above + 1) / (n_good + 1):.1f} % guaranteed on average" in promise
+    assert details["synthetic_scores"] and f"estimated recall on {len(details['synthetic_scores'])} synthetic defects" in promise
     drawn = page.eval_on_selector("#histogram", "c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v > 0)")
     assert drawn
     assert httpx.get(server.url + "/api/history").json()["total"] == 2  # the slider never re-ran the model

@@ -70,9 +70,18 @@ def _add_calibration_options(p: argparse.ArgumentParser, strategies: Sequence[st
 
     d = CalibrationSettings()
     p.add_argument("--strategy", choices=strategies, default=d.strategy, help=(
-        f"threshold rule (default: {d.strategy}). Good images only: target_frr (reject a target share of good parts), "
-        "k_sigma (mean + k std). With labelled defects: f1, target_recall, zero_false_rejects"))
+        f"threshold rule (default: {d.strategy}). Good images only: target_frr (conformal: the k-th largest good score, "
+        "guaranteed to reject at most the target share of good parts; with too few images, the largest, and it says so), "
+        "tail (the Gumbel tail model's quantile: an estimate that may sit above every good score), k_sigma (mean + k std), "
+        "cost (the threshold with the least expected cost, recall estimated from synthetic defects). "
+        "With labelled defects: f1, target_recall, zero_false_rejects"))
     p.add_argument("--target-frr", type=float, default=d.target_frr, help=f"false-reject rate to aim for (default: {d.target_frr})")
+    p.add_argument("--confidence", type=float, default=d.confidence, help=(
+        "target_frr: guarantee the rate with this probability for this calibration set (e.g. 0.9), instead of on average"))
+    p.add_argument("--escape-cost", type=float, default=d.escape_cost, help=(
+        f"cost rule: what one escaped defect costs, in false rejects (default: {d.escape_cost:g})"))
+    p.add_argument("--defect-rate", type=float, default=d.defect_rate, help=(
+        f"cost rule: share of defective parts expected on the line (default: {d.defect_rate:g})"))
     p.add_argument("--k-sigma", type=float, default=d.k_sigma, help=f"k for the k_sigma rule (default: {d.k_sigma})")
     p.add_argument("--target-recall", type=float, default=d.target_recall, help=f"defect recall to reach (default: {d.target_recall})")
 
@@ -80,8 +89,9 @@ def _add_calibration_options(p: argparse.ArgumentParser, strategies: Sequence[st
 def _settings(args: argparse.Namespace, symmetry: str | None = None):
     from .calibration import CalibrationSettings
 
-    return CalibrationSettings(strategy=args.strategy, target_frr=args.target_frr, k_sigma=args.k_sigma,
-                               target_recall=args.target_recall, symmetry=symmetry, seed=getattr(args, "seed", 0))
+    return CalibrationSettings(strategy=args.strategy, target_frr=args.target_frr, confidence=args.confidence, k_sigma=args.k_sigma,
+                               escape_cost=args.escape_cost, defect_rate=args.defect_rate, target_recall=args.target_recall,
+                               symmetry=symmetry, seed=getattr(args, "seed", 0))
 
 
 def _make_detector(args: argparse.Namespace):
@@ -342,6 +352,7 @@ def _auto_detector(ds, backbone: str = "mobilenet_v2", weights: str | None = Non
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .bundle import Bundle
     from .calibration import LABELLED, ScoredImages, calibrate_bundle, score_images
+    from .calibration.fitting import SYNTHETIC_DEFECTS, SyntheticScores, synthetic_scores
     from .data import load_dataset
     from .data.datasets import labelled_split
     from .errors import DatasetError
@@ -355,7 +366,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         if old is None or not old.good_map_max:
             raise DatasetError(f"{args.model}: holds no stored good scores to re-calibrate from: give DATA")
         good = ScoredImages(np.asarray(old.good_scores), np.asarray(old.good_map_max), np.zeros(old.n_good), np.zeros(old.n_good))
-        calibrate_bundle(bundle, good, settings, source=old.source.replace("+labelled", ""), files=[f for f in old.files if f])
+        n_syn = len(old.synthetic_scores)
+        syn = SyntheticScores(ScoredImages(np.asarray(old.synthetic_scores), np.zeros(n_syn), np.zeros(n_syn), np.zeros(n_syn)),
+                              list(old.synthetic_families)) if n_syn else None
+        calibrate_bundle(bundle, good, settings, source=old.source.replace("+labelled", ""), files=[f for f in old.files if f], synthetic=syn)
         bundle.calibration.symmetry = old.symmetry  # the stored scores already include it, when it was chosen
     else:
         ds = load_dataset(args.data, validation_fraction=0.0)
@@ -370,9 +384,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             raise DatasetError(f"{ds.root}: every good image was used to fit this model; add unseen good images, or re-calibrate without DATA")
         bundle.detector.verbose = True
         good = score_images(bundle.detector, good_paths, progress=True)
+        syn = synthetic_scores(bundle.detector, good_paths, SYNTHETIC_DEFECTS, settings.seed)
         # resolved paths, so evaluation recognises these images however the data folder is named
         calibrate_bundle(bundle, good, settings, [s.path.resolve() for s in defects], [s.defect_type for s in defects], source="holdout",
-                         files=[str(p.resolve()) for p in good_paths])
+                         files=[str(p.resolve()) for p in good_paths], synthetic=syn)
         bundle.detector.verbose = False
     print(bundle.calibration.describe())
     if bundle.typer is not None:

@@ -23,6 +23,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from . import __version__
 from .bundle import Bundle
+from .calibration.record import Calibration, guarantee_sentence
 from .data.defects import contact_sheet, resize_longest, synthesize
 from .data.images import load_rgb, resize_rgb
 from .errors import ImageError
@@ -77,9 +78,13 @@ def _curves(ev: Evaluation) -> bytes:
     return _png(fig)
 
 
-def _histogram(ev: Evaluation) -> bytes:
-    fig = Figure(figsize=(9, 3.6))
-    ax = fig.subplots()
+def _histogram(ev: Evaluation, cal: Calibration | None) -> bytes:
+    """Test scores; beside them, what the threshold was set from: the good calibration scores and
+    the synthetic defects made from them (an estimate of recall, not real defects)."""
+    side = cal is not None and bool(cal.synthetic_scores)
+    fig = Figure(figsize=(9, 3.6) if not side else (12, 3.6))
+    axes = fig.subplots(1, 2 if side else 1, squeeze=False)[0]
+    ax = axes[0]
     bins = np.histogram_bin_edges(ev.scores, bins=40)
     ax.hist(ev.scores[ev.labels == 0], bins=bins, alpha=0.6, color="seagreen", label=f"good ({int((ev.labels == 0).sum())})")
     types = sorted({t for t, lab in zip(ev.types, ev.labels, strict=True) if lab})
@@ -90,6 +95,15 @@ def _histogram(ev: Evaluation) -> bytes:
         ax.axvline(ev.threshold, color="crimson", lw=2, ls="--", label=f"threshold {ev.threshold:.3f}")
     ax.set(xlabel="anomaly score", ylabel="images", title="Scores of good and defective test images")
     ax.legend(fontsize=8)
+    if side:
+        ax = axes[1]
+        good, syn = np.asarray(cal.good_scores), np.asarray(cal.synthetic_scores)
+        bins = np.histogram_bin_edges(np.r_[good, syn], bins=30)
+        ax.hist(good, bins=bins, alpha=0.6, color="seagreen", label=f"good, calibration ({good.size})")
+        ax.hist(syn, bins=bins, alpha=0.6, color="darkorange", label=f"synthetic defects ({syn.size}; estimate)")
+        ax.axvline(cal.image_threshold, color="crimson", lw=2, ls="--", label=f"threshold {cal.image_threshold:.3f}")
+        ax.set(xlabel="anomaly score", title="What the threshold was set from")
+        ax.legend(fontsize=8)
     return _png(fig)
 
 
@@ -131,7 +145,7 @@ def _gallery_image(item, pixel_threshold: float | None, size: int) -> bytes:
 
 
 def build_figures(ev: Evaluation, bundle: Bundle, thumb: int = 192) -> Figures:
-    png = {"curves": _curves(ev), "histogram": _histogram(ev)}
+    png = {"curves": _curves(ev), "histogram": _histogram(ev, bundle.calibration)}
     confusion = _confusion(ev)
     if confusion is not None:
         png["confusion"] = confusion
@@ -184,7 +198,9 @@ def _rows(ev: Evaluation, bundle: Bundle) -> dict[str, list[list[str]]]:
                                 "n/a" if r.get("precision") is None else f"{100 * r['precision']:.1f} %",
                                 "n/a" if r.get("recall") is None else f"{100 * r['recall']:.1f} %",
                                 str(r["false_rejects"]), "n/a" if r.get("escapes") is None else str(r["escapes"]),
-                                f"{100 * r['expected_frr']:.2f} %"])
+                                f"{100 * r['expected_frr']:.2f} %",
+                                "n/a" if r.get("guaranteed_frr") is None else f"≤ {100 * r['guaranteed_frr']:.1f} %",
+                                "n/a" if r.get("synthetic_recall") is None else f"{100 * r['synthetic_recall']:.1f} % (estimate)"])
     per_type = [[t, str(d["n"]), fmt(d["auroc"]), fmt(d.get("recall_at_threshold")), fmt(d["mean_score"])] for t, d in sorted(ev.per_type.items())]
     pixel = [["pixel AUROC", fmt(m["pixel_auroc"])], ["AUPRO (FPR <= 0.3)", fmt(m["aupro"])],
              ["IoU at pixel threshold", fmt(m.get("pixel_iou"))], ["Dice at pixel threshold", fmt(m.get("pixel_dice"))],
@@ -227,7 +243,8 @@ true defect outlined in white.</p>
 {% endfor %}</body></html>
 """
 
-HEADS = {"calibration": ["rule", "threshold", "precision", "recall", "false rejects", "escapes", "expected FRR"],
+HEADS = {"calibration": ["rule", "threshold", "precision", "recall", "false rejects", "escapes", "estimated FRR (tail model)",
+                         "guaranteed FRR", "synthetic recall"],
          "per-type": ["defect type", "n", "AUROC", "recall at threshold", "mean score"],
          "selection": ["candidate", "stage", "fit images", "synthetic image AUROC", "synthetic AUPRO", "fit s", "ms/image", "note"]}
 
@@ -244,8 +261,12 @@ def write_report(ev: Evaluation, bundle: Bundle, out_dir: Path, machine: str = "
     cal = bundle.calibration
     note = "The model has no calibrated threshold." if cal is None else (
         f"Chosen rule marked. Calibrated on {cal.n_good} good" + (f" and {cal.n_defect} defective" if cal.n_defect else "")
-        + f" images ({cal.source}). Expected false-reject rate on new good parts: {100 * cal.expected_frr['expected']:.2f} % "
-        f"(95 % interval {100 * cal.expected_frr['ci95'][0]:.2f}-{100 * cal.expected_frr['ci95'][1]:.2f} %).")
+        + f" images ({cal.source}). " + (f"{guarantee_sentence(cal.guarantee)}. " if cal.guarantee else "")
+        + f"Estimated false-reject rate on new good parts (tail model): {100 * cal.expected_frr['expected']:.2f} % "
+        f"(95 % interval {100 * cal.expected_frr['ci95'][0]:.2f}-{100 * cal.expected_frr['ci95'][1]:.2f} %)."
+        + "".join(f" Note: {n}." for n in cal.notes)
+        + (f" Synthetic recall is measured on {len(cal.synthetic_scores)} synthetic defects made from the good calibration images: "
+           "an estimate, not real defects." if cal.synthetic_scores else ""))
     captions = [f"{g.kind}: {g.sample.defect_type}/{g.sample.path.name}, score {g.score:.4f}" for g in ev.gallery]
     images = {k: figs.data_uri(k) for k in ("synthetic", "curves", "histogram", "confusion") if k in figs.png}
     env = Environment(autoescape=select_autoescape(default=True))

@@ -12,19 +12,24 @@ from ..errors import DefectLensError
 from . import strategies as st
 from .record import Calibration
 
-GOOD_ONLY = ("target_frr", "k_sigma")
+GOOD_ONLY = ("target_frr", "tail", "k_sigma", "cost")
 LABELLED = ("f1", "target_recall", "zero_false_rejects")
 STRATEGIES = GOOD_ONLY + LABELLED
 MIN_RECOMMENDED_IMAGES = 10
+TRADEOFF_ROWS = 8
 
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """Which rule sets the threshold, and its target. Defaults: reject 1 % of good parts."""
+    """Which rule sets the threshold, and its target. Default: the conformal threshold for 1 %
+    false rejects, which with fewer than 99 good images is the largest good score."""
 
     strategy: str = "target_frr"
     target_frr: float = 0.01
+    confidence: float | None = None  # target_frr with this confidence (PAC) instead of on average
     k_sigma: float = 3.0
+    escape_cost: float = 10.0  # cost rule: an escaped defect costs this many false rejects
+    defect_rate: float = 0.05  # cost rule: share of defective parts expected on the line
     target_recall: float = 0.95
     symmetry: str | None = None  # "lr", "tb" or "lrtb": try the symmetry-break score (needs defects)
     seed: int = 0
@@ -34,24 +39,28 @@ class CalibrationSettings:
             raise DefectLensError(f"unknown calibration strategy '{self.strategy}'; choose from {', '.join(STRATEGIES)}")
         if self.symmetry not in (None, "lr", "tb", "lrtb"):
             raise DefectLensError(f"symmetry must be lr, tb or lrtb, got {self.symmetry!r}")
+        if not 0.0 < self.target_frr < 1.0:
+            raise DefectLensError(f"target false-reject rate must be between 0 and 1, got {self.target_frr}")
+        if self.confidence is not None and not 0.0 < self.confidence < 1.0:
+            raise DefectLensError(f"confidence must be between 0 and 1, got {self.confidence}")
 
     @property
     def params(self) -> dict:
-        keys = {"target_frr": ["target_frr"], "k_sigma": ["k_sigma"], "target_recall": ["target_recall"]}.get(self.strategy, [])
+        keys = {"target_frr": ["target_frr", "confidence"], "tail": ["target_frr"], "k_sigma": ["k_sigma"],
+                "cost": ["escape_cost", "defect_rate"], "target_recall": ["target_recall"]}.get(self.strategy, [])
         return {k: v for k, v in asdict(self).items() if k in keys}
 
 
-def _good_only_threshold(values: np.ndarray, settings: CalibrationSettings) -> float:
+def pixel_threshold_for(good_map_max: np.ndarray, settings: CalibrationSettings) -> float:
+    """The pixel threshold always comes from good images: other rules pick the image threshold,
+    but masks must stay clean on good parts whatever rule was chosen, so a good image shows a
+    mask pixel about as rarely as it is falsely rejected."""
+    values = np.asarray(good_map_max, dtype=np.float64)
     if settings.strategy == "k_sigma":
         return st.threshold_k_sigma(values, settings.k_sigma)
-    return st.threshold_for_frr(values, settings.target_frr)
-
-
-def pixel_threshold_for(good_map_max: np.ndarray, settings: CalibrationSettings) -> float:
-    """The pixel threshold always comes from good images: labelled rules pick the image
-    threshold, but masks must stay clean on good parts whatever rule was chosen."""
-    pixel_settings = settings if settings.strategy in GOOD_ONLY else CalibrationSettings(target_frr=settings.target_frr)
-    return _good_only_threshold(np.asarray(good_map_max, dtype=np.float64), pixel_settings)
+    if settings.strategy == "tail":
+        return st.threshold_tail(values, settings.target_frr)
+    return st.threshold_conformal(values, settings.target_frr, settings.confidence).threshold
 
 
 def _labelled_thresholds(good: np.ndarray, defect: np.ndarray, settings: CalibrationSettings) -> dict[str, tuple[str, float]]:
@@ -62,6 +71,33 @@ def _labelled_thresholds(good: np.ndarray, defect: np.ndarray, settings: Calibra
     }
 
 
+def _good_only_thresholds(good: np.ndarray, synthetic: np.ndarray, settings: CalibrationSettings) -> dict[str, tuple[str, float]]:
+    conformal = st.threshold_conformal(good, settings.target_frr, settings.confidence)
+    kind = "" if settings.confidence is None else f" at {100 * settings.confidence:g} % confidence"
+    rules = {
+        "target_frr": (f"conformal FRR {100 * settings.target_frr:g} %{kind}", conformal.threshold),
+        "tail": (f"tail model FRR {100 * settings.target_frr:g} %", st.threshold_tail(good, settings.target_frr)),
+        "k_sigma": (f"mean + {settings.k_sigma:g} sigma", st.threshold_k_sigma(good, settings.k_sigma)),
+    }
+    if synthetic.size:
+        rules["cost"] = (f"cost (escape = {settings.escape_cost:g} FR)", st.threshold_cost(good, synthetic, settings.escape_cost, settings.defect_rate))
+    return rules
+
+
+def _recall(scores: np.ndarray, threshold: float) -> float | None:
+    return float((scores > threshold).mean()) if scores.size else None
+
+
+def tradeoff(good: np.ndarray, synthetic: np.ndarray, chosen: float, rows: int = TRADEOFF_ROWS) -> list[dict]:
+    """What lowering the threshold buys: at the largest good scores (each a conformal
+    threshold), the guaranteed and estimated FRR and the recall on synthetic defects."""
+    ranked = np.sort(good)[::-1]
+    ks = np.unique(np.r_[np.geomspace(1, max(1, ranked.size // 5), rows).round().astype(int), [1]])
+    thresholds = sorted({float(ranked[k - 1]) for k in ks} | {float(chosen)}, reverse=True)
+    return [{"threshold": t, "guaranteed_frr": st.conformal_bound(good, t), "estimated_frr": st.gumbel_tail(good, t),
+             "synthetic_recall": _recall(synthetic, t), "chosen": t == chosen} for t in thresholds]
+
+
 def calibrate_scores(
     good_scores: np.ndarray,
     good_map_max: np.ndarray,
@@ -69,6 +105,8 @@ def calibrate_scores(
     *,
     defect_scores: np.ndarray | None = None,
     defect_types: Sequence[str] | None = None,
+    synthetic_scores: np.ndarray | None = None,
+    synthetic_families: Sequence[str] = (),
     source: str = "holdout",
     files: Sequence[str] = (),
 ) -> Calibration:
@@ -76,23 +114,23 @@ def calibrate_scores(
 
     ``good_map_max`` is each good image's largest anomaly-map value: the pixel threshold is set
     on it, so that a good image shows any mask pixel about as rarely as it is falsely rejected.
+    ``synthetic_scores`` (synthetic defects made from the same good images) estimate recall at
+    each threshold and drive the cost rule; they are estimates, and labelled as such.
     """
     good = np.asarray(good_scores, dtype=np.float64)
     good_px = np.asarray(good_map_max, dtype=np.float64)
     defect = np.asarray(defect_scores if defect_scores is not None else [], dtype=np.float64)
+    synthetic = np.asarray(synthetic_scores if synthetic_scores is not None else [], dtype=np.float64)
     if good.size == 0:
         raise DefectLensError("calibration needs at least one good image the model was not fitted on")
     if good.size < MIN_RECOMMENDED_IMAGES:
         warnings.warn(f"calibrating on {good.size} good images; {MIN_RECOMMENDED_IMAGES}+ give a more reliable threshold", stacklevel=2)
     if settings.strategy in LABELLED and defect.size == 0:
         raise DefectLensError(f"strategy '{settings.strategy}' needs labelled defect images; with good images only use target_frr or k_sigma")
+    if settings.strategy == "cost" and synthetic.size == 0:
+        raise DefectLensError("strategy 'cost' needs synthetic defect scores to estimate recall (fit makes them; re-calibrate a model fitted by this version)")
 
-    good_only = {
-        "target_frr": (f"target FRR {100 * settings.target_frr:g} %", st.threshold_for_frr(good, settings.target_frr)),
-        "k_sigma": (f"mean + {settings.k_sigma:g} sigma", st.threshold_k_sigma(good, settings.k_sigma)),
-    }
-    labelled = _labelled_thresholds(good, defect, settings) if defect.size else {}
-    rules = {**good_only, **labelled}
+    rules = {**_good_only_thresholds(good, synthetic, settings), **(_labelled_thresholds(good, defect, settings) if defect.size else {})}
     threshold = rules[settings.strategy][1]
     pixel_threshold = pixel_threshold_for(good_px, settings)
 
@@ -100,7 +138,21 @@ def calibrate_scores(
     for key, (label, t) in rules.items():
         row = {"rule": label, "key": key, **st.confusion_at(good, defect, t), "chosen": key == settings.strategy}
         row["expected_frr"] = st.gumbel_tail(good, t)
+        row["guaranteed_frr"] = st.conformal_bound(good, t)
+        row["synthetic_recall"] = _recall(synthetic, t)
         table.append(row)
+
+    if settings.strategy == "target_frr":
+        guarantee = st.threshold_conformal(good, settings.target_frr, settings.confidence)
+    else:  # what the chosen threshold promises on average, whatever rule set it
+        bound = st.conformal_bound(good, threshold)
+        guarantee = st.Guarantee(threshold, int((good > threshold).sum()) + 1, int(good.size), bound, settings.target_frr, None,
+                                 bound <= settings.target_frr, st.images_needed(settings.target_frr))
+    notes = []
+    if threshold > good.max():
+        gap = (threshold - good.max()) / st.robust_std(good)
+        notes.append(f"the threshold lies {gap:.1f} good-score spreads above the largest good score, where no calibration image "
+                     "supports it: defects scoring in between are let through")
 
     per_type: dict[str, dict] = {}
     if defect.size and defect_types is not None:
@@ -130,4 +182,9 @@ def calibrate_scores(
         good_map_max=[float(v) for v in good_px],
         defect_scores=[float(v) for v in defect],
         files=[str(f) for f in files],
+        guarantee=guarantee.to_dict(),
+        tradeoff=tradeoff(good, synthetic, threshold),
+        synthetic_scores=[float(v) for v in synthetic],
+        synthetic_families=[str(f) for f in synthetic_families],
+        notes=notes,
     )

@@ -12,6 +12,7 @@ fitted on (a training image scores near zero). Three ways to get them:
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from scipy import ndimage
 from sklearn.base import clone
 from sklearn.model_selection import KFold
 
+from ..data.defects import defects_from
 from ..data.images import ImageInput, load_rgb
 from ..defect_types import DefectTyper, evidence_weights, pool_features
 from ..errors import DefectLensError
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from ..detectors import Detector
 
 SCHEMES = ("auto", "holdout", "kfold", "single-image")
+SYNTHETIC_DEFECTS = 64  # made from the good calibration images, to estimate recall at each threshold
 
 
 @dataclass
@@ -78,18 +81,43 @@ def score_images(detector: Detector, images: Sequence[ImageInput], progress: boo
     return ScoredImages.concat(parts)
 
 
-def kfold_scores(detector: Detector, images: Sequence[ImageInput], folds: int, seed: int = 0) -> ScoredImages:
-    """Out-of-fold scores: each image scored by a model fitted without it."""
+@dataclass
+class SyntheticScores:
+    """Scores of synthetic defects made from good calibration images: an estimate of recall."""
+
+    scored: ScoredImages
+    families: list[str]
+
+    @classmethod
+    def concat(cls, parts: Sequence[SyntheticScores]) -> SyntheticScores:
+        return cls(ScoredImages.concat([p.scored for p in parts]), [f for p in parts for f in p.families])
+
+
+def synthetic_scores(detector: Detector, good_images: Sequence[ImageInput], n: int, seed: int = 0) -> SyntheticScores | None:
+    """Score about ``n`` synthetic defects made from ``good_images`` (which ``detector`` must not have been fitted on)."""
+    if n <= 0 or not len(good_images):
+        return None
+    _, defects = defects_from(list(good_images), n, seed)
+    return SyntheticScores(score_images(detector, [d.image for d in defects]), [d.family for d in defects])
+
+
+def kfold_scores(detector: Detector, images: Sequence[ImageInput], folds: int, seed: int = 0,
+                 synthetic: int = 0) -> tuple[ScoredImages, SyntheticScores | None]:
+    """Out-of-fold scores: each image scored by a model fitted without it; with ``synthetic``,
+    also synthetic defects made from each fold's left-out images, scored by that fold's model."""
     images = list(images)
     folds = min(folds, len(images))
     if folds < 2:
         raise DefectLensError("k-fold calibration needs at least 2 good images")
-    parts, order = [], []
-    for train_idx, test_idx in KFold(folds, shuffle=True, random_state=seed).split(images):
+    parts, order, syn = [], [], []
+    for fold, (train_idx, test_idx) in enumerate(KFold(folds, shuffle=True, random_state=seed).split(images)):
         model = clone(detector).set_params(verbose=False).fit([images[i] for i in train_idx])
-        parts.append(score_images(model, [images[i] for i in test_idx]))
+        left_out = [images[i] for i in test_idx]
+        parts.append(score_images(model, left_out))
         order.extend(test_idx)
-    return ScoredImages.concat(parts).take(np.argsort(order))
+        syn.append(synthetic_scores(model, left_out, math.ceil(synthetic / folds), seed + fold))
+    syn = [s for s in syn if s is not None]
+    return ScoredImages.concat(parts).take(np.argsort(order)), SyntheticScores.concat(syn) if syn else None
 
 
 def single_image_views(image: ImageInput, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -135,11 +163,14 @@ def fit_calibrated(
     defects: Sequence[ImageInput] = (),
     defect_types: Sequence[str] = (),
     metadata: dict | None = None,
+    synthetic: int = SYNTHETIC_DEFECTS,
 ) -> Bundle:
     """Fit ``detector`` on good images and calibrate it, choosing how to get unseen good scores.
 
     ``auto`` holds out ``validation`` when it has 10+ images, uses k-fold over all good images
-    when there are fewer, and the augmented single-image set-up for one image.
+    when there are fewer, and the augmented single-image set-up for one image. ``synthetic``
+    defects are made from the same unseen good images and scored by the same model, to estimate
+    recall at each threshold (0: none).
     """
     from ..bundle import Bundle
 
@@ -152,11 +183,12 @@ def fit_calibrated(
             raise DefectLensError("holdout calibration needs held-out good images (raise the validation fraction, or use kfold)")
         detector.fit(train)
         good = score_images(detector, validation, progress=detector.verbose)
+        syn = synthetic_scores(detector, validation, synthetic, settings.seed)
         source = "holdout"
         calib_files = [str(v) for v in validation if not isinstance(v, np.ndarray)]
     elif scheme == "kfold":
         everything = train + validation
-        good = kfold_scores(detector, everything, folds, settings.seed)
+        good, syn = kfold_scores(detector, everything, folds, settings.seed, synthetic)
         detector.fit(everything)
         source = f"kfold-{min(folds, len(everything))}"
     else:
@@ -168,9 +200,10 @@ def fit_calibrated(
         warnings.warn("fitting on a single good image (augmented): expect more false rejects than with 10+ images", stacklevel=2)
         detector.fit(fit_views)
         good = score_images(detector, calib_views)
+        syn = synthetic_scores(detector, calib_views, synthetic, settings.seed)
         source = "single-image-augmented"
     bundle = Bundle(detector, None, dict(metadata or {}))
-    calibrate_bundle(bundle, good, settings, defects, defect_types, source, calib_files)
+    calibrate_bundle(bundle, good, settings, defects, defect_types, source, calib_files, syn)
     return bundle
 
 
@@ -182,9 +215,11 @@ def calibrate_bundle(
     defect_types: Sequence[str] = (),
     source: str = "holdout",
     files: Sequence[str] = (),
+    synthetic: SyntheticScores | None = None,
 ) -> Bundle:
     """Set the bundle's calibration from unseen good scores, and, when labelled defects are
-    given, use them for the labelled rules, the symmetry decision and defect typing."""
+    given, use them for the labelled rules, the symmetry decision and defect typing.
+    ``synthetic`` scores estimate recall and feed the cost rule."""
     detector = bundle.detector
     defect = None
     if len(defects):
@@ -193,6 +228,7 @@ def calibrate_bundle(
         defect = score_images(detector, list(defects), progress=detector.verbose, pool_above=pixel_threshold_for(good.map_max, settings))
     good_scores = good.scores
     defect_scores = defect.scores if defect is not None else None
+    syn_scores = synthetic.scored.scores if synthetic is not None else None
     symmetry = None
     if settings.symmetry:
         if defect is None:
@@ -202,9 +238,12 @@ def calibrate_bundle(
             if symmetry["used"]:
                 good_scores = good.scores + symmetry["weight"] * good.asym(settings.symmetry)
                 defect_scores = defect.scores + symmetry["weight"] * defect.asym(settings.symmetry)
+                if synthetic is not None:
+                    syn_scores = synthetic.scored.scores + symmetry["weight"] * synthetic.scored.asym(settings.symmetry)
     defect_files = [str(d) for d in defects if not isinstance(d, np.ndarray)]
     types = list(defect_types) if defect is not None and len(defect_types) else None
     calibration = calibrate_scores(good_scores, good.map_max, settings, defect_scores=defect_scores, defect_types=types,
+                                   synthetic_scores=syn_scores, synthetic_families=synthetic.families if synthetic is not None else (),
                                    source=source + ("+labelled" if defect is not None else ""), files=list(files) + defect_files)
     calibration.symmetry = symmetry
     bundle.calibration = calibration

@@ -37,6 +37,11 @@ class Calibration:
     defect_scores: list[float] = field(default_factory=list)
     symmetry: dict | None = None  # {"axes", "weight", "auroc_appearance", "auroc_combined", "used"}
     files: list[str] = field(default_factory=list)  # images calibrated on (evaluation leaves them out)
+    guarantee: dict | None = None  # strategies.Guarantee.to_dict(): what the threshold promises
+    tradeoff: list[dict] = field(default_factory=list)  # lower thresholds: guaranteed / estimated FRR, synthetic recall
+    synthetic_scores: list[float] = field(default_factory=list)  # synthetic defects made from the good calibration images
+    synthetic_families: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a person should know about this threshold
 
     # -- scores --------------------------------------------------------------------------------
     def combine(self, scores: np.ndarray, maps: np.ndarray) -> np.ndarray:
@@ -64,13 +69,18 @@ class Calibration:
         lines = [f"calibration: {self.strategy} {self.params} from {self.n_good} good"
                  + (f" and {self.n_defect} defective" if self.n_defect else "") + f" images ({self.source})",
                  f"  image threshold {self.image_threshold:.4f}   pixel threshold {self.pixel_threshold:.4f}"]
+        if self.guarantee:
+            lines.append(f"  {guarantee_sentence(self.guarantee)}")
         if self.expected_frr:
             e = self.expected_frr
-            lines.append(f"  expected false-reject rate on new good parts: {100 * e['expected']:.2f} % "
+            lines.append(f"  estimated false-reject rate (tail model): {100 * e['expected']:.2f} % "
                          f"(95 % interval {100 * e['ci95'][0]:.2f}-{100 * e['ci95'][1]:.2f} %; "
                          f"{e['observed_rejects']}/{e['n']} calibration images above the threshold)")
+        lines += [f"  note: {n}" for n in self.notes]
         if self.table:
             lines.append(threshold_table_text(self.table))
+        if self.tradeoff and self.synthetic_scores:
+            lines.append(tradeoff_text(self.tradeoff, len(self.synthetic_scores)))
         if self.per_type:
             lines.append(f"  {'defect type':<22} {'n':>4} {'recall':>8}   thresholds that type alone would give: F1-max / recall target / zero FR")
             for name, d in sorted(self.per_type.items()):
@@ -114,12 +124,40 @@ def _count(value: int | None) -> str:
     return "n/a" if value is None else str(value)
 
 
+def guarantee_sentence(g: dict) -> str:
+    """e.g. '21 images: FRR <= 4.5 % guaranteed on average; the 1 % target needs >= 99 images'."""
+    kind = "on average" if g.get("confidence") is None else f"with {100 * g['confidence']:g} % confidence"
+    text = f"{g['n']} images: FRR <= {100 * g['bound']:.2g} % guaranteed {kind} (for parts like the calibration images)"
+    if not g["achievable"]:
+        text += f"; the {100 * g['target']:g} % target needs >= {g['images_needed']} images"
+    return text
+
+
+def tradeoff_text(rows: list[dict], n_synthetic: int) -> str:
+    """Lower thresholds and what they buy; the recall is an estimate from synthetic defects."""
+    lines = [f"  trade-off ({n_synthetic} synthetic defects; their recall is an estimate, not a measurement on real defects):",
+             f"  {'threshold':>10} {'guaranteed FRR':>15} {'estimated FRR':>14} {'synthetic recall':>17}"]
+    for r in rows:
+        mark = "*" if r.get("chosen") else " "
+        lines.append(f" {mark}{r['threshold']:>10.4f} {'<= ' + _pct(r['guaranteed_frr']):>15} {_pct(r['estimated_frr']):>14} "
+                     f"{_pct(r['synthetic_recall']):>17}")
+    return "\n".join(lines)
+
+
 def threshold_table_text(rows: list[dict]) -> str:
-    """The cost of each threshold choice, one line per rule."""
-    head = f"  {'rule':<28} {'threshold':>10} {'precision':>9} {'recall':>8} {'false rejects':>13} {'escapes':>7} {'FRR':>7}"
+    """The cost of each threshold choice, one line per rule: on the calibration images, what the
+    data guarantee, and (where synthetic defects were made) the estimated recall."""
+    synthetic = any(r.get("synthetic_recall") is not None for r in rows)
+    head = (f"  {'rule':<30} {'threshold':>10} {'precision':>9} {'recall':>8} {'false rejects':>13} {'escapes':>7} {'FRR':>7}"
+            f" {'FRR guaranteed':>14}" + (f" {'synthetic recall':>16}" if synthetic else ""))
     lines = [head]
     for r in rows:
         mark = "*" if r.get("chosen") else " "
-        lines.append(f" {mark}{r['rule']:<28} {r['threshold']:>10.4f} {_pct(r.get('precision')):>9} {_pct(r.get('recall')):>8} "
-                     f"{_count(r.get('false_rejects')):>13} {_count(r.get('escapes')):>7} {_pct(r.get('frr')):>7}")
+        bound = r.get("guaranteed_frr")
+        line = (f" {mark}{r['rule']:<30} {r['threshold']:>10.4f} {_pct(r.get('precision')):>9} {_pct(r.get('recall')):>8} "
+                f"{_count(r.get('false_rejects')):>13} {_count(r.get('escapes')):>7} {_pct(r.get('frr')):>7}"
+                f" {('<= ' + _pct(bound)) if bound is not None else 'n/a':>14}")
+        if synthetic:
+            line += f" {_pct(r.get('synthetic_recall')):>16}"
+        lines.append(line)
     return "\n".join(lines)

@@ -2,11 +2,19 @@
 
 Convention everywhere: a score strictly above the threshold is a defect.
 
-Good-only rules see no defect at all, which is the usual case on a new line. They model the
-upper tail of the good-score distribution with a Gumbel law: an image score is the maximum of
-many patch scores, and maxima follow an extreme-value law, whose tail is heavier (so safer)
-than the normal law that a mean + k sigma rule assumes. With too few images to trust any tail
-model, the empirical quantile and the largest good score bound the threshold from below.
+Good-only rules see no defect at all, which is the usual case on a new line. The base rule is
+conformal (split conformal prediction, Vovk et al. 2005; Angelopoulos & Bates 2021): with n
+good scores from images the model never saw, the k-th largest as threshold rejects a new good
+part with probability at most k/(n+1), whatever the score distribution, as long as the new
+part is exchangeable with the calibration parts. It never extrapolates: with fewer images
+than a target needs, the largest good score is the threshold and the promise is 1/(n+1), said
+as such. The high-probability (PAC) version bounds the false-reject rate of this one threshold
+with confidence 1 - delta instead of on average over calibration sets.
+
+The Gumbel tail model (an image score is the maximum of many patch scores, and maxima follow an
+extreme-value law) stays as an estimate of the false-reject rate at any threshold, and as the
+``tail`` rule for those who want it; fitted to 5-20 points its quantile can land several times
+above the largest good score, throwing away detection power, which is why it is not the base.
 
 Labelled rules need at least one good and one defective score and are read off one sweep over
 every distinct threshold (midpoints between adjacent scores), so each reported number is
@@ -15,7 +23,8 @@ exactly what that threshold does on the given images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import stats
@@ -52,11 +61,12 @@ def gumbel_tail(values: np.ndarray, threshold: float) -> float:
     return float(stats.gumbel_r.sf(threshold, loc=loc, scale=scale))
 
 
-def threshold_for_frr(values: np.ndarray, target_frr: float) -> float:
-    """Threshold at which a new good part is rejected with probability ``target_frr``.
+def threshold_tail(values: np.ndarray, target_frr: float) -> float:
+    """Threshold at which the fitted tail model rejects a new good part with probability ``target_frr``.
 
     The larger of the Gumbel quantile and the empirical quantile: the model extrapolates the
     tail when there are few images, the data override it when the model's tail is too light.
+    An estimate, not a guarantee (see the module docstring).
     """
     if not 0.0 < target_frr < 1.0:
         raise DefectLensError(f"target false-reject rate must be between 0 and 1, got {target_frr}")
@@ -65,6 +75,95 @@ def threshold_for_frr(values: np.ndarray, target_frr: float) -> float:
     parametric = float(stats.gumbel_r.isf(target_frr, loc=loc, scale=scale))
     empirical = float(np.quantile(values, 1.0 - target_frr, method="higher"))
     return max(parametric, empirical)
+
+
+@dataclass(frozen=True)
+class Guarantee:
+    """What a conformal threshold promises: P(new good part rejected) <= ``bound``.
+
+    ``confidence`` None: in expectation over calibration sets (marginal); otherwise the bound
+    holds for this calibration set with that probability (PAC). ``achievable`` False means the
+    target needs ``images_needed`` images and the bound is the best these images give.
+    """
+
+    threshold: float
+    rank: int  # the threshold is the rank-th largest calibration score
+    n: int
+    bound: float
+    target: float
+    confidence: float | None
+    achievable: bool
+    images_needed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def conformal_rank(n: int, alpha: float) -> int:
+    """Largest k whose k-th largest score keeps the FRR <= alpha on average: floor(alpha (n + 1)); 0 if none."""
+    return int(math.floor(alpha * (n + 1) + 1e-9))
+
+
+def pac_rank(n: int, alpha: float, delta: float) -> int:
+    """Largest k such that the k-th largest score keeps the FRR <= alpha with probability >= 1 - delta.
+
+    The FRR of the k-th largest of n scores is Beta(k, n - k + 1) distributed, so the condition
+    is P(Binomial(n, alpha) >= k) >= 1 - delta. 0 if no k qualifies.
+    """
+    ks = np.arange(1, n + 1)
+    ok = stats.binom.sf(ks - 1, n, alpha) >= 1.0 - delta - 1e-12
+    return int(ks[ok].max()) if ok.any() else 0
+
+
+def images_needed(alpha: float, delta: float | None = None) -> int:
+    """Fewest calibration images for which the target can be guaranteed at all (with the largest score)."""
+    if delta is None:
+        return int(math.ceil(1.0 / alpha - 1.0 - 1e-9))
+    return int(math.ceil(math.log(delta) / math.log1p(-alpha)))
+
+
+def threshold_conformal(values: np.ndarray, alpha: float, confidence: float | None = None) -> Guarantee:
+    """The conformal threshold for a target false-reject rate ``alpha`` (see the module docstring)."""
+    if not 0.0 < alpha < 1.0:
+        raise DefectLensError(f"target false-reject rate must be between 0 and 1, got {alpha}")
+    if confidence is not None and not 0.0 < confidence < 1.0:
+        raise DefectLensError(f"confidence must be between 0 and 1, got {confidence}")
+    values = np.sort(np.asarray(values, dtype=np.float64))[::-1]
+    n = values.size
+    if n == 0:
+        raise DefectLensError("a threshold needs at least one good score")
+    k = conformal_rank(n, alpha) if confidence is None else pac_rank(n, alpha, 1.0 - confidence)
+    achievable = k >= 1
+    k = min(max(k, 1), n)
+    # PAC: the FRR that the k-th largest stays under with the asked confidence
+    bound = k / (n + 1) if confidence is None else float(stats.beta.ppf(confidence, k, n - k + 1))
+    needed = images_needed(alpha, None if confidence is None else 1.0 - confidence)
+    return Guarantee(float(values[k - 1]), k, n, float(bound), alpha, confidence, achievable, needed)
+
+
+def conformal_bound(values: np.ndarray, threshold: float) -> float:
+    """Marginal FRR bound of any threshold set on these scores: (scores above it + 1) / (n + 1)."""
+    values = np.asarray(values, dtype=np.float64)
+    return min(1.0, (int((values > threshold).sum()) + 1) / (values.size + 1))
+
+
+def threshold_cost(good: np.ndarray, synthetic: np.ndarray, escape_cost: float, defect_rate: float) -> float:
+    """The good score that minimises the expected cost per part, counting an escape ``escape_cost`` false rejects.
+
+    Candidates are the good scores themselves (each with its conformal FRR k/(n+1)); recall is
+    estimated from synthetic defects, so the rule never sets a threshold above the largest good
+    score, where the data say nothing of the FRR. Ties go to the higher threshold.
+    """
+    if escape_cost <= 0 or not 0.0 < defect_rate < 1.0:
+        raise DefectLensError(f"escape cost must be > 0 and the defect rate in (0, 1), got {escape_cost} and {defect_rate}")
+    good = np.sort(np.asarray(good, dtype=np.float64))[::-1]
+    synthetic = np.asarray(synthetic, dtype=np.float64)
+    if synthetic.size == 0:
+        raise DefectLensError("the cost rule needs synthetic defect scores to estimate recall")
+    frr = np.arange(1, good.size + 1) / (good.size + 1)
+    miss = (synthetic[None, :] <= good[:, None]).mean(axis=1)
+    cost = (1.0 - defect_rate) * frr + defect_rate * escape_cost * miss
+    return float(good[int(np.flatnonzero(cost <= cost.min() + 1e-12)[0])])
 
 
 def threshold_k_sigma(values: np.ndarray, k: float) -> float:

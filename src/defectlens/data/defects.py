@@ -23,6 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from .images import load_rgb
+
 FAMILIES: tuple[str, ...] = ("cutpaste", "texture", "scratch", "spot", "missing", "warp")
 
 VISIBLE = 0.02  # smallest change (largest over channels) counted as part of a defect
@@ -538,6 +540,19 @@ def resize_longest(rgb: np.ndarray, size: int) -> np.ndarray:
         return rgb
     shape = (max(1, round(W * factor)), max(1, round(H * factor)))
     return np.stack([np.asarray(Image.fromarray(rgb[..., c], mode="F").resize(shape, Image.BILINEAR)) for c in range(3)], axis=2)
+
+
+def defects_from(images: Sequence, n: int, seed: int = 0, max_side: int = 1024) -> tuple[list[np.ndarray], list[SyntheticDefect]]:
+    """The good images (decoded, longest side at most ``max_side``) and about ``n`` defects made from them, at least two each.
+
+    Defects are made near native resolution, so tiled detectors see them as they would see real
+    ones; the detectors themselves resize as they would any input.
+    """
+    goods = [resize_longest(load_rgb(p), max_side) for p in images]
+    if not goods:
+        raise ValueError("defects_from needs at least one good image")
+    per_image = max(2, math.ceil(n / len(goods)))
+    return goods, synthesize(goods, per_image * len(goods), seed=seed)
 
 
 def _to_uint8(rgb: np.ndarray) -> np.ndarray:

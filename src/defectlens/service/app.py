@@ -207,6 +207,8 @@ class InspectionService:
             **model.describe(),
             "good_scores": [] if cal is None else cal.good_scores,
             "defect_scores": [] if cal is None else cal.defect_scores,
+            "synthetic_scores": [] if cal is None else cal.synthetic_scores,  # an estimate of recall, not real defects
+            "guarantee": None if cal is None else cal.guarantee,
             "threshold_changes": self.store.threshold_history(name, model.checksum),
             "selection": model.bundle.metadata.get("selection"),  # how fit --detector auto chose, when it did
         }

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..data.defects import resize_longest, synthesize
-from ..data.images import ImageInput, load_rgb
+from ..data.defects import defects_from
+from ..data.images import ImageInput
 from ..detectors import Detector, available_detectors, create_from_spec
 from ..errors import DefectLensError
 from ..metrics import aupro, image_auroc
@@ -178,9 +178,7 @@ class ValidationSet:
 
     @classmethod
     def make(cls, heldout: Sequence[ImageInput], seed: int, target_defects: int = 64) -> ValidationSet:
-        goods = [resize_longest(load_rgb(p), MAX_SIDE) for p in heldout]
-        per_image = max(2, math.ceil(target_defects / max(1, len(goods))))
-        defects = synthesize(goods, per_image * len(goods), seed=seed)
+        goods, defects = defects_from(heldout, target_defects, seed, MAX_SIDE)
         images = goods + [d.image for d in defects]
         masks = [np.zeros(g.shape[:2], bool) for g in goods] + [d.mask for d in defects]
         labels = np.r_[np.zeros(len(goods)), np.ones(len(defects))].astype(int)

@@ -43,7 +43,7 @@ function showSelection(selection) {
 
 function setSliderRange() {
   const d = state.details;
-  const scores = [...d.good_scores, ...d.defect_scores, ...state.shown.filter((r) => r.data).map((r) => r.data.score)];
+  const scores = [...d.good_scores, ...d.defect_scores, ...(d.synthetic_scores || []), ...state.shown.filter((r) => r.data).map((r) => r.data.score)];
   if (d.threshold !== null) scores.push(d.threshold);
   if (!scores.length) return;
   const lo = Math.min(...scores), hi = Math.max(...scores), pad = (hi - lo) * 0.1 || Math.abs(hi) * 0.1 || 1;
@@ -125,7 +125,21 @@ function rejudge() {
     defects += verdict === "defect" ? 1 : 0;
   }
   $("tally").textContent = judged ? `${defects} of ${judged} shown image(s) judged defective at this threshold.` : "";
+  $("threshold-promise").textContent = promise(thr);
   drawHistogram(thr);
+}
+
+// What the slider's threshold promises: the conformal bound from the good calibration scores
+// ((scores above + 1) / (n + 1)), and the recall on synthetic defects, which is only an estimate.
+function promise(thr) {
+  const d = state.details;
+  if (!d || Number.isNaN(thr) || !d.good_scores.length) return "";
+  const n = d.good_scores.length, above = d.good_scores.filter((v) => v > thr).length;
+  let text = `At this threshold: false-reject rate ≤ ${(100 * Math.min(1, (above + 1) / (n + 1))).toFixed(1)} % guaranteed on average `
+    + `(${n} good calibration images)`;
+  const syn = d.synthetic_scores || [];
+  if (syn.length) text += `; estimated recall on ${syn.length} synthetic defects ${(100 * syn.filter((v) => v > thr).length / syn.length).toFixed(0)} %`;
+  return text + ".";
 }
 
 function drawHistogram(thr) {
@@ -136,9 +150,10 @@ function drawHistogram(thr) {
   const bins = 48, x = (v) => ((v - lo) / (hi - lo)) * W;
   const count = (values) => { const c = new Array(bins).fill(0); values.forEach((v) => { c[Math.min(bins - 1, Math.max(0, Math.floor(((v - lo) / (hi - lo)) * bins)))] += 1; }); return c; };
   const good = count(state.details.good_scores), bad = count(state.details.defect_scores);
-  const peak = Math.max(1, ...good, ...bad), bw = W / bins;
-  ctx.globalAlpha = 0.75;
-  [[good, "#1f9d55"], [bad, "#d64545"]].forEach(([c, colour]) => {
+  const synthetic = count(state.details.synthetic_scores || []);
+  const peak = Math.max(1, ...good, ...bad, ...synthetic), bw = W / bins;
+  ctx.globalAlpha = 0.6;
+  [[synthetic, "#e69500"], [good, "#1f9d55"], [bad, "#d64545"]].forEach(([c, colour]) => {
     ctx.fillStyle = colour;
     c.forEach((n, i) => { if (n) ctx.fillRect(i * bw + 1, H - 18 - (n / peak) * (H - 30), bw - 2, (n / peak) * (H - 30)); });
   });
