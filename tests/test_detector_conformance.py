@@ -21,6 +21,7 @@ CONFORMANCE_PARAMS = {
     "ensemble": {"detector": "patchcore", "detector_params": {"coreset_ratio": 0.1}, "image_size": 64},
     "supervised": {"image_size": 64, "epochs": 3, "batch_size": 8},
     "simplenet": {"image_size": 64, "embed_dim": 16, "hidden": 32, "max_epochs": 8},
+    "global": {"detector": "padim", "detector_params": {"image_size": 64, "n_features": 20}},
     "tiled": {"detector": "patchcore", "detector_params": {"coreset_ratio": 0.1}, "tile_size": 32, "map_size": 64},
 }
 

@@ -98,7 +98,7 @@ def test_fit_chooses_by_default_and_a_named_detector_is_fitted_as_before(flags, 
     if expect == "auto":
         record = bundle.metadata["selection"]
         assert bundle.detector.name == record["chosen"]["spec"] and "detector selection" in printed
-        assert {r["label"] for r in record["results"]} == {"patchcore", "padim"}
+        assert {"patchcore", "padim"} <= {r["label"] for r in record["results"]} <= {"patchcore", "padim", "patchcore+global", "padim+global"}
         # the report and the service's model details show how the model was chosen
         assert main(["evaluate", str(out), str(tiny_dataset), "--out", str(tmp_path / "ev.json"), "--report", str(tmp_path / "rep")]) == 0
         html = (tmp_path / "rep" / "report.html").read_text()
@@ -113,3 +113,31 @@ def test_fit_chooses_by_default_and_a_named_detector_is_fitted_as_before(flags, 
         assert details["selection"]["chosen"]["label"] == record["chosen"]["label"]
     else:
         assert bundle.detector.name == "padim" and "selection" not in bundle.metadata
+
+
+@pytest.mark.parametrize(("auroc", "kept"), [(0.95, True), (0.903, False)])
+def test_global_term_is_kept_only_when_it_raises_synthetic_auroc(auroc, kept, monkeypatch):
+    tried = []
+
+    def fake_measure(candidate, fit_images, validation, seed, stage, test=None):
+        tried.append(candidate)
+        return CandidateResult(candidate.label, stage, len(fit_images), image_auroc=auroc, aupro=0.5, fit_s=1.0, ms_per_image=1.0)
+
+    monkeypatch.setattr(selection, "measure", fake_measure)
+    best = CandidateResult("padim/blocks", "final", 12, image_auroc=0.90, aupro=0.5, fit_s=1.0, ms_per_image=1.0)
+    pool = [Candidate("padim/blocks", "padim", {"features": "blocks"})]
+    results: list[CandidateResult] = []
+    validation = ValidationSet([np.zeros((8, 8, 3))] * 4, np.array([0, 0, 1, 1]), [np.zeros((8, 8), bool)] * 4, ["good"] * 4)
+    ranked, pool = selection._try_global_term([best], pool, list(range(12)), validation, 0, 0.0, 1e9, results, lambda _m: None, None)
+    assert tried[0].spec == "global:padim" and tried[0].params == {"features": "blocks"}
+    assert (ranked[0].label == "padim/blocks+global") is kept and results[-1].label == "padim/blocks+global"
+    assert ("kept" if kept else "not kept") in results[-1].note
+    assert any(c.spec == "global:padim" for c in pool) is kept
+
+
+def test_global_term_is_not_tried_on_wrappers(monkeypatch):
+    monkeypatch.setattr(selection, "measure", lambda *a, **k: pytest.fail("must not be measured"))
+    best = CandidateResult("patchcore+padim", "final", 12, image_auroc=0.9)
+    pool = [Candidate("patchcore+padim", "ensemble", {"detector": "patchcore,padim"})]
+    ranked, _ = selection._try_global_term([best], pool, [], None, 0, 0.0, 1e9, [], lambda _m: None, None)
+    assert ranked == [best]

@@ -223,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection", action="store_true", help=(
         "check the choice of --detector auto on every category: each candidate's synthetic AUROC beside its real test AUROC, "
         "their rank correlation, the pick against the real best, and the pick fitted on all training images"))
+    p.add_argument("--thresholds", action="store_true", help=(
+        "measure the threshold rules on every category: with the training images subsampled (--sizes), each rule's "
+        "false-reject rate and recall on the real test split beside the best any threshold reaches (the oracle), for "
+        "holdout, k-fold and leave-one-out calibration scores (--detector, default patchcore)"))
+    p.add_argument("--sizes", default="20,50,all", help="training-set sizes for --thresholds (default: 20,50,all)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS", help=(
         "time for trying candidates per category (default: 3600 with --selection, which carries every candidate to the "
         "final stage; 300, as fit, for --detectors auto)"))
@@ -446,6 +451,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     if args.scaling:
         return _scaling(args)
+    if args.thresholds:
+        return _thresholds(args)
     if args.selection:
         from .selection_benchmark import markdown as selection_markdown
         from .selection_benchmark import run_selection_benchmark
@@ -473,6 +480,24 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result_dict(result), indent=2))
         print(f"wrote {args.json}")
+    return 0
+
+
+def _thresholds(args: argparse.Namespace) -> int:
+    from .benchmark import machine_description
+    from .threshold_benchmark import markdown, run_threshold_benchmark
+
+    detector = "patchcore" if args.detector == "auto" else args.detector
+    try:
+        sizes = [None if s.strip() == "all" else int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        raise DefectLensError(f"--sizes takes comma-separated image counts or 'all', got {args.sizes!r}") from None
+    args.detector = detector
+    entries = run_threshold_benchmark(args.data, detector, _detector_params(args), sizes, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "thresholds.md").write_text(markdown(entries, machine_description(), detector))
+    print(f"wrote {out / 'thresholds.md'}")
     return 0
 
 

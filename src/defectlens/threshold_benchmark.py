@@ -1,0 +1,188 @@
+"""Which threshold rule and which calibration scores to use, measured: `defectlens benchmark ROOT --thresholds`.
+
+For every category, with the training images subsampled (20, 50, all), it fits one detector as
+``fit`` would and sets the threshold by each rule from each source of unseen good scores:
+
+* holdout (10 % of the good images never fitted on: what ``fit`` does with 100+ images);
+* k-fold with 5 and 10 folds, and leave-one-out up to 20 images (what ``fit`` does with fewer):
+  each fold's model scores the images it did not see; the deployed model is then fitted on all,
+  so fold scores come from models that saw fewer images and run high.
+
+The real test split, which no rule sees, then gives each threshold's false-reject rate on good
+parts and its recall on defects, beside the oracle: the best recall any threshold reaches at
+the same false-reject rate, and at 5 %. Recall / oracle near 1 is a tight threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .comparison import KILLED, find_categories, in_fresh_process
+from .errors import DefectLensError
+from .workflows.selection import format_figure
+
+RULES = {"conformal 1 %": {"strategy": "target_frr"}, "tail model 1 %": {"strategy": "tail"},
+         "cost (escape 10, 5 % defects)": {"strategy": "cost"}}
+ORACLE_FRR = 0.05
+
+
+@dataclass
+class ThresholdRow:
+    category: str
+    n_train: int
+    scheme: str
+    rule: str
+    n_calibration: int = 0
+    threshold: float | None = None
+    largest_good: float | None = None  # largest calibration good score
+    bound: float | None = None  # guaranteed FRR on average
+    frr: float | None = None  # on test/good
+    recall: float | None = None  # on test defects
+    synthetic_recall: float | None = None
+    oracle_same: float | None = None  # best recall at test FRR <= frr
+    oracle_5: float | None = None  # best recall at test FRR <= 5 %
+    default: bool = False  # what plain `fit` does with this many images
+
+
+@dataclass
+class CategoryThresholds:
+    category: str
+    rows: list[ThresholdRow] = field(default_factory=list)
+    seconds: float | None = None
+    error: str = ""
+
+
+def oracle_recall(good: np.ndarray, defect: np.ndarray, frr: float) -> float:
+    """Best recall of any threshold that rejects at most ``frr`` of these good scores."""
+    ranked = np.sort(np.asarray(good))[::-1]
+    allowed = int(math.floor(frr * ranked.size + 1e-9))
+    t = ranked[allowed] if allowed < ranked.size else -np.inf
+    return float((np.asarray(defect) > t).mean())
+
+
+def subsample(paths: Sequence[Path], n: int | None, seed: int) -> list[Path]:
+    paths = list(paths)
+    if n is None or n >= len(paths):
+        return paths
+    return sorted(random.Random(seed).sample(paths, n))
+
+
+def _rows(label: str, n_train: int, scheme: str, calibration_scores, synthetic, test_good: np.ndarray, test_defect: np.ndarray,
+          default: bool) -> list[ThresholdRow]:
+    from .calibration import CalibrationSettings, calibrate_scores
+
+    rows = []
+    syn = synthetic.scored.scores if synthetic is not None else None
+    for rule, settings in RULES.items():
+        row = ThresholdRow(label, n_train, scheme, rule, int(calibration_scores.scores.size), default=default and rule.startswith("conformal"))
+        try:
+            cal = calibrate_scores(calibration_scores.scores, calibration_scores.map_max, CalibrationSettings(**settings), synthetic_scores=syn)
+        except DefectLensError as exc:
+            print(f"  {label}: {rule}: {exc}")
+            rows.append(row)
+            continue
+        t = cal.image_threshold
+        row.threshold, row.largest_good, row.bound = t, float(calibration_scores.scores.max()), cal.guarantee["bound"]
+        row.frr, row.recall = float((test_good > t).mean()), float((test_defect > t).mean())
+        row.synthetic_recall = None if syn is None else float((syn > t).mean())
+        row.oracle_same, row.oracle_5 = oracle_recall(test_good, test_defect, row.frr), oracle_recall(test_good, test_defect, ORACLE_FRR)
+        rows.append(row)
+    return rows
+
+
+def _run_category(category: str, label: str, detector: str, params: dict, sizes: list[int | None], seed: int) -> CategoryThresholds:
+    """Runs in a fresh child process."""
+    import warnings
+
+    from sklearn.base import clone
+
+    from .calibration.calibrate import MIN_RECOMMENDED_IMAGES
+    from .calibration.fitting import SYNTHETIC_DEFECTS, kfold_scores, score_images, synthetic_scores
+    from .data import load_dataset
+    from .data.datasets import _split_validation
+    from .detectors import create_detector
+
+    out = CategoryThresholds(label)
+    t0 = time.perf_counter()
+    warnings.simplefilter("ignore")
+    try:
+        ds = load_dataset(category, validation_fraction=0.0)
+        test_paths = [s.path for s in ds.test]
+        labels = np.array([s.label for s in ds.test])
+        proto = create_detector(detector, **params)
+        for size in sizes:
+            train = subsample(ds.train_good, size, seed)
+            n = len(train)
+            fit_part, held = _split_validation(train, 0.1, seed)
+            print(f"  {label}: {n} training images", flush=True)
+            if len(held) >= MIN_RECOMMENDED_IMAGES:  # what fit does: hold out
+                det = clone(proto).fit(fit_part)
+                test = score_images(det, test_paths).scores
+                good = score_images(det, held)
+                syn = synthetic_scores(det, held, SYNTHETIC_DEFECTS, seed)
+                out.rows += _rows(label, n, "holdout 10 %", good, syn, test[labels == 0], test[labels == 1], True)
+                continue
+            det = clone(proto).fit(train)  # the deployed model of every k-fold variant
+            test = score_images(det, test_paths).scores
+            for folds in sorted({min(5, n), min(10, n)} | ({n} if n <= 20 else set())):
+                good, syn = kfold_scores(proto, train, folds, seed, SYNTHETIC_DEFECTS)
+                scheme = "leave-one-out" if folds == n else f"kfold-{folds}"
+                out.rows += _rows(label, n, scheme, good, syn, test[labels == 0], test[labels == 1], folds == 5)
+                print(f"  {label}: {n} images, {scheme} done", flush=True)
+    except DefectLensError as exc:
+        out.error = str(exc)
+    except Exception as exc:  # noqa: BLE001 -- one broken category must not lose the others
+        out.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def run_threshold_benchmark(root: str | Path, detector: str = "patchcore", params: dict | None = None,
+                            sizes: Sequence[int | None] = (20, 50, None), seed: int = 0, progress=print) -> list[CategoryThresholds]:
+    root = Path(root)
+    found = []
+    for category in find_categories(root):
+        label = category.relative_to(root).as_posix() if category != root else category.name
+        progress(f"threshold benchmark: {label} ({detector})")
+        try:
+            entry = in_fresh_process(_run_category, str(category), label, detector, dict(params or {}), list(sizes), seed)
+        except BrokenProcessPool:
+            entry = CategoryThresholds(label, error=KILLED)
+        found.append(entry)
+        progress(markdown_category(entry))
+    return found
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
+
+
+def markdown_category(c: CategoryThresholds) -> str:
+    if c.error:
+        return f"### {c.category}\n\nfailed: {c.error}\n"
+    lines = [f"### {c.category}", "",
+             "| train images | calibration scores | rule | threshold | largest good | guaranteed FRR | test FRR | recall | synthetic recall "
+             "| oracle recall, same FRR | recall / oracle | oracle recall, FRR 5 % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in c.rows:
+        mark = " **default**" if r.default else ""
+        ratio = None if r.recall is None or not r.oracle_same else r.recall / r.oracle_same
+        lines.append(f"| {r.n_train} | {r.scheme} ({r.n_calibration}) | {r.rule}{mark} | {format_figure(r.threshold, 4)} | "
+                     f"{format_figure(r.largest_good, 4)} | <= {_pct(r.bound)} | {_pct(r.frr)} | {_pct(r.recall)} | {_pct(r.synthetic_recall)} | "
+                     f"{_pct(r.oracle_same)} | {format_figure(ratio, 2)} | {_pct(r.oracle_5)} |")
+    lines += ["", f"{format_figure(c.seconds, 0)} s."]
+    return "\n".join(lines) + "\n"
+
+
+def markdown(entries: list[CategoryThresholds], machine: str, detector: str) -> str:
+    return "\n".join([f"Machine: {machine}. Detector: {detector}. Synthetic recall is an estimate from synthetic defects; "
+                      "test FRR, recall and the oracle come from the real test split, which no rule sees.", "",
+                      *[markdown_category(e) for e in entries]])
