@@ -31,7 +31,7 @@ def test_kfold_scores_come_from_models_that_did_not_see_the_image(tiny_dataset):
 def test_auto_scheme_picks_holdout_kfold_or_single_image(tiny_dataset):
     ds = load_dataset(tiny_dataset, validation_fraction=0.0)
     good = ds.train_good
-    assert fit_calibrated(create_detector("patchcore", **SMALL), good[:6], good[6:10]).calibration.source == "kfold-5"
+    assert fit_calibrated(create_detector("patchcore", **SMALL), good[:6], good[6:10]).calibration.source == "kfold-10"
     bundle = fit_calibrated(create_detector("patchcore", **SMALL), good[:4], good[4:16])
     assert bundle.calibration.source == "holdout" and bundle.calibration.n_good == 12
     assert bundle.calibration.files == [str(p) for p in good[4:16]]

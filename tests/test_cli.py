@@ -29,7 +29,7 @@ def test_fit_saves_a_calibrated_model(model):
     bundle = Bundle.load(model)
     # 4 held-out images are too few for a holdout: auto calibration switches to k-fold over all 16
     cal = bundle.calibration
-    assert cal is not None and cal.n_good == 16 and cal.source == "kfold-5" and cal.strategy == "target_frr"
+    assert cal is not None and cal.n_good == 16 and cal.source == "kfold-10" and cal.strategy == "target_frr"
     assert 0 <= cal.expected_frr["ci95"][0] <= cal.expected_frr["expected"] <= cal.expected_frr["ci95"][1] <= 1
     assert bundle.metadata["name"] == "discs" and bundle.metadata["train_images"] == 16
     assert len(bundle.metadata["train_files"]) == 16

@@ -81,3 +81,14 @@ def test_errors_name_the_input(tmp_path):
     _img(tmp_path / "cat" / "train" / "good" / "a.png")
     with pytest.raises(DatasetError, match="several categories"):
         load_dataset(tmp_path)
+
+
+@pytest.mark.parametrize(("n", "held"), [(40, 4), (112, 28), (209, 30), (1000, 100)])
+def test_holdout_keeps_enough_images_for_a_useful_promise(n, held):
+    """A tenth, but with 100+ images at least 30 (the largest of 30 promises FRR <= 3.2 %) while
+    three quarters remain to fit on; small sets keep a tenth and are calibrated by k-fold."""
+    from defectlens.data.datasets import _split_validation
+
+    paths = [Path(f"{i:04d}.png") for i in range(n)]
+    train, val = _split_validation(paths, 0.1, 0)
+    assert len(val) == held and len(train) + len(val) == n and not set(train) & set(val)

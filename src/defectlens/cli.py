@@ -153,11 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate its threshold on held-out good images, and save one model file."))
     p.add_argument("data", help="data set or category folder")
     p.add_argument("-o", "--output", required=True, help="model file to write (.dlens)")
-    p.add_argument("--validation-fraction", type=float, default=0.1, help="good images held out to calibrate the threshold (default: 0.1)")
+    p.add_argument("--validation-fraction", type=float, default=0.1, help=(
+        "good images held out to calibrate the threshold (default: 0.1; with 100+ images at least 30, "
+        "while three quarters remain to fit on)"))
     p.add_argument("--scheme", choices=SCHEMES, default="auto", help=(
         "where unseen good scores come from: holdout, kfold (few images: k models score the images they did not see), "
         "single-image (one image, augmented); auto picks holdout with 10+ held-out images, else kfold (default: auto)"))
-    p.add_argument("--folds", type=int, default=5, help="folds for kfold calibration (default: 5)")
+    p.add_argument("--folds", type=int, default=10, help="folds for kfold calibration (default: 10)")
     p.add_argument("--budget", type=float, default=300.0, metavar="SECONDS", help=(
         "--detector auto: time for trying candidates before the chosen one is fitted (default: 300)"))
     _add_calibration_options(p, GOOD_ONLY)
@@ -289,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fit_bundle(det, ds, settings, scheme: str = "auto", folds: int = 5, extra: dict | None = None):
+def _fit_bundle(det, ds, settings, scheme: str = "auto", folds: int = 10, extra: dict | None = None):
     """Fit and calibrate, recording which files the model saw so re-calibration can avoid them."""
     from .calibration import fit_calibrated
     from .calibration.fitting import resolve_scheme
@@ -484,6 +486,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def _thresholds(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from .benchmark import machine_description
     from .threshold_benchmark import markdown, run_threshold_benchmark
 
@@ -497,7 +501,8 @@ def _thresholds(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "thresholds.md").write_text(markdown(entries, machine_description(), detector))
-    print(f"wrote {out / 'thresholds.md'}")
+    (out / "thresholds.json").write_text(json.dumps([asdict(e) for e in entries], indent=1))
+    print(f"wrote {out / 'thresholds.md'} and thresholds.json")
     return 0
 
 

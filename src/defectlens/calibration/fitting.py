@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from ..detectors import Detector
 
 SCHEMES = ("auto", "holdout", "kfold", "single-image")
+# Fold models see (k-1)/k of the images and score high against the deployed model: 10 folds
+# measured tighter than 5 on small sets (benchmark --thresholds), and as good as leave-one-out
+FOLDS = 10
 SYNTHETIC_DEFECTS = 64  # made from the good calibration images, to estimate recall at each threshold
 
 
@@ -159,7 +162,7 @@ def fit_calibrated(
     settings: CalibrationSettings | None = None,
     *,
     scheme: str = "auto",
-    folds: int = 5,
+    folds: int = FOLDS,
     defects: Sequence[ImageInput] = (),
     defect_types: Sequence[str] = (),
     metadata: dict | None = None,

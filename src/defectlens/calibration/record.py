@@ -25,7 +25,7 @@ class Calibration:
     pixel_scale: float
     strategy: str
     params: dict = field(default_factory=dict)
-    source: str = "holdout"  # where the good scores came from: holdout, kfold-5, single-image-augmented
+    source: str = "holdout"  # where the good scores came from: holdout, kfold-10, single-image-augmented
     n_good: int = 0
     n_defect: int = 0
     expected_frr: dict | None = None  # FrrEstimate.to_dict() at the image threshold
