@@ -256,3 +256,12 @@ def test_tradeoff_table_lowers_the_threshold_step_by_step():
     text = cal.describe()
     assert "trade-off (64 synthetic defects; their recall is an estimate" in text
     assert Calibration.from_dict(cal.to_dict()) == cal
+
+
+def test_one_outlying_calibration_image_is_named():
+    good = np.r_[np.linspace(1.0, 1.2, 29), 3.0]
+    files = [f"good_{i:02d}.png" for i in range(30)]
+    cal = calibrate_scores(good, good, files=files)
+    assert cal.image_threshold == 3.0
+    assert any("set by one calibration image (good_29.png)" in n for n in cal.notes)
+    assert not calibrate_scores(np.linspace(1.0, 1.2, 30), np.linspace(1.0, 1.2, 30)).notes

@@ -98,6 +98,25 @@ def tradeoff(good: np.ndarray, synthetic: np.ndarray, chosen: float, rows: int =
              "synthetic_recall": _recall(synthetic, t), "chosen": t == chosen} for t in thresholds]
 
 
+OUTLIER_SPREADS = 3.0
+
+
+def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str]) -> list[str]:
+    """When the largest good score sets the threshold and stands far above the rest, one
+    unusual calibration image decides how much the detector may catch: say which."""
+    if good.size < 5 or threshold != good.max():
+        return []
+    order = np.argsort(good)
+    rest = good[order[:-1]]
+    gap = (good.max() - rest.max()) / st.robust_std(rest)
+    if gap < OUTLIER_SPREADS:
+        return []
+    name = f" ({files[order[-1]]})" if len(files) == good.size else ""
+    return [f"the threshold is set by one calibration image{name} scoring {gap:.1f} spreads of the other good scores above the next: "
+            "if it is a fair good part the threshold is right; if not, remove it and re-calibrate, or add good images "
+            "(with 99+ the largest alone no longer decides)"]
+
+
 def calibrate_scores(
     good_scores: np.ndarray,
     good_map_max: np.ndarray,
@@ -148,7 +167,7 @@ def calibrate_scores(
         bound = st.conformal_bound(good, threshold)
         guarantee = st.Guarantee(threshold, int((good > threshold).sum()) + 1, int(good.size), bound, settings.target_frr, None,
                                  bound <= settings.target_frr, st.images_needed(settings.target_frr))
-    notes = []
+    notes = _outlier_note(good, threshold, files)
     if threshold > good.max():
         gap = (threshold - good.max()) / st.robust_std(good)
         notes.append(f"the threshold lies {gap:.1f} good-score spreads above the largest good score, where no calibration image "
