@@ -134,7 +134,7 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
                 test = score_images(det, test_paths).scores
                 good = score_images(det, held)
                 syn = synthetic_scores(det, held, SYNTHETIC_DEFECTS, seed)
-                out.rows += _rows(label, n, "holdout 10 %", good, syn, test[labels == 0], test[labels == 1], True)
+                out.rows += _rows(label, n, "holdout", good, syn, test[labels == 0], test[labels == 1], True)
                 continue
             det = clone(proto).fit(train)  # the deployed model of every k-fold variant
             test = score_images(det, test_paths).scores
