@@ -42,6 +42,8 @@ def test_report_renders_in_chromium(report_dir, browser):
     assert len(sizes) >= 4 and all(done and width > 100 for done, width in sizes)
     summary = page.inner_text("#summary")
     assert "image AUROC" in summary and "false rejects" in summary
+    tradeoff = page.inner_text("#tradeoff")
+    assert "guaranteed FRR" in tradeoff and "synthetic recall (estimate)" in tradeoff and "▶" in tradeoff
     calibration = page.inner_text("#calibration")
     assert "conformal FRR 1 %" in calibration and "guaranteed on average" in calibration and "synthetic recall" in calibration
     assert page.locator("#errors figure").count() >= 1

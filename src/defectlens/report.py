@@ -30,10 +30,11 @@ from .errors import ImageError
 from .evaluation import Evaluation, fmt, load_mask
 from .overlay import colourise
 
-SECTIONS = ("summary", "selection", "synthetic", "calibration", "curves", "histogram", "confusion", "per-type", "pixel", "errors", "timings")
+SECTIONS = ("summary", "selection", "synthetic", "calibration", "tradeoff", "curves", "histogram", "confusion", "per-type", "pixel", "errors", "timings")
 TITLES = {"summary": "Summary", "selection": "How the detector was chosen (synthetic defects: estimates)",
           "synthetic": "Synthetic defects made from the training images (what selection is measured on)",
-          "calibration": "Calibration", "curves": "ROC and precision-recall curves",
+          "calibration": "Calibration",
+          "tradeoff": "Lower thresholds and what they buy (recall on synthetic defects: an estimate)", "curves": "ROC and precision-recall curves",
           "histogram": "Score distributions", "confusion": "Confusion matrix", "per-type": "Per defect type",
           "pixel": "Pixel-level metrics", "errors": "Error analysis: worst-judged images", "timings": "Timings"}
 
@@ -201,6 +202,9 @@ def _rows(ev: Evaluation, bundle: Bundle) -> dict[str, list[list[str]]]:
                                 f"{100 * r['expected_frr']:.2f} %",
                                 "n/a" if r.get("guaranteed_frr") is None else f"≤ {100 * r['guaranteed_frr']:.1f} %",
                                 "n/a" if r.get("synthetic_recall") is None else f"{100 * r['synthetic_recall']:.1f} % (estimate)"])
+    tradeoff = [[("&#9654; " if r["chosen"] else "") + f"{r['threshold']:.4f}", f"≤ {100 * r['guaranteed_frr']:.1f} %",
+                 f"{100 * r['estimated_frr']:.1f} %", "n/a" if r.get("synthetic_recall") is None else f"{100 * r['synthetic_recall']:.1f} %"]
+                for r in (cal.tradeoff if cal is not None and cal.synthetic_scores else [])]
     per_type = [[t, str(d["n"]), fmt(d["auroc"]), fmt(d.get("recall_at_threshold")), fmt(d["mean_score"])] for t, d in sorted(ev.per_type.items())]
     pixel = [["pixel AUROC", fmt(m["pixel_auroc"])], ["AUPRO (FPR <= 0.3)", fmt(m["aupro"])],
              ["IoU at pixel threshold", fmt(m.get("pixel_iou"))], ["Dice at pixel threshold", fmt(m.get("pixel_dice"))],
@@ -213,7 +217,7 @@ def _rows(ev: Evaluation, bundle: Bundle) -> dict[str, list[list[str]]]:
     picked_row = max(picked, key=lambda r: r["n_fit"]) if picked else None
     choice = [[("&#9654; " if r is picked_row else "") + html.escape(r["label"]), r["stage"], str(r["n_fit"]), fmt(r["image_auroc"]),
                fmt(r["aupro"]), fmt(r["fit_s"]), fmt(r["ms_per_image"]), r["note"]] for r in selection.get("results", [])]
-    return {"summary": summary, "selection": choice, "calibration": calibration, "per-type": per_type, "pixel": pixel, "timings": timings}
+    return {"summary": summary, "selection": choice, "calibration": calibration, "tradeoff": tradeoff, "per-type": per_type, "pixel": pixel, "timings": timings}
 
 
 _HTML = """<!doctype html>
@@ -230,7 +234,7 @@ figure{margin:0}figcaption{font-size:.85em;color:#444}.note{color:#555;font-size
 {% for key in sections %}<section id="{{ key }}"><h2>{{ titles[key] }}</h2>
 {% if key in tables and tables[key] %}<table>{% if key in heads %}<tr>{% for h in heads[key] %}<th>{{ h }}</th>{% endfor %}</tr>{% endif %}
 {% for row in tables[key] %}<tr>{% for cell in row %}
-<td>{{ cell | safe if key in ('calibration', 'selection') and loop.first else cell }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
+<td>{{ cell | safe if key in ('calibration', 'selection', 'tradeoff') and loop.first else cell }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 {% if key == 'calibration' %}<p class="note">{{ calibration_note }}</p>{% endif %}
 {% if key in images %}<img alt="{{ titles[key] }}" src="{{ images[key] }}">{% endif %}
 {% if key == 'errors' %}<p class="note">Left: the image. Right: heat map (colour scale fixed by the calibrated pixel threshold),
@@ -246,6 +250,7 @@ true defect outlined in white.</p>
 HEADS = {"calibration": ["rule", "threshold", "precision", "recall", "false rejects", "escapes", "estimated FRR (tail model)",
                          "guaranteed FRR", "synthetic recall"],
          "per-type": ["defect type", "n", "AUROC", "recall at threshold", "mean score"],
+         "tradeoff": ["threshold", "guaranteed FRR", "estimated FRR (tail model)", "synthetic recall (estimate)"],
          "selection": ["candidate", "stage", "fit images", "synthetic image AUROC", "synthetic AUPRO", "fit s", "ms/image", "note"]}
 
 

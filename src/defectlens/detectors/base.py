@@ -112,10 +112,13 @@ class Detector(BaseEstimator, ABC):
         """Set thresholds on held-out good images (not the ones fitted on) and package a Bundle."""
         from ..bundle import Bundle
         from ..calibration import CalibrationSettings, calibrate_bundle, score_images
+        from ..calibration.fitting import SYNTHETIC_DEFECTS, synthetic_scores
 
+        settings = settings or CalibrationSettings()
         files = [str(p) for p in good_images if not isinstance(p, np.ndarray)]
         good = score_images(self, list(good_images), progress=self.verbose)
-        return calibrate_bundle(Bundle(self, None, dict(metadata or {})), good, settings or CalibrationSettings(), files=files)
+        synthetic = synthetic_scores(self, list(good_images), SYNTHETIC_DEFECTS, settings.seed)  # recall estimate, as fit makes
+        return calibrate_bundle(Bundle(self, None, dict(metadata or {})), good, settings, files=files, synthetic=synthetic)
 
     def score(self, images: Sequence[ImageInput], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Image scores (N,) and anomaly maps (N, size, size) for all images, in input order."""
