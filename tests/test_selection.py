@@ -17,16 +17,16 @@ SMALL_POOL = [
 ]
 
 
-def test_ties_are_broken_by_aupro_then_speed():
+def test_candidates_rank_by_mean_of_auroc_and_aupro_and_ties_by_speed():
     results = [
-        CandidateResult("slow-precise", "final", 10, image_auroc=0.990, aupro=0.80, fit_s=9, ms_per_image=30),
-        CandidateResult("fast-precise", "final", 10, image_auroc=0.987, aupro=0.795, fit_s=1, ms_per_image=5),
-        CandidateResult("fast-vague", "final", 10, image_auroc=0.992, aupro=0.60, fit_s=1, ms_per_image=2),
-        CandidateResult("weak", "final", 10, image_auroc=0.90, aupro=0.90, fit_s=1, ms_per_image=1),
+        CandidateResult("slow-precise", "final", 10, image_auroc=0.90, aupro=0.80, fit_s=9, ms_per_image=30),  # 0.850
+        CandidateResult("fast-precise", "final", 10, image_auroc=0.88, aupro=0.818, fit_s=1, ms_per_image=5),  # 0.849: tied, faster
+        CandidateResult("vague", "final", 10, image_auroc=0.95, aupro=0.60, fit_s=1, ms_per_image=2),  # 0.775
+        CandidateResult("no-maps", "final", 10, image_auroc=0.80, fit_s=1, ms_per_image=1),  # AUROC alone
         CandidateResult("broken", "final", 10, note="failed: x"),
     ]
-    # within 0.005 AUROC of the best all three tie; AUPRO keeps the two precise ones; speed picks
-    assert [r.label for r in rank(results)] == ["fast-precise", "slow-precise", "fast-vague", "weak"]
+    assert [r.label for r in rank(results)] == ["fast-precise", "slow-precise", "no-maps", "vague"]
+    assert selection.selection_score(results[0]) == pytest.approx(0.85) and selection.selection_score(results[4]) is None
 
 
 def test_tiling_is_offered_for_large_or_elongated_images_only():
