@@ -137,9 +137,9 @@ def test_a_model_saved_before_reductions_existed_still_loads(ds, tmp_path):
 
 
 def test_pca_sample_is_spread_over_the_set_and_capped_in_patches(ds, monkeypatch):
-    from defectlens.detectors import patchcore
+    from defectlens.detectors import feature_based
 
-    monkeypatch.setattr(patchcore, "PCA_PATCHES", 100)  # 64 px images have 64 patches each: two images' worth
+    monkeypatch.setattr(feature_based, "PCA_PATCHES", 100)  # 64 px images have 64 patches each: two images' worth
     det = create_detector("patchcore", image_size=64, embed_dim=32, coreset_ratio=0.2)
     det._begin_fit(ds.train_good)  # the backbone, before a projection is fitted
     assert det._projection_sample(ds.train_good).shape == (100, 768)

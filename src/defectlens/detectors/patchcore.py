@@ -19,14 +19,12 @@ from ..data.images import ImageInput
 from ..errors import DefectLensError
 from .base import Stopwatch
 from .coreset import greedy_coreset
-from .feature_based import FeatureDetector
+from .feature_based import PCA_IMAGES, FeatureDetector
 from .registry import register_detector
 
 SEARCHES = ("flat", "ivf")
 REDUCTIONS = ("mean", "pca", "random")
 BANK_DTYPES = ("float32", "float16")
-PCA_IMAGES = 16  # images whose patches fit the PCA: 16 x 1,024 patches at 256 px, ample for a few hundred axes
-PCA_PATCHES = 65_536  # and at most this many patches, so large images take fewer (200 MB of 768-dim rows)
 
 
 @register_detector
@@ -152,39 +150,15 @@ class PatchCore(FeatureDetector):
         return self.reduction != "mean" and self.embed_dim is not None
 
     def _fit_projection(self, images: list[ImageInput]) -> None:
-        """Learn the (d, k) projection from all channels to embed_dim before the bank is embedded."""
-        sample = self._projection_sample(images)
-        d, k = sample.shape[1], self.embed_dim
-        if k >= d:
-            raise DefectLensError(f"embed_dim {k} must be below the backbone's {d} channels to reduce them")
+        """Learn the (d, k) projection from all channels to embed_dim before the bank is embedded;
+        a random projection only needs the channel count, so one image."""
+        sample = self._projection_sample(images, PCA_IMAGES if self.reduction == "pca" else 1)
         if self.reduction == "pca":
-            mean = sample.mean(axis=0, dtype=np.float64)
-            # principal axes of the sample's patches: the eigenvectors of its covariance, largest first
-            _, vectors = np.linalg.eigh(np.cov(sample, rowvar=False))
-            matrix = vectors[:, ::-1][:, :k]
-            bias = -mean @ matrix
-        else:
-            matrix = np.random.default_rng(self.random_state).standard_normal((d, k)) / np.sqrt(k)
-            bias = np.zeros(k)
-        self.projection_ = matrix.astype(np.float32)
-        self.projection_bias_ = bias.astype(np.float32)
-        self._apply_projection()
-
-    def _projection_sample(self, images: list[ImageInput]) -> np.ndarray:
-        """Patch embeddings of all channels: for PCA, of images spread over the whole set (a folder
-        sorted by time would otherwise give one shift's), up to PCA_PATCHES; a random projection
-        only needs the channel count, so one image."""
-        spread = images[:: max(1, len(images) // PCA_IMAGES)][:PCA_IMAGES] if self.reduction == "pca" else images[:1]
-        rows: list[np.ndarray] = []
-        for _, emb in self._iter_embeddings(spread, desc="projection"):
-            rows.append(emb.transpose(0, 2, 3, 1).reshape(-1, emb.shape[1]))
-            if sum(len(r) for r in rows) >= PCA_PATCHES:
-                break
-        return np.concatenate(rows)[:PCA_PATCHES]
-
-    def _apply_projection(self) -> None:
-        self.embedder_.set_projection(self.projection_, self.projection_bias_)
-        self._prepare_inference()
+            self._set_projection(*self._principal_axes(sample, self.embed_dim))
+            return
+        d, k = sample.shape[1], self.embed_dim
+        self._check_reduction(d, k)
+        self._set_projection(np.random.default_rng(self.random_state).standard_normal((d, k)) / np.sqrt(k), np.zeros(k))
 
     def _embed_all(self, images: list[ImageInput]) -> np.ndarray:
         features: np.ndarray | None = None
@@ -272,9 +246,7 @@ class PatchCore(FeatureDetector):
             self.reduction = "mean"
         self._restore_backbone(state)
         if self._projects():
-            self.projection_ = np.asarray(state["projection"], dtype=np.float32)
-            self.projection_bias_ = np.asarray(state["projection_bias"], dtype=np.float32)
-            self._apply_projection()
+            self._set_projection(state["projection"], state["projection_bias"])
         self.memory_bank_ = np.ascontiguousarray(state["memory_bank"], dtype=self.bank_dtype)
         self.feature_shape_ = tuple(int(v) for v in state["feature_shape"])
         self.n_train_images_, self.n_train_patches_ = (int(v) for v in state["n_train"])

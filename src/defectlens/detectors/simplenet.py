@@ -47,8 +47,6 @@ from .base import Stopwatch
 from .feature_based import FeatureDetector
 from .registry import register_detector
 
-PCA_IMAGES = 16  # images whose patches fit the projection (PatchCore's choice: ample for a few hundred axes)
-PCA_PATCHES = 65_536
 TRUNCATION = 0.5  # truncated L1: good patches are pushed below -0.5, noised ones above +0.5 (both papers)
 PERLIN_THRESHOLD = 0.2  # SuperSimpleNet's threshold on Perlin noise in about [-0.7, 0.7]
 FULL_NOISE_SHARE = 0.25  # share of negative images changed everywhere, as SimpleNet noises every patch
@@ -334,28 +332,7 @@ class SimpleNet(FeatureDetector):
 
     def _fit_projection(self, images: list[ImageInput]) -> None:
         """Principal axes of the patches of up to 16 images spread over the set (as PatchCore)."""
-        spread = images[:: max(1, len(images) // PCA_IMAGES)][:PCA_IMAGES]
-        rows: list[np.ndarray] = []
-        for _, emb in self._iter_embeddings(spread, desc="projection"):
-            rows.append(emb.transpose(0, 2, 3, 1).reshape(-1, emb.shape[1]))
-            if sum(len(r) for r in rows) >= PCA_PATCHES:
-                break
-        sample = torch.from_numpy(np.concatenate(rows)[:PCA_PATCHES]).double()
-        d = sample.shape[1]
-        if self.embed_dim >= d:
-            raise DefectLensError(f"embed_dim {self.embed_dim} must be below the backbone's {d} channels to reduce them")
-        mean = sample.mean(dim=0)
-        # torch's eigh, not NumPy's: after torch has run, NumPy's BLAS threads and torch's contend
-        # for the cores and a 768 x 768 eigh took 10-20 s instead of 0.1 s on a 2-core machine
-        _, vectors = torch.linalg.eigh(torch.cov(sample.T))
-        matrix = vectors.flip(1)[:, : self.embed_dim]
-        self.projection_ = matrix.numpy().astype(np.float32)
-        self.projection_bias_ = (-mean @ matrix).numpy().astype(np.float32)
-        self._apply_projection()
-
-    def _apply_projection(self) -> None:
-        self.embedder_.set_projection(self.projection_, self.projection_bias_)
-        self._prepare_inference()
+        self._set_projection(*self._principal_axes(self._projection_sample(images), self.embed_dim))
 
     def _embed_all(self, images: list[ImageInput]) -> torch.Tensor:
         """Every training image's projected patch embeddings, (n, h, w, d) float16."""
@@ -538,9 +515,7 @@ class SimpleNet(FeatureDetector):
     def set_state(self, state: dict[str, np.ndarray]) -> SimpleNet:
         self._validate_params()
         self._restore_backbone(state)
-        self.projection_ = np.asarray(state["projection"], dtype=np.float32)
-        self.projection_bias_ = np.asarray(state["projection_bias"], dtype=np.float32)
-        self._apply_projection()
+        self._set_projection(state["projection"], state["projection_bias"])
         self.feature_shape_ = tuple(int(v) for v in state["feature_shape"])
         self.scorer_ = DiscriminatorScorer.from_arrays({k[len("scorer."):]: v for k, v in state.items() if k.startswith("scorer.")},
                                                        self.feature_shape_)
