@@ -118,6 +118,24 @@ def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
         return pool.submit(fn, *args).result()
 
 
+def each_category(root: str | Path, title: str, fn: Callable[..., T], args: tuple, failed: Callable[[str], T],
+                  describe: Callable[[T], str], progress: Callable[[str], Any] = print) -> list[T]:
+    """``fn(category, label, *args)`` for every category under ``root``, each in a fresh process;
+    a killed process becomes ``failed(label)``, and each result is shown as it comes."""
+    root = Path(root)
+    found = []
+    for category in find_categories(root):
+        label = category.relative_to(root).as_posix() if category != root else category.name
+        progress(f"{title}: {label}")
+        try:
+            entry = in_fresh_process(fn, str(category), label, *args)
+        except BrokenProcessPool:
+            entry = failed(label)
+        found.append(entry)
+        progress(describe(entry))
+    return found
+
+
 def compare(root: str | Path, detectors: list[str], backbones: list[str], params: dict | None = None, progress=print) -> list[Row]:
     from .backbones import get_spec
     from .detectors import detector_class

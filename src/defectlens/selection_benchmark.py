@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import resource
 import time
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 
-from .comparison import KILLED, find_categories, in_fresh_process
+from .comparison import KILLED, each_category
 from .errors import DefectLensError
 from .workflows.selection import format_figure
 
@@ -80,18 +79,8 @@ def _run_category(category: str, label: str, budget_s: float, seed: int) -> Cate
 
 
 def run_selection_benchmark(root: str | Path, budget_s: float = 3600.0, seed: int = 0, progress=print) -> list[CategorySelection]:
-    root = Path(root)
-    found = []
-    for category in find_categories(root):
-        label = category.relative_to(root).as_posix() if category != root else category.name
-        progress(f"selection benchmark: {label}")
-        try:
-            entry = in_fresh_process(_run_category, str(category), label, budget_s, seed)
-        except BrokenProcessPool:
-            entry = CategorySelection(label, error=KILLED)
-        found.append(entry)
-        progress(markdown_category(entry))
-    return found
+    return each_category(root, "selection benchmark", _run_category, (budget_s, seed), lambda label: CategorySelection(label, error=KILLED),
+                         markdown_category, progress)
 
 
 def markdown_category(c: CategorySelection) -> str:

@@ -19,13 +19,12 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .comparison import KILLED, find_categories, in_fresh_process
+from .comparison import KILLED, each_category
 from .errors import DefectLensError
 from .workflows.selection import format_figure
 
@@ -110,8 +109,7 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
 
     from sklearn.base import clone
 
-    from .calibration.calibrate import MIN_RECOMMENDED_IMAGES
-    from .calibration.fitting import FOLDS, SYNTHETIC_DEFECTS, kfold_scores, score_images, synthetic_scores
+    from .calibration.fitting import FOLDS, SYNTHETIC_DEFECTS, kfold_scores, resolve_scheme, score_images, synthetic_scores
     from .data import load_dataset
     from .data.datasets import _split_validation
     from .detectors import create_detector
@@ -129,7 +127,7 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
             n = len(train)
             fit_part, held = _split_validation(train, 0.1, seed)
             print(f"  {label}: {n} training images", flush=True)
-            if len(held) >= MIN_RECOMMENDED_IMAGES:  # what fit does: hold out
+            if resolve_scheme("auto", len(fit_part), len(held)) == "holdout":  # what fit does
                 det = clone(proto).fit(fit_part)
                 test = score_images(det, test_paths).scores
                 good = score_images(det, held)
@@ -153,18 +151,8 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
 
 def run_threshold_benchmark(root: str | Path, detector: str = "patchcore", params: dict | None = None,
                             sizes: Sequence[int | None] = (20, 50, None), seed: int = 0, progress=print) -> list[CategoryThresholds]:
-    root = Path(root)
-    found = []
-    for category in find_categories(root):
-        label = category.relative_to(root).as_posix() if category != root else category.name
-        progress(f"threshold benchmark: {label} ({detector})")
-        try:
-            entry = in_fresh_process(_run_category, str(category), label, detector, dict(params or {}), list(sizes), seed)
-        except BrokenProcessPool:
-            entry = CategoryThresholds(label, error=KILLED)
-        found.append(entry)
-        progress(markdown_category(entry))
-    return found
+    return each_category(root, f"threshold benchmark ({detector})", _run_category, (detector, dict(params or {}), list(sizes), seed),
+                         lambda label: CategoryThresholds(label, error=KILLED), markdown_category, progress)
 
 
 def _pct(v: float | None) -> str:
