@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defectlens.threshold_benchmark import _run_category, markdown, oracle_recall, subsample
+from defectlens.threshold_benchmark import CARRIED, VIEWS, _run_category, cross_conformal_rejects, extrapolate, markdown, oracle_recall, subsample
 
 
 def test_oracle_recall_is_the_best_any_threshold_reaches_at_that_false_reject_rate():
@@ -26,12 +26,32 @@ def test_small_category_gives_every_rule_for_every_scheme(tiny_dataset):
     entry = _run_category(str(tiny_dataset), "discs", "patchcore", {"image_size": 64, "coreset_ratio": 0.1}, [8], 0)
     assert not entry.error, entry.error
     schemes = {r.scheme for r in entry.rows}
-    assert schemes == {"kfold-5", "leave-one-out"}  # 10 folds of 8 images is leave-one-out
+    assert schemes == {"kfold-5", "leave-one-out", CARRIED, VIEWS}  # 10 folds of 8 images is leave-one-out
     assert sum(r.default for r in entry.rows) == 1
     for r in entry.rows:
-        assert r.n_train == 8 and r.n_calibration == 8
+        assert r.n_train == 8 and r.n_calibration == (8 * 14 if r.scheme == VIEWS else 8)
         assert 0.0 <= r.frr <= 1.0 and 0.0 <= r.recall <= r.oracle_same + 1e-12
-        if r.rule.startswith("conformal"):
+        if r.rule.startswith("conformal") and r.scheme != VIEWS:
             assert r.threshold == pytest.approx(r.largest_good) and r.bound == pytest.approx(1 / 9)
+    (fold,) = entry.folds
+    assert fold.folds == 8 and fold.probe_good + fold.probe_defect > 0 and fold.bias_median > 0
+    for name in ("deployed", "extrapolated", "cross"):
+        assert 0.0 <= getattr(fold, f"{name}_frr") <= 1.0
     text = markdown([entry], "test machine", "patchcore")
-    assert "**default**" in text and "recall / oracle" in text
+    assert "**default**" in text and "recall / oracle" in text and "cross-conformal" in text
+
+
+def test_extrapolation_recovers_scores_that_fall_as_one_over_training_size():
+    n, a, b = 20, np.array([1.0, 2.0, 3.0]), np.array([4.0, 8.0, 2.0])
+    at = lambda m: a + b / m  # noqa: E731
+    assert extrapolate(at(n * 4 / 5), at(n * 9 / 10), n, 5, 10) == pytest.approx(at(n))
+
+
+def test_cross_conformal_with_identical_fold_models_is_the_conformal_rule():
+    held = np.arange(1.0, 20.0)  # 19 calibration scores over 3 folds
+    folds = np.arange(19) % 3
+    new = np.array([0.5, 18.5, 19.0, 25.0])
+    rejected = cross_conformal_rejects(np.tile(new, (3, 1)), held, folds, 0.01)
+    assert rejected.tolist() == [False, False, False, True]  # above the largest: floor(0.01 * 20) = 0, so rank 1
+    rejected = cross_conformal_rejects(np.tile(new, (3, 1)), held, folds, 0.1)
+    assert rejected.tolist() == [False, True, True, True]  # rank 2: reject above the second largest (18)

@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "measure the threshold rules on every category: with the training images subsampled (--sizes), each rule's "
         "false-reject rate and recall on the real test split beside the best any threshold reaches (the oracle), for "
         "holdout, k-fold and leave-one-out calibration scores (--detector, default patchcore)"))
-    p.add_argument("--sizes", default="20,50,all", help="training-set sizes for --thresholds (default: 20,50,all)")
+    p.add_argument("--sizes", default="10,20,50,100,all", help="training-set sizes for --thresholds (default: 10,20,50,100,all)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS", help=(
         "time for trying candidates per category (default: 3600 with --selection, which carries every candidate to the "
         "final stage; 300, as fit, for --detectors auto)"))

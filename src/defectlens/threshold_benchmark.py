@@ -57,9 +57,40 @@ class ThresholdRow:
 
 
 @dataclass
+class FoldRow:
+    """What the fold models of plain `fit`'s k-fold say about the deployed model, on a probe of the test split."""
+
+    category: str
+    n_train: int
+    folds: int
+    probe_good: int = 0
+    probe_defect: int = 0
+    bias_median: float | None = None  # median over probe goods of mean fold-model score / deployed score
+    bias_top: float | None = None  # the same at the probe goods' 95th percentile
+    deployed_frr: float | None = None  # the default threshold (deployed model) on the probe
+    deployed_recall: float | None = None
+    extrapolated_frr: float | None = None  # the default rule on extrapolated fold scores
+    extrapolated_recall: float | None = None
+    cross_frr: float | None = None  # the k fold models deployed together (cross-conformal)
+    cross_recall: float | None = None
+
+
+CARRIED = "10 folds carried to all images"
+VIEWS = "augmented views, deployed model"
+PROBE = 200  # test images every fold model scores: enough to see a bias, cheap at 10 folds
+
+
+def _probe(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == v))[: max(1, round(n * (labels == v).mean()))] for v in (0, 1)]
+    return np.sort(np.concatenate(picked))
+
+
+@dataclass
 class CategoryThresholds:
     category: str
     rows: list[ThresholdRow] = field(default_factory=list)
+    folds: list[FoldRow] = field(default_factory=list)
     seconds: float | None = None
     error: str = ""
 
@@ -86,6 +117,8 @@ def _rows(label: str, n_train: int, scheme: str, calibration_scores, synthetic, 
     rows = []
     syn = synthetic.scored.scores if synthetic is not None else None
     for rule, settings in RULES.items():
+        if syn is None and settings["strategy"] == "cost":
+            continue  # the cost rule weighs synthetic recall: not made for this source of scores
         row = ThresholdRow(label, n_train, scheme, rule, int(calibration_scores.scores.size), default=default and rule == DEFAULT_RULE)
         try:
             cal = calibrate_scores(calibration_scores.scores, calibration_scores.map_max, CalibrationSettings(**settings), synthetic_scores=syn)
@@ -103,13 +136,40 @@ def _rows(label: str, n_train: int, scheme: str, calibration_scores, synthetic, 
     return rows
 
 
+def extrapolate(fewer: np.ndarray, more: np.ndarray, n: int, folds_fewer: int, folds_more: int) -> np.ndarray:
+    """Each image's out-of-fold score carried on to a model fitted on all ``n`` images.
+
+    A score falls with the training set roughly as a + b / m (more normal variation seen): the
+    image's scores from models of m1 = n (k1-1)/k1 and m2 = n (k2-1)/k2 images fix a and b, so the
+    line through them gives the deployed model's score at m = n: the jackknife's bias correction.
+    """
+    m1, m2 = n * (folds_fewer - 1) / folds_fewer, n * (folds_more - 1) / folds_more
+    c = (1 / n - 1 / m2) / (1 / m2 - 1 / m1)
+    return more + c * (more - fewer)
+
+
+def cross_conformal_rejects(fold_scores: np.ndarray, held_scores: np.ndarray, held_fold: np.ndarray, alpha: float) -> np.ndarray:
+    """Verdicts of the k fold models deployed together (cross-conformal, Vovk 2015).
+
+    ``fold_scores[k, j]`` is fold model k's score of new image j; each calibration image is
+    compared only with the model that did not see it. Image j is rejected when fewer than
+    max(1, floor(alpha (n + 1))) calibration images score at least as high under their own model:
+    the conformal rule with the fold models in place of one deployed model.
+    """
+    from .calibration.strategies import conformal_rank
+
+    at_least = sum((held_scores[held_fold == k][:, None] >= fold_scores[k][None, :]).sum(axis=0) for k in range(fold_scores.shape[0]))
+    return at_least < max(1, conformal_rank(held_scores.size, alpha))
+
+
 def _run_category(category: str, label: str, detector: str, params: dict, sizes: list[int | None], seed: int) -> CategoryThresholds:
     """Runs in a fresh child process."""
     import warnings
 
     from sklearn.base import clone
 
-    from .calibration.fitting import FOLDS, SYNTHETIC_DEFECTS, kfold_scores, resolve_scheme, score_images, synthetic_scores
+    from .calibration import CalibrationSettings, calibrate_scores
+    from .calibration.fitting import FOLDS, SYNTHETIC_DEFECTS, ScoredImages, kfold_scores, resolve_scheme, score_images, single_image_views, synthetic_scores
     from .data import load_dataset
     from .data.datasets import _split_validation
     from .detectors import create_detector
@@ -121,6 +181,7 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
         ds = load_dataset(category, validation_fraction=0.0)
         test_paths = [s.path for s in ds.test]
         labels = np.array([s.label for s in ds.test])
+        probe = _probe(labels, PROBE, seed)
         proto = create_detector(detector, **params)
         for size in sizes:
             train = subsample(ds.train_good, size, seed)
@@ -136,11 +197,42 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
                 continue
             det = clone(proto).fit(train)  # the deployed model of every k-fold variant
             test = score_images(det, test_paths).scores
-            for folds in sorted({min(5, n), min(10, n)} | ({n} if n <= 20 else set())):
-                good, syn = kfold_scores(proto, train, folds, seed, SYNTHETIC_DEFECTS)
+            test_good, test_defect = test[labels == 0], test[labels == 1]
+            standard = min(FOLDS, n)
+            by_folds, fold_probe, held_fold = {}, [], np.zeros(n, int)
+
+            def on_fold(model, left_out, fold_probe=fold_probe, held_fold=held_fold):
+                held_fold[left_out] = len(fold_probe)
+                fold_probe.append(score_images(model, [test_paths[i] for i in probe]).scores)
+
+            for folds in sorted({min(5, n), standard} | ({n} if n <= 20 else set())):
+                good, syn = kfold_scores(proto, train, folds, seed, SYNTHETIC_DEFECTS, on_fold=on_fold if folds == standard else None)
+                by_folds[folds] = good
                 scheme = "leave-one-out" if folds == n else f"kfold-{folds}"
-                out.rows += _rows(label, n, scheme, good, syn, test[labels == 0], test[labels == 1], folds == min(FOLDS, n))
+                out.rows += _rows(label, n, scheme, good, syn, test_good, test_defect, folds == standard)
                 print(f"  {label}: {n} images, {scheme} done", flush=True)
+            fewer = min(by_folds)
+            corrected = by_folds[standard].scores
+            if fewer < standard:
+                corrected = extrapolate(by_folds[fewer].scores, corrected, n, fewer, standard)
+                carried_scores = ScoredImages(corrected, corrected, np.zeros(n), np.zeros(n))  # map maxima only set the pixel threshold
+                out.rows += _rows(label, n, CARRIED, carried_scores, None, test_good, test_defect, False)
+            views = ScoredImages.concat([score_images(det, single_image_views(image, seed)[1]) for image in train])  # one image's views at a time
+            out.rows += _rows(label, n, VIEWS, views, None, test_good, test_defect, False)
+            # the fold models against the deployed one, on a probe of the test split
+            fold_scores, p_labels, p_deployed = np.stack(fold_probe), labels[probe], test[probe]
+            row = FoldRow(label, n, standard, int((p_labels == 0).sum()), int((p_labels == 1).sum()))
+            ratio = fold_scores.mean(axis=0)[p_labels == 0] / np.maximum(p_deployed[p_labels == 0], 1e-12)
+            row.bias_median = float(np.median(ratio))
+            row.bias_top = float(np.quantile(fold_scores.mean(axis=0)[p_labels == 0], 0.95) / np.quantile(p_deployed[p_labels == 0], 0.95))
+            rule = CalibrationSettings(**RULES[DEFAULT_RULE])
+            default = calibrate_scores(by_folds[standard].scores, by_folds[standard].map_max, rule).image_threshold
+            carried = calibrate_scores(corrected, corrected, rule).image_threshold
+            cross = cross_conformal_rejects(fold_scores, by_folds[standard].scores, held_fold, rule.target_frr)
+            for name, rejected in (("deployed", p_deployed > default), ("extrapolated", p_deployed > carried), ("cross", cross)):
+                setattr(row, f"{name}_frr", float(rejected[p_labels == 0].mean()))
+                setattr(row, f"{name}_recall", float(rejected[p_labels == 1].mean()) if (p_labels == 1).any() else None)
+            out.folds.append(row)
     except DefectLensError as exc:
         out.error = str(exc)
     except Exception as exc:  # noqa: BLE001 -- one broken category must not lose the others
@@ -150,7 +242,7 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
 
 
 def run_threshold_benchmark(root: str | Path, detector: str = "patchcore", params: dict | None = None,
-                            sizes: Sequence[int | None] = (20, 50, None), seed: int = 0, progress=print) -> list[CategoryThresholds]:
+                            sizes: Sequence[int | None] = (10, 20, 50, 100, None), seed: int = 0, progress=print) -> list[CategoryThresholds]:
     return each_category(root, f"threshold benchmark ({detector})", _run_category, (detector, dict(params or {}), list(sizes), seed),
                          lambda label: CategoryThresholds(label, error=KILLED), markdown_category, progress)
 
@@ -195,8 +287,41 @@ def summary(entries: list[CategoryThresholds]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scheme_summary(entries: list[CategoryThresholds]) -> str:
+    """The default rule on each source of calibration scores, over the runs small enough for
+    k-fold: what the choice of `fit`'s k-fold set-up rests on."""
+    def kind(r: ThresholdRow) -> str:
+        if r.standard:
+            return "10 folds (leave-one-out below 10 images): **fit's default**"
+        return "5 folds" if r.scheme == "kfold-5" else r.scheme
+
+    rows = [r for e in entries for r in e.rows if r.rule == DEFAULT_RULE and r.scheme != "holdout" and r.frr is not None]
+    lines = ["| calibration scores | runs | test FRR <= 5 % | worst test FRR | mean recall / oracle (same FRR) |", "|---|---|---|---|---|"]
+    for name in dict.fromkeys(kind(r) for r in rows):
+        group = [r for r in rows if kind(r) == name]
+        same = [r.recall / r.oracle_same for r in group if r.oracle_same]
+        ok = sum(r.frr <= ORACLE_FRR + 1e-12 for r in group)
+        lines.append(f"| {name} | {len(group)} | {ok} of {len(group)} | {_pct(max(r.frr for r in group))} | "
+                     f"{format_figure(float(np.mean(same)) if same else None, 2)} ({len(same)}) |")
+    return "\n".join(lines) + "\n"
+
+
+def fold_table(entries: list[CategoryThresholds]) -> str:
+    """The fold models against the deployed model on a probe of the test split."""
+    lines = ["| category | train images | folds | probe good / defect | fold / deployed score, median | at 95th percentile "
+             "| default: FRR, recall | carried: FRR, recall | fold models deployed together (cross-conformal): FRR, recall |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for f in (f for e in entries for f in e.folds):
+        lines.append(f"| {f.category} | {f.n_train} | {f.folds} | {f.probe_good} / {f.probe_defect} | {format_figure(f.bias_median, 3)} | "
+                     f"{format_figure(f.bias_top, 3)} | {_pct(f.deployed_frr)}, {_pct(f.deployed_recall)} | "
+                     f"{_pct(f.extrapolated_frr)}, {_pct(f.extrapolated_recall)} | {_pct(f.cross_frr)}, {_pct(f.cross_recall)} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(entries: list[CategoryThresholds], machine: str, detector: str) -> str:
     return "\n".join([f"Machine: {machine}. Detector: {detector}. Synthetic recall is an estimate from synthetic defects; "
                       "test FRR, recall and the oracle come from the real test split, which no rule sees.", "",
                       "### Summary: each rule on the calibration scores plain `fit` uses", "", summary(entries),
+                      "### Summary: the default rule on each source of k-fold calibration scores", "", scheme_summary(entries),
+                      "### The fold models against the deployed model (a probe of the test split)", "", fold_table(entries),
                       *[markdown_category(e) for e in entries]])

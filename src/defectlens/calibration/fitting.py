@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -104,10 +104,12 @@ def synthetic_scores(detector: Detector, good_images: Sequence[ImageInput], n: i
     return SyntheticScores(score_images(detector, [d.image for d in defects]), [d.family for d in defects])
 
 
-def kfold_scores(detector: Detector, images: Sequence[ImageInput], folds: int, seed: int = 0,
-                 synthetic: int = 0) -> tuple[ScoredImages, SyntheticScores | None]:
+def kfold_scores(detector: Detector, images: Sequence[ImageInput], folds: int, seed: int = 0, synthetic: int = 0,
+                 on_fold: Callable[[Detector, np.ndarray], None] | None = None) -> tuple[ScoredImages, SyntheticScores | None]:
     """Out-of-fold scores: each image scored by a model fitted without it; with ``synthetic``,
-    also synthetic defects made from each fold's left-out images, scored by that fold's model."""
+    also synthetic defects made from each fold's left-out images, scored by that fold's model.
+    ``on_fold(model, left_out_indices)`` sees each fold's model before it is dropped (the
+    threshold benchmark measures the fold models' bias against the deployed one with it)."""
     images = list(images)
     folds = min(folds, len(images))
     if folds < 2:
@@ -119,6 +121,8 @@ def kfold_scores(detector: Detector, images: Sequence[ImageInput], folds: int, s
         parts.append(score_images(model, left_out))
         order.extend(test_idx)
         syn.append(synthetic_scores(model, left_out, math.ceil(synthetic / folds), seed + fold))
+        if on_fold is not None:
+            on_fold(model, test_idx)
     syn = [s for s in syn if s is not None]
     return ScoredImages.concat(parts).take(np.argsort(order)), SyntheticScores.concat(syn) if syn else None
 
