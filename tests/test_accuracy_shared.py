@@ -7,8 +7,9 @@ import random
 import pytest
 
 from defectlens import create_detector, load_dataset
-from defectlens.evaluation import evaluate
+from defectlens.evaluation.evaluate import evaluate
 from defectlens.metrics import image_auroc
+from defectlens.workflows import calibrate_detector
 
 from .conftest import shared_category
 
@@ -16,7 +17,7 @@ from .conftest import shared_category
 @pytest.mark.slow
 def test_patchcore_on_mvtec_bottle():
     ds = load_dataset(shared_category("mvtec_ad/bottle"), validation_fraction=0.1)
-    bundle = create_detector("patchcore").fit(ds.train_good).calibrate(ds.validation)
+    bundle = calibrate_detector(create_detector("patchcore").fit(ds.train_good), ds.validation)
     result = evaluate(bundle, ds)
     assert result.metrics["image_auroc"] >= 0.99
     assert result.metrics["pixel_auroc"] >= 0.97
@@ -36,7 +37,8 @@ MAX_DEFECTS = 150
 def test_good_only_calibration_keeps_false_rejects_low(category, capsys):
     """Acceptance of issue 3: a 1 % target false-reject rate set on held-out good images only
     gives at most 5 % false rejects on the test split's good images; recall is reported."""
-    from defectlens.calibration import CalibrationSettings, fit_calibrated
+    from defectlens.calibration import CalibrationSettings
+    from defectlens.workflows.fitting import fit_calibrated
 
     cap = CALIBRATION_SETS[category]
     ds = load_dataset(shared_category(category), validation_fraction=0.1)  # what `defectlens fit` does

@@ -11,13 +11,14 @@ from defectlens import Bundle, create_detector
 from defectlens.bundle import FORMAT_VERSION
 from defectlens.data import load_dataset
 from defectlens.errors import BundleError
+from defectlens.workflows import calibrate_detector
 
 
 @pytest.fixture(scope="module")
 def saved(tiny_dataset, tmp_path_factory):
     ds = load_dataset(tiny_dataset, validation_fraction=0.2)
     det = create_detector("patchcore", image_size=64, coreset_ratio=0.1).fit(ds.train_good)
-    path = det.calibrate(ds.validation, metadata={"name": "tiny"}).save(tmp_path_factory.mktemp("m") / "tiny.dlens")
+    path = calibrate_detector(det, ds.validation, metadata={"name": "tiny"}).save(tmp_path_factory.mktemp("m") / "tiny.dlens")
     return path
 
 

@@ -10,8 +10,8 @@ from scipy import stats
 
 from defectlens.calibration import Calibration, CalibrationSettings, calibrate_scores
 from defectlens.calibration import strategies as st
+from defectlens.calibration.symmetry import asymmetry, choose_weight
 from defectlens.errors import DefectLensError
-from defectlens.symmetry import asymmetry, choose_weight
 
 
 @pytest.mark.parametrize("target", [0.01, 0.05])

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from defectlens import Bundle, Inspector, create_detector
-from defectlens.calibration import CalibrationSettings, fit_calibrated, kfold_scores, score_images, single_image_views
+from defectlens.calibration import CalibrationSettings
+from defectlens.calibration.defect_types import DefectTyper
 from defectlens.cli import main
 from defectlens.data import load_dataset
-from defectlens.defect_types import DefectTyper
 from defectlens.errors import DefectLensError
+from defectlens.workflows.fitting import fit_calibrated, kfold_scores, score_images, single_image_views
 
 SMALL = {"image_size": 64, "coreset_ratio": 0.1}
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from defectlens.cli import main
-from defectlens.comparison import find_categories
 from defectlens.data.synthetic import make_synthetic_dataset
 from defectlens.errors import DatasetError
+from defectlens.evaluation.comparison import find_categories
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_a_detector_that_wraps_nothing_is_refused():
 
 
 def test_a_run_whose_process_dies_becomes_a_row(root, tmp_path, monkeypatch):
-    import defectlens.comparison as comparison
+    import defectlens.evaluation.comparison as comparison
 
     monkeypatch.setattr(comparison, "_run_one", _die)
     rows = comparison.compare(root / "line1", ["padim"], ["mobilenet_v2"], progress=lambda _: None)

@@ -13,6 +13,7 @@ from sklearn.base import clone
 from defectlens import Bundle, DefectLensError, Inspector, available_detectors, create_detector
 from defectlens.data import load_dataset
 from defectlens.errors import ImageError
+from defectlens.workflows import calibrate_detector
 
 CONFORMANCE_PARAMS = {
     "patchcore": {"image_size": 64, "coreset_ratio": 0.1},
@@ -82,7 +83,7 @@ def test_deterministic_with_seed(fitted, tiny_dataset):
 
 def test_bundle_round_trip_scores_identically(fitted, tmp_path):
     det, ds = fitted
-    bundle = det.calibrate(ds.validation)
+    bundle = calibrate_detector(det, ds.validation)
     path = bundle.save(tmp_path / "m.dlens")
     loaded = Bundle.load(path)
     paths = [s.path for s in ds.test]

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from defectlens import Inspector
+from defectlens.batch.engines import inspect_stream
 from defectlens.cli import main
-from defectlens.engines import inspect_stream
 
 
 def sources(out) -> list[str]:
@@ -112,7 +112,7 @@ def test_scaling_benchmark_prints_growth_and_engine_throughput(tiny_dataset, tmp
 
 
 def test_batch_inspections_go_into_the_history_once(model_dir, inputs, tmp_path):
-    from defectlens.service.store import HistoryQuery, HistoryStore
+    from defectlens.history.store import HistoryQuery, HistoryStore
 
     db = f"sqlite:///{tmp_path / 'history.db'}"
     for extra in ([], ["--fresh"]):  # a full re-run adds no second row for the same model and file
@@ -125,7 +125,7 @@ def test_batch_inspections_go_into_the_history_once(model_dir, inputs, tmp_path)
 
 def test_parquet_follows_the_journal_through_crashes(model_dir, inputs, tmp_path, monkeypatch, capsys):
     pq = pytest.importorskip("pyarrow.parquet")
-    from defectlens import parquet_output
+    from defectlens.batch import parquet as parquet_output
 
     monkeypatch.setattr(parquet_output, "ROWS_PER_PART", 4)
     out = tmp_path / "out"

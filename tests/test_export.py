@@ -12,6 +12,8 @@ from defectlens import Bundle, Inspector, create_detector, load_dataset
 from defectlens.cli import main
 from defectlens.errors import BundleError, DefectLensError
 from defectlens.export import export_onnx
+from defectlens.inference.loading import load_model
+from defectlens.workflows import calibrate_detector
 
 from .conftest import shared_category
 
@@ -21,7 +23,7 @@ TOLERANCE = 1e-4
 def fitted(name: str, dataset, **params):
     ds = load_dataset(dataset, validation_fraction=0.25)
     det = create_detector(name, image_size=64, **params).fit(ds.train_good)
-    return det.calibrate(ds.validation), ds
+    return calibrate_detector(det, ds.validation), ds
 
 
 def assert_same_inspections(bundle: Bundle, exported: Bundle, images) -> None:
@@ -51,7 +53,7 @@ def test_export_scores_like_pytorch(name, tiny_dataset, tmp_path):
 def test_the_symmetry_term_of_the_calibration_is_in_the_graph(tiny_dataset, tmp_path):
     bundle, ds = fitted("patchcore", tiny_dataset, coreset_ratio=0.1)
     bundle.calibration = replace(bundle.calibration, symmetry={"axes": "lr,tb", "weight": 0.7, "used": True})
-    exported = Bundle.load(export_onnx(bundle, tmp_path / "sym.onnx"))
+    exported = load_model(export_onnx(bundle, tmp_path / "sym.onnx"))
     images = [s.path for s in ds.test]
     raw, maps = bundle.detector.score(images)
     combined = bundle.detector.decision_scores(raw, maps, bundle.calibration)
@@ -62,8 +64,8 @@ def test_the_symmetry_term_of_the_calibration_is_in_the_graph(tiny_dataset, tmp_
 def test_export_on_real_images(tmp_path):
     root = shared_category("mvtec_ad/bottle")
     ds = load_dataset(root, validation_fraction=0.1)
-    bundle = create_detector("patchcore").fit(ds.train_good).calibrate(ds.validation)
-    exported = Bundle.load(export_onnx(bundle, tmp_path / "bottle.onnx"))
+    bundle = calibrate_detector(create_detector("patchcore").fit(ds.train_good), ds.validation)
+    exported = load_model(export_onnx(bundle, tmp_path / "bottle.onnx"))
     images = [s.path for s in ds.test]
     raw, maps = bundle.detector.score(images)
     raw_onnx, maps_onnx = exported.detector.score(images)
@@ -95,7 +97,7 @@ def test_files_that_are_not_defectlens_exports_are_refused(tmp_path):
     with pytest.raises(BundleError, match="not one exported by DefectLens"):
         Bundle.load(foreign)
     with pytest.raises(BundleError, match="model file not found"):
-        Bundle.load(tmp_path / "missing.onnx")
+        load_model(tmp_path / "missing.onnx")
 
 
 def test_export_command_checks_and_the_other_commands_take_the_file(model_dir, tiny_dataset, tmp_path, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from defectlens.calibration import calibrate_scores
-from defectlens.inspection import find_regions, heuristic_type, make_mask, severity
+from defectlens.inference.inspection import find_regions, heuristic_type, make_mask, severity
 
 
 def _map_with(shapes: list[tuple[slice, slice, float]], size: int = 100) -> np.ndarray:

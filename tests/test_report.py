@@ -7,7 +7,7 @@ import json
 import pytest
 
 from defectlens.cli import main
-from defectlens.report import SECTIONS, TITLES
+from defectlens.evaluation.report import SECTIONS, TITLES
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_gallery_shows_both_kinds_of_mistake_worst_first():
     import numpy as np
 
     from defectlens.data.datasets import Sample
-    from defectlens.evaluation import GALLERY_SIZE, _gallery
+    from defectlens.evaluation.evaluate import GALLERY_SIZE, _gallery
 
     labels = np.array([0] * 10 + [1] * 10)
     scores = np.r_[np.linspace(0.0, 0.9, 10), np.linspace(0.1, 1.0, 10)]  # threshold 0.5: goods 6-9 rejected, defects 0-4 escape

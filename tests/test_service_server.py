@@ -13,8 +13,8 @@ import time
 
 import pytest
 
+from defectlens.history.store import HistoryStore
 from defectlens.service.loadtest import check_history, history_rows, run_load
-from defectlens.service.store import HistoryStore
 
 from .servers import Server
 
@@ -78,7 +78,7 @@ def test_killing_the_server_mid_load_loses_no_confirmed_row(served, model_dir, t
 
 
 def _rows(store: HistoryStore) -> list[dict]:
-    from defectlens.service.store import HistoryQuery
+    from defectlens.history.store import HistoryQuery
 
     return store.query(HistoryQuery(), limit=10_000)[1]
 

@@ -9,8 +9,8 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from defectlens.service.schema import metadata
-from defectlens.service.store import HistoryQuery, HistoryStore
+from defectlens.history.schema import metadata
+from defectlens.history.store import HistoryQuery, HistoryStore
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

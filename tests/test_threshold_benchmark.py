@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defectlens.threshold_benchmark import CARRIED, VIEWS, _run_category, cross_conformal_rejects, extrapolate, markdown, oracle_recall, subsample
+from defectlens.evaluation.threshold_benchmark import CARRIED, VIEWS, _run_category, cross_conformal_rejects, extrapolate, markdown, oracle_recall, subsample
 
 
 def test_oracle_recall_is_the_best_any_threshold_reaches_at_that_false_reject_rate():

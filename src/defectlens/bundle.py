@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .calibration import Calibration
-from .defect_types import DefectTyper
-from .detectors import Detector, create_detector
-from .errors import BundleError, DefectLensError
-from .jsonutil import finite
+from defectlens._version import __version__
+from defectlens.calibration import Calibration
+from defectlens.calibration.defect_types import DefectTyper
+from defectlens.detectors import Detector, create_detector
+from defectlens.errors import BundleError, DefectLensError
+from defectlens.jsonutil import finite
 
 FORMAT = "defectlens-bundle"
 FORMAT_VERSION = 1
@@ -115,12 +115,10 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Bundle:
-        """A .dlens bundle, or an exported .onnx file (scored by ONNX Runtime) behind the same interface."""
+        """A .dlens bundle (``defectlens.inference.load_model`` also opens .onnx exports)."""
         path = Path(path)
         if path.suffix.lower() == ".onnx":
-            from .export import load_onnx
-
-            return load_onnx(path)
+            raise BundleError(f"{path}: an ONNX export, not a .dlens bundle (open it with defectlens.inference.load_model)")
         if not path.is_file():
             raise BundleError(f"{path}: model file not found")
         try:

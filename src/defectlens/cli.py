@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .calibration.calibrate import GOOD_ONLY, STRATEGIES
-from .calibration.fitting import SCHEMES
-from .errors import DefectLensError
-from .jsonutil import finite
+from defectlens._version import __version__
+from defectlens.calibration.calibrate import GOOD_ONLY, STRATEGIES
+from defectlens.errors import DefectLensError
+from defectlens.jsonutil import finite
+from defectlens.workflows.fitting import SCHEMES
 
 EXIT_USAGE = 2
 DEMO_DATA_CANDIDATES = ("../shared/datasets/mvtec_ad/bottle", "shared/datasets/mvtec_ad/bottle")
@@ -27,9 +27,9 @@ DEMO_DATA_CANDIDATES = ("../shared/datasets/mvtec_ad/bottle", "shared/datasets/m
 
 def _add_model_options(p: argparse.ArgumentParser, default_detector: str = "patchcore") -> None:
     # Defaults come from the detector itself, so the CLI and the Python API never disagree.
-    from .backbones import FEATURE_KINDS, available_backbones
-    from .detectors import PaDiM, PatchCore, available_detectors
-    from .detectors.patchcore import BANK_DTYPES, REDUCTIONS, SEARCHES
+    from defectlens.backbones import FEATURE_KINDS, available_backbones
+    from defectlens.detectors import PaDiM, PatchCore, available_detectors
+    from defectlens.detectors.patchcore import BANK_DTYPES, REDUCTIONS, SEARCHES
 
     d = PatchCore().get_params()
     n_features = PaDiM().get_params()["n_features"]
@@ -66,7 +66,7 @@ def _add_model_options(p: argparse.ArgumentParser, default_detector: str = "patc
 
 
 def _add_calibration_options(p: argparse.ArgumentParser, strategies: Sequence[str]) -> None:
-    from .calibration import CalibrationSettings
+    from defectlens.calibration import CalibrationSettings
 
     d = CalibrationSettings()
     p.add_argument("--strategy", choices=strategies, default=d.strategy, help=(
@@ -87,7 +87,7 @@ def _add_calibration_options(p: argparse.ArgumentParser, strategies: Sequence[st
 
 
 def _settings(args: argparse.Namespace, symmetry: str | None = None):
-    from .calibration import CalibrationSettings
+    from defectlens.calibration import CalibrationSettings
 
     return CalibrationSettings(strategy=args.strategy, target_frr=args.target_frr, confidence=args.confidence, k_sigma=args.k_sigma,
                                escape_cost=args.escape_cost, defect_rate=args.defect_rate, target_recall=args.target_recall,
@@ -96,7 +96,7 @@ def _settings(args: argparse.Namespace, symmetry: str | None = None):
 
 def _make_detector(args: argparse.Namespace):
     """The chosen detector, wrapped in tiling at native resolution when --tile is given."""
-    from .detectors import create_detector
+    from defectlens.detectors import create_detector
 
     params = _detector_params(args)
     if "," in args.backbone:  # several backbones: an ensemble of the detector, one member each
@@ -114,7 +114,7 @@ def _make_detector(args: argparse.Namespace):
 
 def _detector_params(args: argparse.Namespace) -> dict:
     """The options the chosen detector takes (each detector has its own settings)."""
-    from .detectors import detector_class
+    from defectlens.detectors import detector_class
 
     accepted = detector_class(args.detector)().get_params()
     return {k: v for k, v in _given_params(args).items() if k in accepted}
@@ -142,7 +142,7 @@ def _given_params(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .engines import ENGINES
+    from defectlens.batch.engines import ENGINES
 
     parser = argparse.ArgumentParser(prog="defectlens", description="Visual defect detection trained on good parts only.")
     parser.add_argument("--version", action="version", version=f"defectlens {__version__}")
@@ -293,8 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fit_bundle(det, ds, settings, scheme: str = "auto", folds: int = 10, extra: dict | None = None):
     """Fit and calibrate, recording which files the model saw so re-calibration can avoid them."""
-    from .calibration import fit_calibrated
-    from .calibration.fitting import resolve_scheme
+    from defectlens.workflows.fitting import fit_calibrated, resolve_scheme
 
     if getattr(det, "needs_labels", False):
         return _fit_supervised_bundle(det, ds, settings)
@@ -308,7 +307,8 @@ def _fit_bundle(det, ds, settings, scheme: str = "auto", folds: int = 10, extra:
 def _fit_supervised_bundle(det, ds, settings):
     """A classifier learns from half the labelled test images (split per defect type); they are
     recorded, so `evaluate` judges it only on the other half."""
-    from .data.datasets import GOOD, labelled_split
+    from defectlens.data.datasets import GOOD, labelled_split
+    from defectlens.workflows import calibrate_detector
 
     goods, defects = labelled_split(ds, 0.5, 0)
     images = ds.train_good + [s.path for s in goods] + [s.path for s in defects]
@@ -318,13 +318,13 @@ def _fit_supervised_bundle(det, ds, settings):
     det.fit(images, labels)
     meta = {"name": ds.name, "data": str(ds.root), "train_images": len(images), "train_files": [str(Path(p).resolve()) for p in images],
             "calibration_scheme": "holdout", "labelled_defects": {t: sum(s.defect_type == t for s in defects) for t in ds.defect_types if t != GOOD}}
-    bundle = det.calibrate(ds.validation, settings, metadata=meta)
+    bundle = calibrate_detector(det, ds.validation, settings, metadata=meta)
     bundle.calibration.files += [str(Path(s.path).resolve()) for s in goods + defects]
     return bundle
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from .data import load_dataset
+    from defectlens.data import load_dataset
 
     ds = load_dataset(args.data, validation_fraction=args.validation_fraction, seed=args.seed)
     print(ds.summary())
@@ -348,7 +348,7 @@ def _select(args: argparse.Namespace, ds):
 
 
 def _auto_detector(ds, backbone: str = "mobilenet_v2", weights: str | None = None, image_size: int = 256, budget: float = 300.0, seed: int = 0):
-    from .workflows import select_detector
+    from defectlens.workflows import select_detector
 
     selection = select_detector(ds.train_good, backbone=backbone, weights=weights, image_size=image_size, budget_s=budget,
                                 seed=seed, progress=print)
@@ -357,14 +357,14 @@ def _auto_detector(ds, backbone: str = "mobilenet_v2", weights: str | None = Non
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .bundle import Bundle
-    from .calibration import LABELLED, ScoredImages, calibrate_bundle, score_images
-    from .calibration.fitting import SYNTHETIC_DEFECTS, SyntheticScores, synthetic_scores
-    from .data import load_dataset
-    from .data.datasets import labelled_split
-    from .errors import DatasetError
+    from defectlens.calibration import LABELLED
+    from defectlens.data import load_dataset
+    from defectlens.data.datasets import labelled_split
+    from defectlens.errors import DatasetError
+    from defectlens.inference.loading import load_model
+    from defectlens.workflows.fitting import SYNTHETIC_DEFECTS, ScoredImages, SyntheticScores, calibrate_bundle, score_images, synthetic_scores
 
-    bundle = Bundle.load(args.model)
+    bundle = load_model(args.model)
     settings = _settings(args, args.symmetry)
     if args.data is None:
         if settings.strategy in LABELLED or args.symmetry:
@@ -405,9 +405,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .batch_outputs import run_batch
-    from .data.images import flatten_inputs
-    from .inspector import Inspector
+    from defectlens.batch.outputs import run_batch
+    from defectlens.data.images import flatten_inputs
+    from defectlens.inference.inspector import Inspector
 
     inspector = Inspector.load(args.model, mask_method=args.mask)
     paths = flatten_inputs(args.inputs)
@@ -422,11 +422,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .bundle import Bundle
-    from .data import load_dataset
-    from .evaluation import evaluate
+    from defectlens.data import load_dataset
+    from defectlens.evaluation.evaluate import evaluate
+    from defectlens.inference.loading import load_model
 
-    bundle = Bundle.load(args.model)
+    bundle = load_model(args.model)
     ds = load_dataset(args.data, validation_fraction=0.0)
     print(ds.summary())
     result = evaluate(bundle, ds, progress=True)
@@ -440,24 +440,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _write_report(result, bundle, folder: Path) -> None:
-    from .benchmark import machine_description
-    from .report import write_report
+    from defectlens.evaluation.benchmark import machine_description
+    from defectlens.evaluation.report import write_report
 
     html_path, md_path = write_report(result, bundle, folder, machine_description())
     print(f"report: {html_path} and {md_path}")
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import machine_description, result_dict, run_benchmark
-    from .comparison import compare, find_categories, markdown, write
+    from defectlens.evaluation.benchmark import machine_description, result_dict, run_benchmark
+    from defectlens.evaluation.comparison import compare, find_categories, markdown, write
 
     if args.scaling:
         return _scaling(args)
     if args.thresholds:
         return _thresholds(args)
     if args.selection:
-        from .selection_benchmark import markdown as selection_markdown
-        from .selection_benchmark import run_selection_benchmark
+        from defectlens.evaluation.selection_benchmark import markdown as selection_markdown
+        from defectlens.evaluation.selection_benchmark import run_selection_benchmark
 
         entries = run_selection_benchmark(args.data, args.budget or 3600.0, args.seed)
         out = Path(args.out)
@@ -488,8 +488,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 def _thresholds(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .benchmark import machine_description
-    from .threshold_benchmark import markdown, run_threshold_benchmark
+    from defectlens.evaluation.benchmark import machine_description
+    from defectlens.evaluation.threshold_benchmark import markdown, run_threshold_benchmark
 
     detector = "patchcore" if args.detector == "auto" else args.detector
     try:
@@ -507,8 +507,8 @@ def _thresholds(args: argparse.Namespace) -> int:
 
 
 def _scaling(args: argparse.Namespace) -> int:
-    from .benchmark import machine_description
-    from .scaling import HEADER, as_dict, engine_throughput, run_scaling
+    from defectlens.evaluation.benchmark import machine_description
+    from defectlens.evaluation.scaling import HEADER, as_dict, engine_throughput, run_scaling
 
     try:
         train_sizes = [int(v) for v in args.train_sizes.split(",")]
@@ -539,9 +539,10 @@ PARITY = 1e-4
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .bundle import Bundle
-    from .data.images import flatten_inputs
-    from .export import export_onnx
+    from defectlens.bundle import Bundle
+    from defectlens.data.images import flatten_inputs
+    from defectlens.export import export_onnx
+    from defectlens.inference.loading import load_model
 
     source = Path(args.model)
     if source.suffix.lower() == ".onnx":
@@ -549,7 +550,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     bundle = Bundle.load(source)
     out = Path(args.output) if args.output else source.with_suffix(".onnx")
     export_onnx(bundle, out)
-    exported = Bundle.load(out)
+    exported = load_model(out)
     size = bundle.detector.image_size
     images = [str(p) for p in flatten_inputs(args.check)] if args.check else list(np.random.default_rng(0).random((4, size, size, 3), dtype=np.float32))
     cal = bundle.calibration
@@ -568,8 +569,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .benchmark import machine_description
-    from .service.app import InspectionService, ServiceSettings, create_app
+    from defectlens.evaluation.benchmark import machine_description
+    from defectlens.service.app import InspectionService, ServiceSettings, create_app
 
     models = [Path(m) for m in args.models]
     model_dir = Path(args.model_dir) if args.model_dir else models[0].parent if models else Path("models")
@@ -594,8 +595,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
-    from .data.images import flatten_inputs
-    from .service.loadtest import check_history, history_rows, run_load
+    from defectlens.data.images import flatten_inputs
+    from defectlens.service.loadtest import check_history, history_rows, run_load
 
     if args.requests < 1 or args.concurrency < 1:
         raise DefectLensError("--requests and --concurrency must be at least 1")
@@ -619,12 +620,12 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .batch_outputs import run_batch
-    from .bundle import Bundle
-    from .data import load_dataset
-    from .data.synthetic import make_synthetic_dataset
-    from .evaluation import evaluate
-    from .inspector import Inspector
+    from defectlens.batch.outputs import run_batch
+    from defectlens.data import load_dataset
+    from defectlens.data.synthetic import make_synthetic_dataset
+    from defectlens.evaluation.evaluate import evaluate
+    from defectlens.inference.inspector import Inspector
+    from defectlens.inference.loading import load_model
 
     out = Path(args.out)
     data = Path(args.data) if args.data else _find_demo_data()
@@ -633,14 +634,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         data = make_synthetic_dataset(out / "data")
     ds = load_dataset(data)
     print(ds.summary())
-    from .calibration import CalibrationSettings
+    from defectlens.calibration import CalibrationSettings
 
     det, selection = _auto_detector(ds)
     bundle = _fit_bundle(det, ds, CalibrationSettings(), extra={"selection": selection})
     print(bundle.calibration.describe())
     model_path = bundle.save(out / f"{ds.name}.dlens")
     print(f"model saved to {model_path}")
-    bundle = Bundle.load(model_path)
+    bundle = load_model(model_path)
     result = evaluate(bundle, ds, progress=True)
     print(result.table())
     result.save_json(out / "evaluation.json")
@@ -656,9 +657,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .data.defects import resize_longest, write_gallery
-    from .data.images import load_rgb
+    from defectlens.data import load_dataset
+    from defectlens.data.defects import resize_longest, write_gallery
+    from defectlens.data.images import load_rgb
 
     if args.n < 1 or args.image_size < 16:
         raise DefectLensError("--n must be at least 1 and --image-size at least 16")

@@ -1,6 +1,6 @@
 """Frozen pretrained feature extractors, defined in plain torch."""
 
-from .registry import (
+from defectlens.backbones.registry import (
     FEATURE_KINDS,
     BackboneSpec,
     FeatureExtractor,

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import DefectLensError, WeightsError
-from .efficientnet_lite import EfficientNetLite
-from .mobilenet_v2 import MobileNetV2
-from .resnet import resnet18, resnet_blocks, wide_resnet50_2
-from .weights import WeightsSource, load_state_dict
+from defectlens.backbones.efficientnet_lite import EfficientNetLite
+from defectlens.backbones.mobilenet_v2 import MobileNetV2
+from defectlens.backbones.resnet import resnet18, resnet_blocks, wide_resnet50_2
+from defectlens.backbones.weights import WeightsSource, load_state_dict
+from defectlens.errors import DefectLensError, WeightsError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WeightsError
+from defectlens.errors import WeightsError
 
 
 @dataclass(frozen=True)

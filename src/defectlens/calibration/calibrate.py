@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..errors import DefectLensError
-from . import strategies as st
-from .record import Calibration
+from defectlens.calibration import strategies as st
+from defectlens.calibration.record import Calibration
+from defectlens.errors import DefectLensError
 
 GOOD_ONLY = ("target_frr", "tail", "k_sigma", "cost")
 LABELLED = ("f1", "target_recall", "zero_false_rejects")

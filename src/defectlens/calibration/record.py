@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 from scipy.special import expit
 
-from ..errors import DefectLensError
+from defectlens.errors import DefectLensError
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Calibration:
         sym = self.symmetry
         if not sym or not sym.get("used"):
             return scores
-        from ..symmetry import asymmetry
+        from defectlens.calibration.symmetry import asymmetry
 
         return scores + sym["weight"] * asymmetry(maps, sym["axes"])
 
@@ -100,7 +100,7 @@ class Calibration:
     def from_dict(cls, data: dict) -> Calibration:
         if "method" in data:  # records written before strategies existed (mean + k sigma only)
             scores = np.asarray(data.get("good_image_scores") or [data["image_threshold"]])
-            from .strategies import robust_std
+            from defectlens.calibration.strategies import robust_std
 
             data = {"image_threshold": data["image_threshold"], "pixel_threshold": data["pixel_threshold"],
                     "image_scale": robust_std(scores), "pixel_scale": 0.05 * abs(data["pixel_threshold"]) or 1.0,

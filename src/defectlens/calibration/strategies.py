@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
-from ..errors import DefectLensError
+from defectlens.errors import DefectLensError
 
 EULER_GAMMA = 0.5772156649015329
 # With very few images the sample std is unreliable (zero for one image); floor it at this

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..errors import DatasetError
-from .images import list_images
+from defectlens.data.images import list_images
+from defectlens.errors import DatasetError
 
 GOOD = "good"
 MASK_FOLDERS = ("ground_truth", "masks")

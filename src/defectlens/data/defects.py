@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .images import load_rgb
+from defectlens.data.images import load_rgb
 
 FAMILIES: tuple[str, ...] = ("cutpaste", "texture", "scratch", "spot", "missing", "warp")
 

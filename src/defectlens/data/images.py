@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageError, ImageFormatError, ImageTooLargeError
+from defectlens.errors import ImageError, ImageFormatError, ImageTooLargeError
 
 ImageInput = str | os.PathLike | np.ndarray | Image.Image
 

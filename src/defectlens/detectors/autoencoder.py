@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.images import ImageInput, iter_batches
-from ..errors import DefectLensError
-from ..postprocess import AnomalyMapHead, gaussian_kernel1d
-from .base import Detector, Stopwatch
-from .registry import register_detector
+from defectlens.data.images import ImageInput, iter_batches
+from defectlens.detectors.anomaly_map import AnomalyMapHead, gaussian_kernel1d
+from defectlens.detectors.base import Detector, Stopwatch
+from defectlens.detectors.registry import register_detector
+from defectlens.errors import DefectLensError
 
 ARCHITECTURES = ("conv", "unet")
 
@@ -166,7 +166,7 @@ class Autoencoder(Detector):
         self._ssim = _SSIM()
         features = None
         if self.perceptual_weight > 0:
-            from ..backbones import create_backbone
+            from defectlens.backbones import create_backbone
 
             features, _ = create_backbone(self.backbone)
         net = self._network()

@@ -18,13 +18,11 @@ import torch
 from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
-from ..data.images import Batch, ImageInput, iter_batches
-from ..errors import DefectLensError
+from defectlens.data.images import Batch, ImageInput, iter_batches
+from defectlens.errors import DefectLensError
 
 if TYPE_CHECKING:
-    from ..bundle import Bundle
-    from ..calibration import CalibrationSettings
-    from ..calibration.record import Calibration
+    from defectlens.calibration.record import Calibration
 
 
 @dataclass
@@ -107,18 +105,6 @@ class Detector(BaseEstimator, ABC):
         if calibration is None or self.scores_include_calibration:
             return np.asarray(scores, dtype=np.float64)
         return calibration.combine(scores, maps)
-
-    def calibrate(self, good_images: Sequence[ImageInput], settings: CalibrationSettings | None = None, metadata: dict | None = None) -> Bundle:
-        """Set thresholds on held-out good images (not the ones fitted on) and package a Bundle."""
-        from ..bundle import Bundle
-        from ..calibration import CalibrationSettings, calibrate_bundle, score_images
-        from ..calibration.fitting import SYNTHETIC_DEFECTS, synthetic_scores
-
-        settings = settings or CalibrationSettings()
-        files = [str(p) for p in good_images if not isinstance(p, np.ndarray)]
-        good = score_images(self, list(good_images), progress=self.verbose)
-        synthetic = synthetic_scores(self, list(good_images), SYNTHETIC_DEFECTS, settings.seed)  # recall estimate, as fit makes
-        return calibrate_bundle(Bundle(self, None, dict(metadata or {})), good, settings, files=files, synthetic=synthetic)
 
     def score(self, images: Sequence[ImageInput], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Image scores (N,) and anomaly maps (N, size, size) for all images, in input order."""

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..data.images import ImageInput
-from ..errors import DefectLensError
-from .base import Detector, Stopwatch
-from .registry import create_detector, detector_class, register_detector
+from defectlens.data.images import ImageInput
+from defectlens.detectors.base import Detector, Stopwatch
+from defectlens.detectors.registry import create_detector, detector_class, register_detector
+from defectlens.errors import DefectLensError
 
 
 @register_detector

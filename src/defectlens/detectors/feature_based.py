@@ -9,12 +9,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import FEATURE_KINDS, FeatureExtractor, create_backbone, get_spec
-from ..data.images import Batch, ImageInput, iter_batches
-from ..errors import DefectLensError
-from ..postprocess import AnomalyMapHead
-from .base import Detector
-from .features import PatchEmbedder
+from defectlens.backbones import FEATURE_KINDS, FeatureExtractor, create_backbone, get_spec
+from defectlens.data.images import Batch, ImageInput, iter_batches
+from defectlens.detectors.anomaly_map import AnomalyMapHead
+from defectlens.detectors.base import Detector
+from defectlens.detectors.features import PatchEmbedder
+from defectlens.errors import DefectLensError
 
 _BACKBONE_PREFIX = "backbone."
 PCA_IMAGES = 16  # images whose patches fit a projection: 16 x 1,024 patches at 256 px, ample for a few hundred axes

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import FeatureExtractor, fuse_conv_bn
+from defectlens.backbones import FeatureExtractor, fuse_conv_bn
 
 
 def reduce_channels(emb: torch.Tensor, k: int) -> torch.Tensor:

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
-from ..data.images import ImageInput
-from ..errors import DefectLensError
-from .base import Detector, Stopwatch
-from .registry import create_detector, detector_class, register_detector
+from defectlens.data.images import ImageInput
+from defectlens.detectors.base import Detector, Stopwatch
+from defectlens.detectors.registry import create_detector, detector_class, register_detector
+from defectlens.errors import DefectLensError
 
 _INNER_PREFIX = "inner."
 MIN_IMAGES = 4  # two halves of at least two images standardise the term out of sample

@@ -20,11 +20,11 @@ import torch
 from sklearn.covariance import ledoit_wolf_shrinkage
 from threadpoolctl import threadpool_limits
 
-from ..data.images import ImageInput
-from ..errors import DefectLensError
-from .base import Stopwatch
-from .feature_based import FeatureDetector
-from .registry import register_detector
+from defectlens.data.images import ImageInput
+from defectlens.detectors.base import Stopwatch
+from defectlens.detectors.feature_based import FeatureDetector
+from defectlens.detectors.registry import register_detector
+from defectlens.errors import DefectLensError
 
 SHRINKAGE_SAMPLE = 256  # images kept (per position) to estimate the Ledoit-Wolf coefficient
 OUTER_IMAGES = 64  # images whose outer products are summed in one batched product (84 MB at 256 px, 160 channels)

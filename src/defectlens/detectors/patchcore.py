@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data.images import ImageInput
-from ..errors import DefectLensError
-from .base import Stopwatch
-from .coreset import greedy_coreset
-from .feature_based import PCA_IMAGES, FeatureDetector
-from .registry import register_detector
+from defectlens.data.images import ImageInput
+from defectlens.detectors.base import Stopwatch
+from defectlens.detectors.coreset import greedy_coreset
+from defectlens.detectors.feature_based import PCA_IMAGES, FeatureDetector
+from defectlens.detectors.registry import register_detector
+from defectlens.errors import DefectLensError
 
 SEARCHES = ("flat", "ivf")
 REDUCTIONS = ("mean", "pca", "random")

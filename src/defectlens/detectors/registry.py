@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import DefectLensError
-from .base import Detector
+from defectlens.detectors.base import Detector
+from defectlens.errors import DefectLensError
 
 _DETECTORS: dict[str, type[Detector]] = {}
 

@@ -41,11 +41,11 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.images import ImageInput, iter_batches
-from ..errors import DefectLensError
-from .base import Stopwatch
-from .feature_based import FeatureDetector
-from .registry import register_detector
+from defectlens.data.images import ImageInput, iter_batches
+from defectlens.detectors.base import Stopwatch
+from defectlens.detectors.feature_based import FeatureDetector
+from defectlens.detectors.registry import register_detector
+from defectlens.errors import DefectLensError
 
 TRUNCATION = 0.5  # truncated L1: good patches are pushed below -0.5, noised ones above +0.5 (both papers)
 PERLIN_THRESHOLD = 0.2  # SuperSimpleNet's threshold on Perlin noise in about [-0.7, 0.7]
@@ -392,7 +392,7 @@ class SimpleNet(FeatureDetector):
         images (``defectlens.data.defects``, where installed): stand-ins for real defects, which
         choose the epoch better than noise like the training's own."""
         try:
-            from ..data.defects import synthesize
+            from defectlens.data.defects import synthesize
         except ImportError:
             return None
         held = [images[int(i)] for i in ids]

@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from ..backbones import create_backbone
-from ..calibration.strategies import threshold_f1
-from ..data.images import ImageInput, iter_batches
-from ..errors import DefectLensError
-from ..postprocess import AnomalyMapHead
-from .base import Stopwatch
-from .feature_based import FeatureDetector
-from .registry import register_detector
+from defectlens.backbones import create_backbone
+from defectlens.calibration.strategies import threshold_f1
+from defectlens.data.images import ImageInput, iter_batches
+from defectlens.detectors.anomaly_map import AnomalyMapHead
+from defectlens.detectors.base import Stopwatch
+from defectlens.detectors.feature_based import FeatureDetector
+from defectlens.detectors.registry import register_detector
+from defectlens.errors import DefectLensError
 
 TRAINABLE_BLOCKS = 4  # the last blocks before the stride-16 tap: the "last stage" fine-tuned
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.images import Batch, ImageInput, load_rgb
-from ..errors import DefectLensError, ImageError
-from .base import BatchScores, Detector, Stopwatch
-from .registry import create_detector, detector_class, register_detector
+from defectlens.data.images import Batch, ImageInput, load_rgb
+from defectlens.detectors.base import BatchScores, Detector, Stopwatch
+from defectlens.detectors.registry import create_detector, detector_class, register_detector
+from defectlens.errors import DefectLensError, ImageError
 
 _INNER_PREFIX = "inner."
 

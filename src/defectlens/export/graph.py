@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibration.record import Calibration
-from ..detectors.base import Detector
-from ..detectors.feature_based import FeatureDetector
-from ..detectors.padim import PaDiM
-from ..detectors.patchcore import PatchCore
-from ..detectors.simplenet import SimpleNet
-from ..errors import DefectLensError
-from ..symmetry import asymmetry_torch
+from defectlens.calibration.record import Calibration
+from defectlens.calibration.symmetry import asymmetry_torch
+from defectlens.detectors.base import Detector
+from defectlens.detectors.feature_based import FeatureDetector
+from defectlens.detectors.padim import PaDiM
+from defectlens.detectors.patchcore import PatchCore
+from defectlens.detectors.simplenet import SimpleNet
+from defectlens.errors import DefectLensError
 
 OUTPUTS = ("score", "anomaly_map", "normalised_score")
 

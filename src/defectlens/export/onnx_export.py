@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..bundle import Bundle
-from ..errors import DefectLensError
-from ..jsonutil import finite
-from .graph import OUTPUTS, ScoringGraph
+from defectlens.bundle import Bundle
+from defectlens.errors import DefectLensError
+from defectlens.export.graph import OUTPUTS, ScoringGraph
+from defectlens.jsonutil import finite
 
 META_KEY = "defectlens"
 FORMAT = "defectlens-onnx"

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bundle import Bundle
-from ..calibration.record import Calibration
-from ..data.images import ImageInput
-from ..detectors.base import Detector, Stopwatch
-from ..errors import BundleError, DefectLensError
-from .onnx_export import FORMAT, META_KEY
+from defectlens.bundle import Bundle
+from defectlens.calibration.record import Calibration
+from defectlens.data.images import ImageInput
+from defectlens.detectors.base import Detector, Stopwatch
+from defectlens.errors import BundleError, DefectLensError
+from defectlens.export.onnx_export import FORMAT, META_KEY
 
 
 class OnnxDetector(Detector):

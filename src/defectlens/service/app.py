@@ -30,14 +30,14 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
-from .. import __version__
-from ..data.images import MAX_PIXELS, decode_bytes, to_rgb_float
-from ..errors import DefectLensError, ImageError, ImageFormatError, ImageTooLargeError
-from ..inspection import Inspection
-from ..overlay import render_heat
-from .models import LoadedModel, ModelConflict, ModelNotFound, ModelRegistry
-from .security import ApiKeys, BodyLimit
-from .store import HistoryQuery, HistoryStore, StoreError, as_utc, inspection_row, masked_url
+from defectlens._version import __version__
+from defectlens.data.images import MAX_PIXELS, decode_bytes, to_rgb_float
+from defectlens.errors import DefectLensError, ImageError, ImageFormatError, ImageTooLargeError
+from defectlens.history.store import HistoryQuery, HistoryStore, StoreError, as_utc, inspection_row, masked_url
+from defectlens.inference.inspection import Inspection
+from defectlens.inference.overlay import render_heat
+from defectlens.service.models import LoadedModel, ModelConflict, ModelNotFound, ModelRegistry
+from defectlens.service.security import ApiKeys, BodyLimit
 
 log = logging.getLogger("defectlens.service")
 STATIC = Path(__file__).parent / "static"

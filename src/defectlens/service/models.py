@@ -15,10 +15,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..bundle import Bundle
-from ..errors import DefectLensError
-from ..inspector import Inspector
-from .store import HistoryStore, utcnow
+from defectlens.bundle import Bundle
+from defectlens.errors import DefectLensError
+from defectlens.history.store import HistoryStore, utcnow
+from defectlens.inference.inspector import Inspector
+from defectlens.inference.loading import load_model
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SUFFIX = ".dlens"
@@ -119,7 +120,7 @@ class ModelRegistry:
         name = name or path.stem
         if not NAME.match(name):
             raise DefectLensError(f"{path}: model name '{name}' must be letters, digits, '.', '_' and '-'")
-        model = LoadedModel(name, path, (bundle := Bundle.load(path)), Inspector(bundle))
+        model = LoadedModel(name, path, (bundle := load_model(path)), Inspector(bundle))
         changes = self.store.threshold_history(name, model.checksum)
         if changes and model.calibrated_threshold is not None:
             model.apply_threshold(changes[-1]["new_threshold"])

@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..data.defects import defects_from
-from ..data.images import ImageInput
-from ..detectors import Detector, available_detectors, create_from_spec, detector_class
-from ..detectors.feature_based import FeatureDetector
-from ..errors import DefectLensError
-from ..metrics import aupro, image_auroc
+from defectlens.data.defects import defects_from
+from defectlens.data.images import ImageInput
+from defectlens.detectors import Detector, available_detectors, create_from_spec, detector_class
+from defectlens.detectors.feature_based import FeatureDetector
+from defectlens.errors import DefectLensError
+from defectlens.metrics import aupro, image_auroc
 
 MIN_IMAGES = 8  # below this, a held-out share is too small to rank candidates on
 MAX_SIDE = 1024  # synthetic defects are made at native resolution, capped here (tiling sees them too)

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from .comparison import KILLED, each_category
-from .errors import DefectLensError
-from .workflows.selection import format_figure
+from defectlens.errors import DefectLensError
+from defectlens.evaluation.comparison import KILLED, each_category
+from defectlens.workflows.selection import format_figure
 
 
 @dataclass
@@ -40,10 +40,10 @@ class CategorySelection:
 
 def _run_category(category: str, label: str, budget_s: float, seed: int) -> CategorySelection:
     """Runs in a fresh child process."""
-    from .bundle import Bundle
-    from .data import load_dataset
-    from .evaluation import evaluate
-    from .workflows.selection import TestSet, candidates, select_detector
+    from defectlens.bundle import Bundle
+    from defectlens.data import load_dataset
+    from defectlens.evaluation.evaluate import evaluate
+    from defectlens.workflows.selection import TestSet, candidates, select_detector
 
     out = CategorySelection(label)
     try:

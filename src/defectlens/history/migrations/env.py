@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
-from defectlens.service.schema import metadata
+from defectlens.history.schema import metadata
 
 config = context.config
 connection = config.attributes.get("connection")

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import library_versions
-from .data.datasets import load_dataset
-from .detectors import Detector, create_detector
-from .evaluation import load_mask
-from .metrics import image_auroc, pixel_auroc
+from defectlens.bundle import library_versions
+from defectlens.data.datasets import load_dataset
+from defectlens.detectors import Detector, create_detector
+from defectlens.evaluation.evaluate import load_mask
+from defectlens.metrics import image_auroc, pixel_auroc
 
 
 def machine_description() -> str:
@@ -153,9 +153,9 @@ def _measure(scorer: Detector, paths: list, latency_images: int) -> _Run:
 
 def _onnx_figures(det: Detector, paths: list, latency_images: int, torch_run: _Run) -> dict | None:
     """The same images through the exported ONNX graph in ONNX Runtime: speed and agreement."""
-    from .bundle import Bundle
-    from .errors import DefectLensError
-    from .export import export_onnx, exportable, load_onnx
+    from defectlens.bundle import Bundle
+    from defectlens.errors import DefectLensError
+    from defectlens.export import export_onnx, exportable, load_onnx
 
     try:
         exportable(det)

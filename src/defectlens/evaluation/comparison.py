@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .data.datasets import GOOD
-from .errors import DatasetError, DefectLensError
+from defectlens.data.datasets import GOOD
+from defectlens.errors import DatasetError, DefectLensError
 
 MAX_DEPTH = 3
 AUTO = "auto"  # not a detector: the choice `fit` makes among them
@@ -67,12 +67,12 @@ class Row:
 
 def _run_one(category: str, label: str, detector: str, backbone: str, params: dict) -> Row:
     """Runs in a fresh child process."""
-    from .bundle import Bundle
-    from .data import load_dataset
-    from .data.datasets import labelled_split
-    from .detectors import create_from_spec
-    from .evaluation import evaluate
-    from .workflows import select_detector
+    from defectlens.bundle import Bundle
+    from defectlens.data import load_dataset
+    from defectlens.data.datasets import labelled_split
+    from defectlens.detectors import create_from_spec
+    from defectlens.evaluation.evaluate import evaluate
+    from defectlens.workflows import select_detector
 
     row = Row(label, detector, backbone)
     try:
@@ -137,8 +137,8 @@ def each_category(root: str | Path, title: str, fn: Callable[..., T], args: tupl
 
 
 def compare(root: str | Path, detectors: list[str], backbones: list[str], params: dict | None = None, progress=print) -> list[Row]:
-    from .backbones import get_spec
-    from .detectors import detector_class
+    from defectlens.backbones import get_spec
+    from defectlens.detectors import detector_class
 
     root = Path(root)
     for d in detectors:
@@ -190,7 +190,7 @@ def markdown(rows: list[Row], machine: str) -> str:
 
 
 def write(rows: list[Row], out_dir: Path, machine: str) -> tuple[Path, Path]:
-    from .jsonutil import finite
+    from defectlens.jsonutil import finite
 
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js = out_dir / "benchmark.md", out_dir / "benchmark.json"

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import metrics
-from .bundle import Bundle
-from .data.datasets import GOOD, Dataset, Sample
-from .errors import DatasetError
-from .jsonutil import finite
+from defectlens import metrics
+from defectlens.bundle import Bundle
+from defectlens.data.datasets import GOOD, Dataset, Sample
+from defectlens.errors import DatasetError
+from defectlens.jsonutil import finite
 
 GALLERY_SIZE = 8
 

@@ -17,7 +17,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.neighbors import NearestCentroid
 from sklearn.preprocessing import normalize
 
-from .errors import DefectLensError
+from defectlens.errors import DefectLensError
 
 TEMPERATURE = 0.05  # softmax temperature on cosine similarity for the reported confidence
 

@@ -33,9 +33,9 @@ def _measure_point(data: str, detector: str, params: dict, varied: str, n_train:
     """Runs in a fresh child process."""
     import numpy as np
 
-    from .benchmark import learned_state_mib
-    from .data import load_dataset
-    from .detectors import create_detector
+    from defectlens.data import load_dataset
+    from defectlens.detectors import create_detector
+    from defectlens.evaluation.benchmark import learned_state_mib
 
     ds = load_dataset(data, validation_fraction=0.0)
     rng = np.random.default_rng(0)
@@ -57,8 +57,8 @@ def _measure_point(data: str, detector: str, params: dict, varied: str, n_train:
 
 def run_scaling(data: str, detector: str = "patchcore", params: dict | None = None, train_sizes=TRAIN_SIZES, image_sizes=IMAGE_SIZES,
                 base_train: int = 100, progress=print) -> list[Point]:
-    from .comparison import in_fresh_process
-    from .data import load_dataset
+    from defectlens.data import load_dataset
+    from defectlens.evaluation.comparison import in_fresh_process
 
     available = len(load_dataset(data, validation_fraction=0.0).train_good)
     plan = [("train images", n, 256) for n in train_sizes]
@@ -81,11 +81,11 @@ def engine_throughput(data: str, detector: str = "patchcore", params: dict | Non
     start-up included: that is what a user waits for)."""
     import tempfile
 
-    from .batch_outputs import run_batch
-    from .bundle import Bundle
-    from .data import load_dataset
-    from .detectors import create_detector
-    from .inspector import Inspector
+    from defectlens.batch.outputs import run_batch
+    from defectlens.bundle import Bundle
+    from defectlens.data import load_dataset
+    from defectlens.detectors import create_detector
+    from defectlens.inference.inspector import Inspector
 
     ds = load_dataset(data, validation_fraction=0.0)
     images = [s.path for s in ds.test] or ds.train_good

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .comparison import KILLED, each_category
-from .errors import DefectLensError
-from .workflows.selection import format_figure
+from defectlens.errors import DefectLensError
+from defectlens.evaluation.comparison import KILLED, each_category
+from defectlens.workflows.selection import format_figure
 
 # the default first; the others are what it was chosen against
 RULES = {"conformal 1 %": {"strategy": "target_frr"}, "conformal 2 %": {"strategy": "target_frr", "target_frr": 0.02},
@@ -112,7 +112,7 @@ def subsample(paths: Sequence[Path], n: int | None, seed: int) -> list[Path]:
 
 def _rows(label: str, n_train: int, scheme: str, calibration_scores, synthetic, test_good: np.ndarray, test_defect: np.ndarray,
           default: bool) -> list[ThresholdRow]:
-    from .calibration import CalibrationSettings, calibrate_scores
+    from defectlens.calibration import CalibrationSettings, calibrate_scores
 
     rows = []
     syn = synthetic.scored.scores if synthetic is not None else None
@@ -156,7 +156,7 @@ def cross_conformal_rejects(fold_scores: np.ndarray, held_scores: np.ndarray, he
     max(1, floor(alpha (n + 1))) calibration images score at least as high under their own model:
     the conformal rule with the fold models in place of one deployed model.
     """
-    from .calibration.strategies import conformal_rank
+    from defectlens.calibration.strategies import conformal_rank
 
     at_least = sum((held_scores[held_fold == k][:, None] >= fold_scores[k][None, :]).sum(axis=0) for k in range(fold_scores.shape[0]))
     return at_least < max(1, conformal_rank(held_scores.size, alpha))
@@ -168,11 +168,20 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
 
     from sklearn.base import clone
 
-    from .calibration import CalibrationSettings, calibrate_scores
-    from .calibration.fitting import FOLDS, SYNTHETIC_DEFECTS, ScoredImages, kfold_scores, resolve_scheme, score_images, single_image_views, synthetic_scores
-    from .data import load_dataset
-    from .data.datasets import _split_validation
-    from .detectors import create_detector
+    from defectlens.calibration import CalibrationSettings, calibrate_scores
+    from defectlens.data import load_dataset
+    from defectlens.data.datasets import _split_validation
+    from defectlens.detectors import create_detector
+    from defectlens.workflows.fitting import (
+        FOLDS,
+        SYNTHETIC_DEFECTS,
+        ScoredImages,
+        kfold_scores,
+        resolve_scheme,
+        score_images,
+        single_image_views,
+        synthetic_scores,
+    )
 
     out = CategoryThresholds(label)
     t0 = time.perf_counter()

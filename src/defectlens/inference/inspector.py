@@ -8,12 +8,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from .bundle import Bundle
-from .data.images import ImageInput, describe
-from .defect_types import evidence_weights, pool_features
-from .errors import DefectLensError, ImageError
-from .inspection import MASK_METHODS, Inspection, Region, find_regions, heuristic_type, make_mask, severity
-from .postprocess import resize_map
+from defectlens.bundle import Bundle
+from defectlens.calibration.defect_types import evidence_weights, pool_features
+from defectlens.data.images import ImageInput, describe
+from defectlens.detectors.anomaly_map import resize_map
+from defectlens.errors import DefectLensError, ImageError
+from defectlens.inference.inspection import MASK_METHODS, Inspection, Region, find_regions, heuristic_type, make_mask, severity
+from defectlens.inference.loading import load_model
 
 
 class Inspector:
@@ -35,7 +36,7 @@ class Inspector:
 
     @classmethod
     def load(cls, path: str | os.PathLike, mask_method: str = "threshold") -> Inspector:
-        return cls(Bundle.load(path), mask_method)
+        return cls(load_model(path), mask_method)
 
     def inspect(self, image: ImageInput) -> Inspection:
         for result in self.inspect_many([image]):

@@ -19,9 +19,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from ..errors import DefectLensError
-from ..inspection import Inspection
-from .schema import inspections, threshold_changes
+from defectlens.errors import DefectLensError
+from defectlens.history.schema import inspections, threshold_changes
+from defectlens.inference.inspection import Inspection
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 BUCKETS = ("hour", "day")

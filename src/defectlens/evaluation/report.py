@@ -21,14 +21,14 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from . import __version__
-from .bundle import Bundle
-from .calibration.record import Calibration, guarantee_sentence
-from .data.defects import contact_sheet, resize_longest, synthesize
-from .data.images import load_rgb, resize_rgb
-from .errors import ImageError
-from .evaluation import Evaluation, fmt, load_mask
-from .overlay import colourise
+from defectlens._version import __version__
+from defectlens.bundle import Bundle
+from defectlens.calibration.record import Calibration, guarantee_sentence
+from defectlens.data.defects import contact_sheet, resize_longest, synthesize
+from defectlens.data.images import load_rgb, resize_rgb
+from defectlens.errors import ImageError
+from defectlens.evaluation.evaluate import Evaluation, fmt, load_mask
+from defectlens.inference.overlay import colourise
 
 SECTIONS = ("summary", "selection", "synthetic", "calibration", "tradeoff", "curves", "histogram", "confusion", "per-type", "pixel", "errors", "timings")
 TITLES = {"summary": "Summary", "selection": "How the detector was chosen (synthetic defects: estimates)",

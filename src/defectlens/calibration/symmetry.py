@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .metrics import image_auroc
+from defectlens.metrics import image_auroc
 
 AXES = ("lr", "tb", "lrtb")
 MIN_GAIN = 0.002  # AUROC gain below this is noise on the few images calibration has

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import DefectLensError
+from defectlens.errors import DefectLensError
 
 ROWS_PER_PART = 10_000  # ~1 MB parts: few files for a million images, little lost work per crash
 FOLDER = "results.parquet"

@@ -23,16 +23,16 @@ from scipy import ndimage
 from sklearn.base import clone
 from sklearn.model_selection import KFold
 
-from ..data.defects import defects_from
-from ..data.images import ImageInput, load_rgb
-from ..defect_types import DefectTyper, evidence_weights, pool_features
-from ..errors import DefectLensError
-from ..symmetry import asymmetry, choose_weight
-from .calibrate import MIN_RECOMMENDED_IMAGES, CalibrationSettings, calibrate_scores, pixel_threshold_for
+from defectlens.bundle import Bundle
+from defectlens.calibration.calibrate import MIN_RECOMMENDED_IMAGES, CalibrationSettings, calibrate_scores, pixel_threshold_for
+from defectlens.calibration.defect_types import DefectTyper, evidence_weights, pool_features
+from defectlens.calibration.symmetry import asymmetry, choose_weight
+from defectlens.data.defects import defects_from
+from defectlens.data.images import ImageInput, load_rgb
+from defectlens.errors import DefectLensError
 
 if TYPE_CHECKING:
-    from ..bundle import Bundle
-    from ..detectors import Detector
+    from defectlens.detectors import Detector
 
 SCHEMES = ("auto", "holdout", "kfold", "single-image")
 # Fold models see (k-1)/k of the images and score high against the deployed model: 10 folds
@@ -179,8 +179,6 @@ def fit_calibrated(
     defects are made from the same unseen good images and scored by the same model, to estimate
     recall at each threshold (0: none).
     """
-    from ..bundle import Bundle
-
     settings = settings or CalibrationSettings()
     train, validation = list(train), list(validation)
     scheme = resolve_scheme(scheme, len(train), len(validation))
@@ -212,6 +210,16 @@ def fit_calibrated(
     bundle = Bundle(detector, None, dict(metadata or {}))
     calibrate_bundle(bundle, good, settings, defects, defect_types, source, calib_files, syn)
     return bundle
+
+
+def calibrate_detector(detector: Detector, good_images: Sequence[ImageInput], settings: CalibrationSettings | None = None,
+                       metadata: dict | None = None) -> Bundle:
+    """Package a fitted detector with thresholds set on held-out good images (not the ones it was fitted on)."""
+    settings = settings or CalibrationSettings()
+    files = [str(p) for p in good_images if not isinstance(p, np.ndarray)]
+    good = score_images(detector, list(good_images), progress=detector.verbose)
+    synthetic = synthetic_scores(detector, list(good_images), SYNTHETIC_DEFECTS, settings.seed)  # recall estimate, as fit makes
+    return calibrate_bundle(Bundle(detector, None, dict(metadata or {})), good, settings, files=files, synthetic=synthetic)
 
 
 def calibrate_bundle(

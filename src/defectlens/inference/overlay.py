@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .inspection import Inspection
+from defectlens.inference.inspection import Inspection
 
 _VERDICT_COLOURS = {"defect": (230, 40, 40), "good": (40, 180, 70), "uncalibrated": (200, 200, 200)}
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import DefectLensError, ImageError
-from .inspection import Inspection
-from .inspector import Inspector
+from defectlens.errors import DefectLensError, ImageError
+from defectlens.inference.inspection import Inspection
+from defectlens.inference.inspector import Inspector
 
 ENGINES = ("local", "ray")
 Result = tuple[Path, Inspection | ImageError]

@@ -19,13 +19,13 @@ from types import TracebackType
 
 import numpy as np
 
-from .data.images import load_rgb
-from .errors import DefectLensError, ImageError
-from .inspection import Inspection
-from .jsonutil import finite
-from .overlay import save_overlay
-from .parquet_output import FOLDER as PARQUET_FOLDER
-from .parquet_output import ParquetParts
+from defectlens.batch.parquet import FOLDER as PARQUET_FOLDER
+from defectlens.batch.parquet import ParquetParts
+from defectlens.data.images import load_rgb
+from defectlens.errors import DefectLensError, ImageError
+from defectlens.inference.inspection import Inspection
+from defectlens.inference.overlay import save_overlay
+from defectlens.jsonutil import finite
 
 CSV_COLUMNS = ["source", "verdict", "score", "normalised_score", "confidence", "severity", "regions", "max_region_area_px",
                "max_region_area_pct", "main_type", "total_ms", "decode_ms", "backbone_ms", "search_ms", "postprocess_ms",
@@ -194,14 +194,14 @@ def run_batch(inspector, paths: Sequence[Path], out: Path | None, overlays: bool
     """Inspect and write: records to ``out`` (resumed if it holds some), else JSON lines to stdout;
     with ``db``, also one history row per image, keyed by model and file so a re-run adds none twice.
     Returns counts of good, defect and unreadable images, and how many were inspected this run."""
-    from .engines import inspect_stream
+    from defectlens.batch.engines import inspect_stream
 
     counts = {"good": 0, "defect": 0, "uncalibrated": 0, "error": 0}
     pixel_threshold = inspector.calibration.pixel_threshold if inspector.calibration else None
     with contextlib.ExitStack() as stack:
         store = None
         if db is not None:
-            from .service.store import HistoryStore
+            from defectlens.history.store import HistoryStore
 
             store = HistoryStore(db).upgrade()
             stack.callback(store.close)
@@ -230,7 +230,7 @@ def run_batch(inspector, paths: Sequence[Path], out: Path | None, overlays: bool
 def _record_in_history(store, inspector, path: Path, result: Inspection) -> None:
     import hashlib
 
-    from .service.store import inspection_row
+    from defectlens.history.store import inspection_row
 
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     key = f"batch-{inspector.bundle.checksum[:16]}-" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
