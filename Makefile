@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup browser postgres demo test lint benchmark clean
+.PHONY: setup browser postgres demo test test-fast lint benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -36,12 +36,17 @@ postgres:
 demo: setup
 	$(VENV)/bin/defectlens demo
 
-test: setup browser postgres
-	$(PY) -m ruff check src tests
+test: setup browser postgres lint
 	$(PY) -m pytest -q
 
+# Day-to-day lane: everything but the tests marked slow (real data sets, browsers, servers, Ray).
+test-fast: setup lint
+	$(PY) -m pytest -q -m "not slow"
+
+# Style, and the layering of the data path (pyproject.toml, [tool.importlinter]).
 lint: setup
 	$(PY) -m ruff check src tests
+	$(VENV)/bin/lint-imports --no-cache
 
 benchmark: setup
 	$(VENV)/bin/defectlens benchmark ../shared/datasets/mvtec_ad/bottle

@@ -25,7 +25,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "defectlens.cli", "serve", str(model), "--db", db, "--port", str(self.port), "--api-key", "k",
+        cmd = [sys.executable, "-m", "defectlens", "serve", str(model), "--db", db, "--port", str(self.port), "--api-key", "k",
                "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT)
         deadline = time.time() + 90

@@ -37,7 +37,7 @@ MAX_DEFECTS = 150
 def test_good_only_calibration_keeps_false_rejects_low(category, capsys):
     """Acceptance of issue 3: a 1 % target false-reject rate set on held-out good images only
     gives at most 5 % false rejects on the test split's good images; recall is reported."""
-    from defectlens.calibration import CalibrationSettings
+    from defectlens.calibration.settings import CalibrationSettings
     from defectlens.workflows.fitting import fit_calibrated
 
     cap = CALIBRATION_SETS[category]

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from defectlens.calibration import Calibration, CalibrationSettings, calibrate_scores
 from defectlens.calibration import strategies as st
+from defectlens.calibration.calibrate import calibrate_scores
+from defectlens.calibration.record import Calibration
+from defectlens.calibration.settings import CalibrationSettings
 from defectlens.calibration.symmetry import asymmetry, choose_weight
 from defectlens.errors import DefectLensError
 

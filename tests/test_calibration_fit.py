@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from defectlens import Bundle, Inspector, create_detector
-from defectlens.calibration import CalibrationSettings
 from defectlens.calibration.defect_types import DefectTyper
+from defectlens.calibration.settings import CalibrationSettings
 from defectlens.cli import main
 from defectlens.data import load_dataset
 from defectlens.errors import DefectLensError

@@ -5,7 +5,11 @@ import json
 import pytest
 
 from defectlens import Bundle
-from defectlens.cli import COMMANDS, main
+from defectlens.cli import main
+from defectlens.cli.main import build_parser
+from defectlens.cli.options import NOT_FLAGS, detector_parameters, parameters
+
+COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
 SMALL = ["--image-size", "64", "--coreset-ratio", "0.1", "--detector", "patchcore"]
 
@@ -17,12 +21,45 @@ def model(tiny_dataset, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("verb", sorted(COMMANDS))
+@pytest.mark.parametrize("verb", COMMANDS)
 def test_help_on_every_verb(verb, capsys):
     with pytest.raises(SystemExit) as exc:
         main([verb, "--help"])
     assert exc.value.code == 0
     assert "usage: defectlens" in capsys.readouterr().out
+
+
+def test_detector_options_read_from_source_match_the_imported_detectors():
+    from defectlens.detectors import available_detectors, detector_class
+
+    declared = detector_parameters()
+    assert sorted(declared) == available_detectors()
+    for name, params in declared.items():
+        defaults = detector_class(name)().get_params()
+        assert sorted(params) == sorted(defaults), name
+        assert {k: d for k, (_, d) in params.items()} == defaults, name
+    documented = {p.name: p.doc for p in parameters()}
+    assert set(documented) == {k for params in declared.values() for k in params} - NOT_FLAGS
+    assert all(documented.values()), [k for k, v in documented.items() if not v]  # a new detector's settings need a docstring
+
+
+def test_only_given_detector_options_reach_the_detector():
+    args = build_parser().parse_args(["fit", "data", "-o", "m.dlens", "--detector", "padim", "--n-features", "50", "--embed-dim", "0",
+                                      "--coreset-ratio", "0.2", "--reweight"])
+    assert args.n_features == 50 and args.embed_dim is None and args.reweight is True and not hasattr(args, "image_size")
+    from defectlens.cli.options import detector_params
+
+    assert detector_params(args) == {"n_features": 50, "random_state": 0}  # PaDiM has no coreset or reweighting
+    assert detector_params(args, "patchcore") == {"embed_dim": None, "coreset_ratio": 0.2, "reweight": True, "random_state": 0}
+
+
+def test_help_loads_no_model_code():
+    import subprocess
+    import sys
+
+    code = ("import sys; from defectlens.cli.main import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'faiss', 'scipy', 'numpy') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
 
 def test_fit_saves_a_calibrated_model(model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from defectlens.calibration import calibrate_scores
+from defectlens.calibration.calibrate import calibrate_scores
 from defectlens.inference.inspection import find_regions, heuristic_type, make_mask, severity
 
 

@@ -30,7 +30,7 @@ def served(model_dir, tmp_path):
 def test_load_from_another_process_loses_and_duplicates_nothing(served, tiny_dataset, tmp_path):
     server, db = served
     out = tmp_path / "load.json"
-    cmd = [sys.executable, "-m", "defectlens.cli", "loadtest", server.url, "--model", "discs", "--images", str(tiny_dataset / "test"),
+    cmd = [sys.executable, "-m", "defectlens", "loadtest", server.url, "--model", "discs", "--images", str(tiny_dataset / "test"),
            "--requests", "2000", "--concurrency", "8", "--json", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -91,6 +91,6 @@ def test_serve_refuses_bad_settings_in_one_line(model_dir, tmp_path):
         (["--protect-inspect"], "needs an API key"),
     ]
     for extra, phrase in bad:
-        done = subprocess.run([sys.executable, "-m", "defectlens.cli", "serve", "--port", "1", "--db", f"sqlite:///{tmp_path / 'h.db'}", *extra],
+        done = subprocess.run([sys.executable, "-m", "defectlens", "serve", "--port", "1", "--db", f"sqlite:///{tmp_path / 'h.db'}", *extra],
                               capture_output=True, text=True, timeout=120, env={**os.environ, "DEFECTLENS_API_KEYS": ""})
         assert done.returncode == 2 and phrase in done.stderr and "Traceback" not in done.stderr, (extra, done.stderr)

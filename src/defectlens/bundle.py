@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from defectlens._version import __version__
-from defectlens.calibration import Calibration
 from defectlens.calibration.defect_types import DefectTyper
+from defectlens.calibration.record import Calibration
 from defectlens.detectors import Detector, create_detector
 from defectlens.errors import BundleError, DefectLensError
 from defectlens.jsonutil import finite

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from defectlens.batch import ENGINES
 from defectlens.errors import DefectLensError, ImageError
 from defectlens.inference.inspection import Inspection
 from defectlens.inference.inspector import Inspector
 
-ENGINES = ("local", "ray")
 Result = tuple[Path, Inspection | ImageError]
 
 

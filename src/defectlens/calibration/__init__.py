@@ -1,7 +1,7 @@
 """Pure score maths: thresholds (good-only and labelled rules), the calibration record, the
-symmetry term and defect typing. It knows nothing of detectors or model files."""
+symmetry term and defect typing. It knows nothing of detectors or model files.
 
-from defectlens.calibration.calibrate import GOOD_ONLY, LABELLED, STRATEGIES, CalibrationSettings, calibrate_scores
-from defectlens.calibration.record import Calibration, threshold_table_text
-
-__all__ = ["GOOD_ONLY", "LABELLED", "STRATEGIES", "Calibration", "CalibrationSettings", "calibrate_scores", "threshold_table_text"]
+Import from the modules: ``settings`` (CalibrationSettings, the rule names), ``calibrate``
+(calibrate_scores), ``record`` (Calibration), ``strategies``, ``symmetry``, ``defect_types``.
+The package itself imports nothing, so reading the settings does not load SciPy.
+"""

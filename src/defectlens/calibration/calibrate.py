@@ -4,51 +4,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from defectlens.calibration import strategies as st
 from defectlens.calibration.record import Calibration
+from defectlens.calibration.settings import LABELLED, CalibrationSettings
 from defectlens.errors import DefectLensError
 
-GOOD_ONLY = ("target_frr", "tail", "k_sigma", "cost")
-LABELLED = ("f1", "target_recall", "zero_false_rejects")
-STRATEGIES = GOOD_ONLY + LABELLED
 MIN_RECOMMENDED_IMAGES = 10
 TRADEOFF_ROWS = 8
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """Which rule sets the threshold, and its target. Default: the conformal threshold for 1 %
-    false rejects, which with fewer than 99 good images is the largest good score."""
-
-    strategy: str = "target_frr"
-    target_frr: float = 0.01
-    confidence: float | None = None  # target_frr with this confidence (PAC) instead of on average
-    k_sigma: float = 3.0
-    escape_cost: float = 10.0  # cost rule: an escaped defect costs this many false rejects
-    defect_rate: float = 0.05  # cost rule: share of defective parts expected on the line
-    target_recall: float = 0.95
-    symmetry: str | None = None  # "lr", "tb" or "lrtb": try the symmetry-break score (needs defects)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise DefectLensError(f"unknown calibration strategy '{self.strategy}'; choose from {', '.join(STRATEGIES)}")
-        if self.symmetry not in (None, "lr", "tb", "lrtb"):
-            raise DefectLensError(f"symmetry must be lr, tb or lrtb, got {self.symmetry!r}")
-        if not 0.0 < self.target_frr < 1.0:
-            raise DefectLensError(f"target false-reject rate must be between 0 and 1, got {self.target_frr}")
-        if self.confidence is not None and not 0.0 < self.confidence < 1.0:
-            raise DefectLensError(f"confidence must be between 0 and 1, got {self.confidence}")
-
-    @property
-    def params(self) -> dict:
-        keys = {"target_frr": ["target_frr", "confidence"], "tail": ["target_frr"], "k_sigma": ["k_sigma"],
-                "cost": ["escape_cost", "defect_rate"], "target_recall": ["target_recall"]}.get(self.strategy, [])
-        return {k: v for k, v in asdict(self).items() if k in keys}
 
 
 def pixel_threshold_for(good_map_max: np.ndarray, settings: CalibrationSettings) -> float:
@@ -120,7 +85,7 @@ def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str]) -> l
 def calibrate_scores(
     good_scores: np.ndarray,
     good_map_max: np.ndarray,
-    settings: CalibrationSettings = CalibrationSettings(),
+    settings: CalibrationSettings | None = None,
     *,
     defect_scores: np.ndarray | None = None,
     defect_types: Sequence[str] | None = None,
@@ -136,6 +101,7 @@ def calibrate_scores(
     ``synthetic_scores`` (synthetic defects made from the same good images) estimate recall at
     each threshold and drive the cost rule; they are estimates, and labelled as such.
     """
+    settings = settings or CalibrationSettings()
     good = np.asarray(good_scores, dtype=np.float64)
     good_px = np.asarray(good_map_max, dtype=np.float64)
     defect = np.asarray(defect_scores if defect_scores is not None else [], dtype=np.float64)

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 from scipy.special import expit
 
+from defectlens.calibration.strategies import robust_std
+from defectlens.calibration.symmetry import asymmetry
 from defectlens.errors import DefectLensError
 
 
@@ -50,8 +52,6 @@ class Calibration:
         sym = self.symmetry
         if not sym or not sym.get("used"):
             return scores
-        from defectlens.calibration.symmetry import asymmetry
-
         return scores + sym["weight"] * asymmetry(maps, sym["axes"])
 
     def normalise(self, score: float | np.ndarray) -> float | np.ndarray:
@@ -100,8 +100,6 @@ class Calibration:
     def from_dict(cls, data: dict) -> Calibration:
         if "method" in data:  # records written before strategies existed (mean + k sigma only)
             scores = np.asarray(data.get("good_image_scores") or [data["image_threshold"]])
-            from defectlens.calibration.strategies import robust_std
-
             data = {"image_threshold": data["image_threshold"], "pixel_threshold": data["pixel_threshold"],
                     "image_scale": robust_std(scores), "pixel_scale": 0.05 * abs(data["pixel_threshold"]) or 1.0,
                     "strategy": "k_sigma", "params": {"k_sigma": data.get("k_sigma", 3.0)},

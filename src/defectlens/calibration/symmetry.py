@@ -13,7 +13,6 @@ import torch
 
 from defectlens.metrics import image_auroc
 
-AXES = ("lr", "tb", "lrtb")
 MIN_GAIN = 0.002  # AUROC gain below this is noise on the few images calibration has
 
 

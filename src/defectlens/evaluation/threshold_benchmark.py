@@ -112,7 +112,8 @@ def subsample(paths: Sequence[Path], n: int | None, seed: int) -> list[Path]:
 
 def _rows(label: str, n_train: int, scheme: str, calibration_scores, synthetic, test_good: np.ndarray, test_defect: np.ndarray,
           default: bool) -> list[ThresholdRow]:
-    from defectlens.calibration import CalibrationSettings, calibrate_scores
+    from defectlens.calibration.calibrate import calibrate_scores
+    from defectlens.calibration.settings import CalibrationSettings
 
     rows = []
     syn = synthetic.scored.scores if synthetic is not None else None
@@ -168,7 +169,8 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
 
     from sklearn.base import clone
 
-    from defectlens.calibration import CalibrationSettings, calibrate_scores
+    from defectlens.calibration.calibrate import calibrate_scores
+    from defectlens.calibration.settings import CalibrationSettings
     from defectlens.data import load_dataset
     from defectlens.data.datasets import _split_validation
     from defectlens.detectors import create_detector

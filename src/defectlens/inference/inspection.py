@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from skimage import filters, measure
 
-from defectlens.calibration import Calibration
+from defectlens.calibration.record import Calibration
 
 # Severity = 0.7 intensity + 0.3 extent: how far the region's evidence goes past the pixel
 # threshold matters most; its size raises it, reaching the full 0.3 at this share of the image.

@@ -16,6 +16,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,9 +25,11 @@ from sklearn.base import clone
 from sklearn.model_selection import KFold
 
 from defectlens.bundle import Bundle
-from defectlens.calibration.calibrate import MIN_RECOMMENDED_IMAGES, CalibrationSettings, calibrate_scores, pixel_threshold_for
+from defectlens.calibration.calibrate import MIN_RECOMMENDED_IMAGES, calibrate_scores, pixel_threshold_for
 from defectlens.calibration.defect_types import DefectTyper, evidence_weights, pool_features
+from defectlens.calibration.settings import SCHEMES, CalibrationSettings
 from defectlens.calibration.symmetry import asymmetry, choose_weight
+from defectlens.data.datasets import GOOD, Dataset, labelled_split
 from defectlens.data.defects import defects_from
 from defectlens.data.images import ImageInput, load_rgb
 from defectlens.errors import DefectLensError
@@ -34,7 +37,6 @@ from defectlens.errors import DefectLensError
 if TYPE_CHECKING:
     from defectlens.detectors import Detector
 
-SCHEMES = ("auto", "holdout", "kfold", "single-image")
 # Fold models see (k-1)/k of the images and score high against the deployed model: 10 folds
 # measured tighter than 5 on small sets (benchmark --thresholds), and as good as leave-one-out
 FOLDS = 10
@@ -267,4 +269,34 @@ def calibrate_bundle(
             warnings.warn(f"{detector.name} gives no patch embeddings: regions are typed by shape only", stacklevel=2)
         else:
             bundle.typer = DefectTyper(random_state=settings.seed).fit(defect.features, np.asarray(types))
+    return bundle
+
+
+def fit_dataset(detector: Detector, ds: Dataset, settings: CalibrationSettings | None = None, scheme: str = "auto", folds: int = FOLDS,
+                extra: dict | None = None) -> Bundle:
+    """What `fit` does with a data set: fit and calibrate, recording which files the model saw so
+    that re-calibration and evaluation can leave them out."""
+    settings = settings or CalibrationSettings()
+    if getattr(detector, "needs_labels", False):
+        return fit_supervised(detector, ds, settings)
+    scheme = resolve_scheme(scheme, len(ds.train_good), len(ds.validation))
+    fitted_on = ds.train_good if scheme == "holdout" else ds.train_good + ds.validation
+    meta = {"name": ds.name, "data": str(ds.root), "train_images": len(fitted_on),
+            "train_files": [str(p.resolve()) for p in fitted_on], "calibration_scheme": scheme, **(extra or {})}
+    return fit_calibrated(detector, ds.train_good, ds.validation, settings, scheme=scheme, folds=folds, metadata=meta)
+
+
+def fit_supervised(detector: Detector, ds: Dataset, settings: CalibrationSettings) -> Bundle:
+    """A classifier learns from half the labelled test images (split per defect type); they are
+    recorded, so `evaluate` judges it only on the other half."""
+    goods, defects = labelled_split(ds, 0.5, 0)
+    images = ds.train_good + [s.path for s in goods] + [s.path for s in defects]
+    labels = [0] * (len(ds.train_good) + len(goods)) + [1] * len(defects)
+    if not ds.validation:
+        raise DefectLensError(f"{ds.root}: no held-out good images to calibrate on (raise --validation-fraction)")
+    detector.fit(images, labels)
+    meta = {"name": ds.name, "data": str(ds.root), "train_images": len(images), "train_files": [str(Path(p).resolve()) for p in images],
+            "calibration_scheme": "holdout", "labelled_defects": {t: sum(s.defect_type == t for s in defects) for t in ds.defect_types if t != GOOD}}
+    bundle = calibrate_detector(detector, ds.validation, settings, metadata=meta)
+    bundle.calibration.files += [str(Path(s.path).resolve()) for s in goods + defects]
     return bundle
