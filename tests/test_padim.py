@@ -41,16 +41,6 @@ def test_batch_size_does_not_change_the_model(fitted):
     np.testing.assert_allclose(cov_a, cov_b, rtol=1e-3, atol=1e-4 * np.abs(cov_b).max())
 
 
-def test_distance_is_zero_at_the_mean_and_grows_away_from_it(fitted):
-    det, _ = fitted
-    d = len(det.channels_)
-    delta = torch.zeros(1, det.mean_.shape[0], d)
-    delta[0, 3, 0] = 1.0
-    prec = torch.from_numpy(det.precision_)
-    dist = torch.einsum("npd,pde,npe->np", delta, prec, delta)
-    assert dist[0, 0] == 0 and dist[0, 3] == pytest.approx(float(det.precision_[3, 0, 0]), rel=1e-6)
-
-
 def test_padim_finds_the_synthetic_defects(fitted):
     det, ds = fitted
     scores, maps = det.score([s.path for s in ds.test])

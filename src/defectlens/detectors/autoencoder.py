@@ -225,18 +225,6 @@ class Autoencoder(Detector):
         watch.lap("postprocess")
         return scores.numpy().astype(np.float32), maps.numpy(), None
 
-    def training_curve(self, path) -> None:
-        """Save the train / held-out loss per epoch as a PNG."""
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(5, 3))
-        ax = fig.subplots()
-        ax.plot(self.history_["train"], label="train")
-        ax.plot(self.history_["val"], label="held-out good")
-        ax.set(xlabel="epoch", ylabel="MSE + (1 - SSIM)", title=f"{self.architecture} autoencoder")
-        ax.legend()
-        fig.savefig(path, dpi=100, bbox_inches="tight")
-
     def get_state(self) -> dict[str, np.ndarray]:
         self._require_fitted()
         state = {f"net.{k}": v.numpy() for k, v in self.network_.state_dict().items()}

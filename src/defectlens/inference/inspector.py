@@ -39,11 +39,10 @@ class Inspector:
         return cls(load_model(path), mask_method)
 
     def inspect(self, image: ImageInput) -> Inspection:
-        for result in self.inspect_many([image]):
-            if isinstance(result, ImageError):
-                raise result
-            return result
-        raise AssertionError("unreachable")
+        (result,) = self.inspect_many([image])
+        if isinstance(result, ImageError):
+            raise result
+        return result
 
     def inspect_many(self, images: Sequence[ImageInput], progress: bool = False) -> Iterator[Inspection | ImageError]:
         """Yield one Inspection per image in input order, or the ImageError of an unreadable one."""
