@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup browser postgres demo test test-fast lint benchmark clean
+.PHONY: setup browser postgres demo test test-fast lint docs benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -36,7 +36,7 @@ postgres:
 demo: setup
 	$(VENV)/bin/defectlens demo
 
-test: setup browser postgres lint
+test: setup browser postgres lint docs
 	$(PY) -m pytest -q
 
 # Day-to-day lane: everything but the tests marked slow (real data sets, browsers, servers, Ray).
@@ -48,8 +48,12 @@ lint: setup
 	$(PY) -m ruff check src tests
 	$(VENV)/bin/lint-imports --no-cache
 
+# The documentation site (docs/, mkdocs.yml); --strict turns a broken link or reference into a failure.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 benchmark: setup
 	$(VENV)/bin/defectlens benchmark ../shared/datasets/mvtec_ad/bottle
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) demo_output .pytest_cache site

@@ -45,7 +45,7 @@ class PatchCore(FeatureDetector):
     reduction : how channels are reduced to embed_dim: ``pca`` projects on the principal axes
         of the patches of 16 training images spread over the set; ``mean`` averages adjacent
         channels (the paper's PatchCore); ``random`` uses a seeded Gaussian projection. PCA to
-        64 dimensions is the default because it was measured best (README): on Magnetic Tile it
+        64 dimensions is the default because it was measured best (docs/measurements.md): on Magnetic Tile it
         raised image AUROC from 0.776 to 0.790 and cut search time 3x against means to 256,
         and on MVTec bottle it kept image AUROC 1.000.
     coreset_ratio : fraction of training patches kept. 1 % keeps inference fast on CPU and
@@ -53,7 +53,7 @@ class PatchCore(FeatureDetector):
     coreset_global_max : most patches the coreset is chosen from in one global greedy pass,
         whose work grows with the square of the patch count. Above it, each image first keeps
         10x the ratio of its own patches, then one pass chooses among those: a tenth of the
-        work (README, scaling figures). None: always one pass.
+        work (docs/measurements.md, scaling). None: always one pass.
     projection_dim : dimensions of the random projection used only to select the coreset.
     num_neighbors : neighbourhood size for the paper's reweighting.
     reweight : apply the paper's image-score reweighting (eq. 7); off = plain max.
