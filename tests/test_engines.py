@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +184,33 @@ def test_parquet_follows_the_journal_through_crashes(model_dir, inputs, tmp_path
     (other / "results.parquet").write_text("a file in the way")
     assert main(["inspect", str(model_dir / "discs.dlens"), *inputs, "--out", str(other), "--parquet"]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_end_to_end_benchmark_measures_every_inspect_path(tiny_dataset, capsys):
+    assert main(["benchmark", str(tiny_dataset), "--end-to-end", "--image-size", "64", "--coreset-ratio", "0.1"]) == 0
+    text = capsys.readouterr().out
+    for path in ("detector scoring", "Inspector", "inspect --out --no-overlay", "inspect --out (overlays)", "history"):
+        assert path in text
+    from defectlens.evaluation.end_to_end import run_end_to_end
+
+    result = run_end_to_end(tiny_dataset, "patchcore", {"image_size": 64, "coreset_ratio": 0.1})
+    assert result.images == 12 and len(result.images_per_s) == 5 and all(v > 0 for v in result.images_per_s.values())
+    assert result.ratios()["detector scoring"] == 1.0
+
+
+def test_overlays_are_drawn_from_the_scoring_read_and_records_wait_for_them(tiny_dataset, tmp_path, monkeypatch):
+    """inspect --out opens each image once: the overlay comes from the inspection's preview, and
+    every record's overlay is on disk by the time its line is in results.jsonl."""
+    import defectlens.batch.outputs as outputs
+
+    def no_second_read(path):
+        raise AssertionError(f"{path} read again for its overlay")
+
+    monkeypatch.setattr(outputs, "load_rgb", no_second_read)
+    model = tmp_path / "m.dlens"
+    assert main(["fit", str(tiny_dataset), "-o", str(model), "--image-size", "64", "--coreset-ratio", "0.1", "--detector", "patchcore"]) == 0
+    out = tmp_path / "out"
+    assert main(["inspect", str(model), str(tiny_dataset / "test"), "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and all(Path(r["overlay"]).is_file() for r in records)
+    assert [r["source"] for r in records] == sorted(r["source"] for r in records)  # input order kept

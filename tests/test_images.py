@@ -65,8 +65,20 @@ def test_arrays_are_accepted(gradient):
 
 def test_resize_to_model_input(tmp_path, gradient):
     Image.fromarray(gradient).save(tmp_path / "a.png")
-    chw, size = load_for_model(tmp_path / "a.png", 32)
-    assert chw.shape == (3, 32, 32) and size == (30, 40)
+    loaded = load_for_model(tmp_path / "a.png", 32)
+    assert loaded.pixels.shape == (3, 32, 32) and loaded.size == (30, 40) and loaded.preview is None
+
+
+def test_one_read_gives_pixels_digest_and_a_bounded_preview(tmp_path):
+    import hashlib
+
+    big = (np.random.default_rng(0).random((600, 900, 3)) * 255).astype(np.uint8)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    loaded = load_for_model(tmp_path / "big.png", 32, preview_side=300)
+    assert loaded.digest == hashlib.sha256((tmp_path / "big.png").read_bytes()).hexdigest()
+    assert loaded.preview.shape == (200, 300, 3) and loaded.preview.dtype == np.uint8
+    (batch,) = iter_batches([tmp_path / "big.png", big], 32, 2, preview_side=300)
+    assert batch.digests == [loaded.digest, None] and [p.shape for p in batch.previews] == [(200, 300, 3)] * 2
 
 
 @pytest.mark.parametrize(

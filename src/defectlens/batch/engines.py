@@ -24,13 +24,15 @@ Result = tuple[Path, Inspection | ImageError]
 
 
 def inspect_stream(inspector: Inspector, model_path: Path | None, paths: Sequence[Path], engine: str = "local", address: str | None = None,
-                   workers: int = 0, chunk: int = 16, progress: bool = False) -> Iterator[Result]:
+                   workers: int = 0, chunk: int = 16, progress: bool = False, preview_side: int = 0) -> Iterator[Result]:
+    """Each image's inspection, in input order for ``local``; with ``preview_side`` each carries a
+    small copy of its image from the read that scored it, for the overlay."""
     if engine == "local":
-        yield from zip(paths, inspector.inspect_many(paths, progress=progress), strict=True)
+        yield from zip(paths, inspector.inspect_many(paths, progress=progress, preview_side=preview_side), strict=True)
     elif engine == "ray":
         if model_path is None:
             raise DefectLensError("the ray engine needs the model file's path (workers load it themselves)")
-        yield from _ray_stream(model_path, inspector.mask_method, paths, address, workers, chunk, progress)
+        yield from _ray_stream(model_path, inspector.mask_method, paths, address, workers, chunk, progress, preview_side)
     else:
         raise DefectLensError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
 
@@ -50,12 +52,12 @@ class InspectWorker:
             path.write_bytes(model)
             self.inspector = Inspector.load(path, mask_method)
 
-    def inspect(self, paths: list[str]) -> list[tuple[str, Inspection | ImageError]]:
-        return list(zip(paths, self.inspector.inspect_many(paths), strict=True))
+    def inspect(self, paths: list[str], preview_side: int = 0) -> list[tuple[str, Inspection | ImageError]]:
+        return list(zip(paths, self.inspector.inspect_many(paths, preview_side=preview_side), strict=True))
 
 
 def _ray_stream(model_path: Path, mask_method: str, paths: Sequence[Path], address: str | None, workers: int, chunk: int,
-                progress: bool) -> Iterator[Result]:
+                progress: bool, preview_side: int = 0) -> Iterator[Result]:
     try:
         import ray
     except ImportError:
@@ -82,12 +84,12 @@ def _ray_stream(model_path: Path, mask_method: str, paths: Sequence[Path], addre
         for worker in pool:  # two chunks in flight per worker: the next is ready when one finishes
             for _ in range(2):
                 if (c := next(todo, None)) is not None:
-                    pending[worker.inspect.remote(c)] = worker
+                    pending[worker.inspect.remote(c, preview_side)] = worker
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             worker = pending.pop(ready[0])
             if (c := next(todo, None)) is not None:
-                pending[worker.inspect.remote(c)] = worker
+                pending[worker.inspect.remote(c, preview_side)] = worker
             for source, result in ray.get(ready[0]):
                 bar.update(1)
                 yield Path(source), result

@@ -1,7 +1,9 @@
 """Where a batch of inspections goes: JSON lines, a CSV summary, Parquet, overlays, maps, statistics.
 
 Files are written as results arrive, so a run over a huge folder keeps memory flat and a
-crash keeps everything inspected up to it. Running again into the same folder resumes: images
+crash keeps everything inspected up to it. Overlays are drawn in worker threads from the small
+copy the inspection's own read kept (no file is opened twice); a record is written once its
+overlay is on disk, in input order. Running again into the same folder resumes: images
 already in results.jsonl are skipped, and a line cut off by the crash is dropped and redone.
 Statistics keep only score lists per group.
 """
@@ -12,8 +14,9 @@ import contextlib
 import csv
 import json
 import sys
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -21,7 +24,7 @@ import numpy as np
 
 from defectlens.batch.parquet import FOLDER as PARQUET_FOLDER
 from defectlens.batch.parquet import ParquetParts
-from defectlens.data.images import load_rgb
+from defectlens.data.images import PREVIEW_SIDE, load_rgb, preview
 from defectlens.errors import DefectLensError, ImageError
 from defectlens.inference.inspection import Inspection
 from defectlens.inference.overlay import save_overlay
@@ -66,6 +69,8 @@ def _optional(value: float | None) -> str:
 
 
 RUN_FILE = "run.json"
+OVERLAY_THREADS = 2
+IN_FLIGHT = 16  # overlays being drawn before the writer waits for the oldest
 
 
 class BatchWriter:
@@ -88,6 +93,8 @@ class BatchWriter:
         self.done: set[str] = set()  # sources already in results.jsonl
         self._used: set[str] = set()
         self._groups: dict[str, dict[str, list[float]]] = {"verdict": defaultdict(list), "type": defaultdict(list), "folder": defaultdict(list)}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[Future | None, dict]] = deque()  # records waiting for their overlay, in input order
 
     def __enter__(self) -> BatchWriter:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +114,8 @@ class BatchWriter:
         if resuming:
             self._replay(results)
         self._jsonl = open(results, "a" if resuming else "w")  # noqa: SIM115
+        if self.overlays:
+            self._pool = ThreadPoolExecutor(OVERLAY_THREADS, thread_name_prefix="overlay")
         return self
 
     def _replay(self, results: Path) -> None:
@@ -160,28 +169,48 @@ class BatchWriter:
         if record["source"] in self.done:  # a result that arrived twice (a retried chunk) is kept once
             return record
         self.done.add(record["source"])
+        drawing = None
         if not isinstance(result, ImageError):
             name = self._name(path) if (self.overlays or self.save_maps) else ""
             if self.overlays:
-                record["overlay"] = str(save_overlay(self.out / "overlays" / f"{name}.png", load_rgb(path), result, self.pixel_threshold))
+                target = self.out / "overlays" / f"{name}.png"
+                record["overlay"] = str(target)
+                picture = result.preview if result.preview is not None else preview(load_rgb(path))  # e.g. from an engine that kept none
+                drawing = self._pool.submit(save_overlay, target, picture, result, self.pixel_threshold)
             if self.save_maps:
                 (self.out / "maps").mkdir(exist_ok=True)
                 map_path = self.out / "maps" / f"{name}.npy"
                 np.save(map_path, result.anomaly_map.astype(np.float16))  # 3 significant digits: ample for a heat map
                 record["map"] = str(map_path)
             self._tally(path, record)
-        self._jsonl.write(json.dumps(finite(record)) + "\n")
-        self._jsonl.flush()
-        self._csv.writerow(csv_row(record))
-        if self._parts is not None:
-            self._parts.add(record)
+        self._pending.append((drawing, record))
+        self._flush(wait=len(self._pending) > IN_FLIGHT)
         return record
+
+    def _flush(self, wait: bool = False) -> None:
+        """Write the records whose overlays are done, oldest first; with ``wait``, wait for the oldest."""
+        while self._pending and (wait or self._pending[0][0] is None or self._pending[0][0].done()):
+            drawing, record = self._pending.popleft()
+            if drawing is not None:
+                drawing.result()  # a failure to write the overlay stops the run here, before its record
+            self._jsonl.write(json.dumps(finite(record)) + "\n")
+            self._jsonl.flush()
+            self._csv.writerow(csv_row(record))
+            if self._parts is not None:
+                self._parts.add(record)
+            wait = len(self._pending) > IN_FLIGHT
 
     def stats(self) -> dict:
         return {f"by_{key}": {g: score_stats(v) for g, v in sorted(groups.items())} for key, groups in self._groups.items()}
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._jsonl.close()
+        try:
+            while self._pending:
+                self._flush(wait=True)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+            self._jsonl.close()
         self._csv_file.close()
         if self._parts is not None:
             self._parts.flush()
@@ -212,7 +241,8 @@ def run_batch(inspector, paths: Sequence[Path], out: Path | None, overlays: bool
             if len(remaining) < len(paths):
                 print(f"resuming {out}: {len(paths) - len(remaining)} of {len(paths)} images already inspected", file=sys.stderr)
             paths = remaining
-        for path, result in inspect_stream(inspector, model_path, paths, engine, address, workers, progress=out is not None):
+        preview_side = PREVIEW_SIDE if writer is not None and overlays else 0
+        for path, result in inspect_stream(inspector, model_path, paths, engine, address, workers, progress=out is not None, preview_side=preview_side):
             if isinstance(result, ImageError):
                 counts["error"] += 1
                 print(f"defectlens: skipped: {result}", file=sys.stderr)
@@ -232,6 +262,6 @@ def _record_in_history(store, inspector, path: Path, result: Inspection) -> None
 
     from defectlens.history.store import inspection_row
 
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = result.digest or hashlib.sha256(Path(path).read_bytes()).hexdigest()  # the scoring read's digest
     key = f"batch-{inspector.bundle.checksum[:16]}-" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
     store.record(inspection_row(result, inspector.model_name, inspector.bundle.checksum, digest, key))

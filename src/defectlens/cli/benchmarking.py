@@ -36,6 +36,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "measure the threshold rules on every category: with the training images subsampled (--sizes), each rule's "
         "false-reject rate and recall on the real test split beside the best any threshold reaches (the oracle), for "
         "holdout, k-fold and leave-one-out calibration scores (--detector, default patchcore)"))
+    p.add_argument("--end-to-end", action="store_true", help=(
+        "on one category: images/s of the detector's scoring, the Inspector, and inspect --out with records, overlays and a "
+        "history database, in one run on the same test images"))
     p.add_argument("--sizes", default="10,20,50,100,all", help="training-set sizes for --thresholds (default: 10,20,50,100,all)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS", help=(
         "time for trying candidates per category (default: 3600 with --selection, which carries every candidate to the "
@@ -53,6 +56,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         return _thresholds(args)
     if args.selection:
         return _selection(args)
+    if args.end_to_end:
+        return _end_to_end(args)
     if args.detectors or args.backbones or len(find_categories(args.data)) > 1:
         return _comparison(args)
     return _one_category(args)
@@ -65,6 +70,19 @@ def _one_category(args: argparse.Namespace) -> int:
     print(result.text())
     if args.json:
         Path(args.json).write_text(json.dumps(result_dict(result), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _end_to_end(args: argparse.Namespace) -> int:
+    from defectlens.evaluation.benchmark import machine_description
+    from defectlens.evaluation.end_to_end import run_end_to_end
+
+    detector = "patchcore" if args.detector == "auto" else args.detector
+    result = run_end_to_end(args.data, detector, detector_params(args, detector), machine_description())
+    print(result.text())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")
     return 0
 

@@ -7,6 +7,7 @@ write it and a rotated part looks defective to a model trained on upright ones.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import warnings
@@ -26,6 +27,7 @@ ImageInput = str | os.PathLike | np.ndarray | Image.Image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_PIXELS = 64_000_000  # 8000 x 8000: beyond any industrial camera we target; stops decompression bombs
+PREVIEW_SIDE = 512  # overlays are drawn from a copy this large at most: readable, and cheap to colour and encode
 
 
 def is_image_file(path: Path) -> bool:
@@ -44,6 +46,11 @@ def describe(image: ImageInput) -> str:
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image file, or raise ImageError naming it."""
     path = Path(path)
+    return _decode(io.BytesIO(read_file(path)), str(path), MAX_PIXELS)
+
+
+def read_file(path: Path) -> bytes:
+    """An image file's bytes, after the checks that need no decoding (exists, not empty, not huge)."""
     if not path.exists():
         raise ImageError(f"{path}: file not found")
     if path.is_dir():
@@ -53,7 +60,10 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"{path}: empty file")
     if size > MAX_FILE_BYTES:
         raise ImageTooLargeError(f"{path}: file is {size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES / 2**20:.0f} MiB limit")
-    return _decode(path, str(path), MAX_PIXELS)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def decode_bytes(data: bytes, name: str, max_pixels: int | None = None, formats: Iterable[str] | None = None) -> Image.Image:
@@ -127,11 +137,28 @@ def array_to_rgb_float(arr: np.ndarray, name: str = "<array>") -> np.ndarray:
 
 def load_rgb(image: ImageInput) -> np.ndarray:
     """Load any supported input as float32 RGB (H, W, 3) in [0, 1] at its own size."""
+    return read_image(image)[0]
+
+
+def read_image(image: ImageInput) -> tuple[np.ndarray, str | None]:
+    """The image as float32 RGB, and the sha256 of the file's bytes (None for arrays and PIL
+    images): one read serves the model, the history's fingerprint and the overlay."""
     if isinstance(image, np.ndarray):
-        return array_to_rgb_float(image)
+        return array_to_rgb_float(image), None
     if isinstance(image, Image.Image):
-        return to_rgb_float(image)
-    return to_rgb_float(open_image(image))
+        return to_rgb_float(image), None
+    path = Path(image)
+    data = read_file(path)
+    return to_rgb_float(_decode(io.BytesIO(data), str(path), MAX_PIXELS)), hashlib.sha256(data).hexdigest()
+
+
+def preview(rgb: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
+    """uint8 copy with the longest side at most ``side``: what overlays are drawn on."""
+    img = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    if max(img.size) > side:
+        scale = side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    return np.asarray(img)
 
 
 def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -142,10 +169,22 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.stack(channels, axis=2)
 
 
-def load_for_model(image: ImageInput, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Image resized for the model as CHW float32, and its original (height, width)."""
-    rgb = load_rgb(image)
-    return np.ascontiguousarray(resize_rgb(rgb, size).transpose(2, 0, 1)), (rgb.shape[0], rgb.shape[1])
+@dataclass
+class Loaded:
+    """One image as the model needs it, with what else was learned in the same read."""
+
+    pixels: np.ndarray  # (3, size, size) float32
+    size: tuple[int, int]  # original (height, width)
+    digest: str | None = None  # sha256 of the file's bytes
+    preview: np.ndarray | None = None  # uint8 copy for overlays, when asked for
+
+
+def load_for_model(image: ImageInput, size: int, preview_side: int = 0) -> Loaded:
+    """Image resized for the model as CHW float32, its original size and digest, and with
+    ``preview_side`` a small copy to draw overlays on."""
+    rgb, digest = read_image(image)
+    return Loaded(np.ascontiguousarray(resize_rgb(rgb, size).transpose(2, 0, 1)), (rgb.shape[0], rgb.shape[1]), digest,
+                  preview(rgb, preview_side) if preview_side else None)
 
 
 @dataclass
@@ -156,10 +195,12 @@ class Batch:
     pixels: np.ndarray  # (n, 3, size, size) float32 in [0, 1]; n may be 0 if all failed
     sizes: list[tuple[int, int]]  # original (height, width) of each image
     errors: list[tuple[int, ImageError]] = field(default_factory=list)
+    digests: list[str | None] = field(default_factory=list)  # sha256 of each file's bytes (None for arrays)
+    previews: list[np.ndarray | None] = field(default_factory=list)  # uint8 copies for overlays, when asked for
 
 
 def iter_batches(
-    images: Sequence[ImageInput], size: int, batch_size: int, workers: int = 2, skip_errors: bool = False
+    images: Sequence[ImageInput], size: int, batch_size: int, workers: int = 2, skip_errors: bool = False, preview_side: int = 0
 ) -> Iterator[Batch]:
     """Decode ahead in threads and yield batches in input order.
 
@@ -179,24 +220,22 @@ def iter_batches(
                 except StopIteration:
                     exhausted = True
                     break
-                pending.append((i, pool.submit(load_for_model, img, size)))
+                pending.append((i, pool.submit(load_for_model, img, size, preview_side)))
             if not pending:
                 return
-            indices, arrays, sizes, errors = [], [], [], []
+            indices, loaded, errors = [], [], []
             while pending and len(indices) + len(errors) < batch_size:
                 i, fut = pending.popleft()
                 try:
-                    arr, hw = fut.result()
+                    loaded.append(fut.result())
                 except ImageError as exc:
                     if not skip_errors:
                         raise
                     errors.append((i, exc))
                     continue
                 indices.append(i)
-                arrays.append(arr)
-                sizes.append(hw)
-            pixels = np.stack(arrays) if arrays else np.zeros((0, 3, size, size), np.float32)
-            yield Batch(indices, pixels, sizes, errors)
+            pixels = np.stack([x.pixels for x in loaded]) if loaded else np.zeros((0, 3, size, size), np.float32)
+            yield Batch(indices, pixels, [x.size for x in loaded], errors, [x.digest for x in loaded], [x.preview for x in loaded])
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -83,12 +83,14 @@ class Detector(BaseEstimator, ABC):
         if not self.is_fitted:
             raise DefectLensError(f"{type(self).__name__} is not fitted: call fit() or load a bundle first")
 
-    def score_batches(self, images: Sequence[ImageInput], skip_errors: bool = False, progress: bool = False) -> Iterator[BatchScores]:
-        """Stream scores batch by batch: memory stays flat however many images there are."""
+    def score_batches(self, images: Sequence[ImageInput], skip_errors: bool = False, progress: bool = False,
+                      preview_side: int = 0) -> Iterator[BatchScores]:
+        """Stream scores batch by batch: memory stays flat however many images there are.
+        ``preview_side`` also keeps a small copy of each image from the same read, for overlays."""
         self._require_fitted()
         bar = tqdm(total=len(images), desc="scoring", unit="img", disable=not progress, leave=False)
         watch = Stopwatch()
-        for batch in iter_batches(images, self.image_size, self.batch_size, skip_errors=skip_errors):
+        for batch in iter_batches(images, self.image_size, self.batch_size, skip_errors=skip_errors, preview_side=preview_side):
             watch.lap("decode")
             if len(batch.indices) == 0:
                 scores, maps, features = np.zeros(0, np.float32), np.zeros((0, self.image_size, self.image_size), np.float32), None

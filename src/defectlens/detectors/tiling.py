@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defectlens.data.images import Batch, ImageInput, load_rgb
+from defectlens.data.images import Batch, ImageInput, load_rgb, preview, read_image
 from defectlens.detectors.base import BatchScores, Detector, Stopwatch
 from defectlens.detectors.registry import create_detector, detector_class, register_detector
 from defectlens.errors import DefectLensError, ImageError
@@ -134,7 +134,9 @@ class TiledDetector(Detector):
         return create_detector(self.detector, **params)
 
     def _prepare(self, image: ImageInput) -> np.ndarray:
-        rgb = load_rgb(image)
+        return self._scaled(load_rgb(image))
+
+    def _scaled(self, rgb: np.ndarray) -> np.ndarray:
         if self.scale != 1.0:
             h, w = rgb.shape[:2]
             t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
@@ -172,7 +174,8 @@ class TiledDetector(Detector):
         """Tiles are scored by the inner detector; whole images go through score_batches."""
         return self.inner_._score_pixels(pixels, watch)
 
-    def score_batches(self, images: Sequence[ImageInput], skip_errors: bool = False, progress: bool = False) -> Iterator[BatchScores]:
+    def score_batches(self, images: Sequence[ImageInput], skip_errors: bool = False, progress: bool = False,
+                      preview_side: int = 0) -> Iterator[BatchScores]:
         self._require_fitted()
         from tqdm.auto import tqdm
 
@@ -181,7 +184,8 @@ class TiledDetector(Detector):
         for i, image in enumerate(tqdm(images, desc="scoring", unit="img", disable=not progress, leave=False)):
             watch = Stopwatch()
             try:
-                rgb = self._prepare(image)
+                original, digest = read_image(image)
+                rgb = self._scaled(original)
             except ImageError as exc:
                 if not skip_errors:
                     raise
@@ -204,7 +208,8 @@ class TiledDetector(Detector):
             small = F.interpolate(torch.from_numpy(full)[None, None], size=(self.map_size, self.map_size), mode="area")[0]
             watch.lap("stitch")
             h0, w0 = (round(height / self.scale), round(width / self.scale))
-            yield BatchScores(Batch([i], np.zeros((1, 0), np.float32), [(h0, w0)], []),
+            batch = Batch([i], np.zeros((1, 0), np.float32), [(h0, w0)], [], [digest], [preview(original, preview_side) if preview_side else None])
+            yield BatchScores(batch,
                               np.array([np.concatenate(tile_scores).max()], np.float32), small.numpy(), None, dict(watch.ms))
 
     def get_state(self) -> dict[str, np.ndarray]:

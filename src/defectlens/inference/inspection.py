@@ -102,6 +102,8 @@ class Inspection:
     model: str = ""
     normalised_score: float | None = None  # in [0, 1], 0.5 at the threshold
     confidence: float | None = None  # 0 at the threshold, towards 1 far from it
+    digest: str | None = None  # sha256 of the image file's bytes, from the read that scored it
+    preview: np.ndarray | None = field(default=None, repr=False)  # small uint8 copy to draw the overlay on
 
     @property
     def verdict(self) -> str:

@@ -44,9 +44,13 @@ class Inspector:
             raise result
         return result
 
-    def inspect_many(self, images: Sequence[ImageInput], progress: bool = False) -> Iterator[Inspection | ImageError]:
-        """Yield one Inspection per image in input order, or the ImageError of an unreadable one."""
-        for out in self.detector.score_batches(images, skip_errors=True, progress=progress):
+    def inspect_many(self, images: Sequence[ImageInput], progress: bool = False, preview_side: int = 0) -> Iterator[Inspection | ImageError]:
+        """Yield one Inspection per image in input order, or the ImageError of an unreadable one.
+
+        Each file is read once: its bytes' digest and, with ``preview_side``, a small copy to draw
+        the overlay on ride along with the Inspection, so writers never open the file again.
+        """
+        for out in self.detector.score_batches(images, skip_errors=True, progress=progress, preview_side=preview_side):
             results: dict[int, Inspection | ImageError] = dict(out.batch.errors)
             n = max(1, len(out.batch.indices))
             shared = {k: v / n for k, v in out.timings_ms.items()}
@@ -57,6 +61,8 @@ class Inspector:
                 features = None if out.features is None else out.features[j]
                 inspection = self._decide(describe(images[i]), float(scores[j]), resize_map(out.maps[j], height, width), features)
                 inspection.timings_ms = {**shared, "decide": (time.perf_counter() - t0) * 1000.0}
+                inspection.digest = out.batch.digests[j] if out.batch.digests else None
+                inspection.preview = out.batch.previews[j] if out.batch.previews else None
                 results[i] = inspection
             for i in sorted(results):
                 yield results[i]

@@ -36,16 +36,29 @@ def colourise(anomaly_map: np.ndarray, vmax: float | None = None) -> np.ndarray:
     return _LUT[(scaled * 255).astype(np.uint8)]
 
 
+def as_uint8(rgb: np.ndarray) -> np.ndarray:
+    return rgb if rgb.dtype == np.uint8 else (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def _map_at(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The map at the picture's size: a preview is smaller than the image the map was made for."""
+    if anomaly_map.shape == (height, width):
+        return anomaly_map
+    return np.asarray(Image.fromarray(anomaly_map.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+
+
 def render_heat(rgb: np.ndarray, inspection: Inspection, pixel_threshold: float | None = None, alpha: float = 0.5) -> Image.Image:
-    """The image under its heat map, with region boxes labelled by type and severity."""
-    base = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-    heat = colourise(inspection.anomaly_map, None if pixel_threshold is None else 2.0 * pixel_threshold)
-    panel = Image.fromarray((base * (1 - alpha) + heat * alpha).astype(np.uint8))
+    """The image (float in [0, 1], or uint8; full size or a smaller preview) under its heat map,
+    with region boxes labelled by type and severity."""
+    base = as_uint8(rgb)
     h, w = base.shape[:2]
+    sy, sx = h / inspection.anomaly_map.shape[0], w / inspection.anomaly_map.shape[1]
+    heat = colourise(_map_at(inspection.anomaly_map, h, w), None if pixel_threshold is None else 2.0 * pixel_threshold)
+    panel = Image.fromarray((base * (1 - alpha) + heat * alpha).astype(np.uint8))
     draw = ImageDraw.Draw(panel)
     label_font = ImageFont.load_default(size=max(9, int(_band(h) * 0.5)))
     for region in inspection.regions:
-        x0, y0, x1, y1 = region.box
+        x0, y0, x1, y1 = (round(region.box[0] * sx), round(region.box[1] * sy), max(1, round(region.box[2] * sx)), max(1, round(region.box[3] * sy)))
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255), width=max(1, w // 256))
         label = f"{region.defect_type.split('/')[0]} {region.severity:.2f}" if region.defect_type else f"{region.severity:.2f}"
         ty = y0 - label_font.size - 2 if y0 > label_font.size + 2 else y1 + 1
@@ -58,7 +71,7 @@ def render_overlay(rgb: np.ndarray, inspection: Inspection, pixel_threshold: flo
     h, w = rgb.shape[:2]
     band = _band(h)
     canvas = Image.new("RGB", (2 * w, h + band), (20, 20, 20))
-    canvas.paste(Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8)), (0, band))
+    canvas.paste(Image.fromarray(as_uint8(rgb)), (0, band))
     canvas.paste(render_heat(rgb, inspection, pixel_threshold, alpha), (w, band))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=int(band * 0.7))
