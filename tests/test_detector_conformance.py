@@ -12,6 +12,7 @@ from sklearn.base import clone
 
 from defectlens import Bundle, DefectLensError, Inspector, available_detectors, create_detector
 from defectlens.data import load_dataset
+from defectlens.detectors.base import GOOD_ONLY, SUPERVISED, PixelScores
 from defectlens.errors import ImageError
 from defectlens.workflows import calibrate_detector
 
@@ -33,7 +34,7 @@ def test_every_registered_detector_has_conformance_settings():
 
 def fit_on(det, ds):
     """Good-only detectors fit on good images; supervised ones also on half the labelled defects."""
-    if getattr(det, "needs_labels", False):
+    if det.learning == SUPERVISED:
         defects = [s.path for s in ds.test if s.label][::2]
         return det.fit(ds.train_good + defects, [0] * len(ds.train_good) + [1] * len(defects))
     return det.fit(ds.train_good)
@@ -45,6 +46,25 @@ def fitted(request, tiny_dataset):
     det = create_detector(request.param, **CONFORMANCE_PARAMS[request.param])
     assert fit_on(det, ds) is det, "fit must return self"
     return det, ds
+
+
+def test_score_pixels_is_public_and_named(fitted):
+    import torch
+
+    det, _ = fitted
+    if det.name == "tiled":  # scores whole images through tiles: its pixels are one tile's
+        pytest.skip("tiled scores tiles, not whole images, through score_pixels")
+    out = det.score_pixels(torch.rand(2, 3, det.image_size, det.image_size))
+    assert isinstance(out, PixelScores) and out.scores.shape == (2,) and out.maps.shape == (2, det.image_size, det.image_size)
+    assert out.features is None or out.features.shape[0] == 2
+
+
+def test_learning_type_is_declared_and_enforced(fitted):
+    det, ds = fitted
+    assert det.learning in (GOOD_ONLY, SUPERVISED)
+    if det.learning == GOOD_ONLY:
+        with pytest.raises(DefectLensError, match="good images only"):
+            clone(det).fit(ds.train_good[:4], [0, 0, 1, 0])
 
 
 def test_constructor_only_stores_settings(fitted):

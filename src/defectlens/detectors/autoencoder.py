@@ -26,7 +26,7 @@ from torch import nn
 
 from defectlens.data.images import ImageInput, iter_batches
 from defectlens.detectors.anomaly_map import AnomalyMapHead, gaussian_kernel1d
-from defectlens.detectors.base import Detector, Stopwatch
+from defectlens.detectors.base import Detector, PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.registry import register_detector
 from defectlens.errors import DefectLensError
 
@@ -152,7 +152,8 @@ class Autoencoder(Detector):
             loss = loss + self.perceptual_weight * sum(F.mse_loss(a, b) for a, b in zip(features(y), features(x), strict=True))
         return loss
 
-    def fit(self, images: Sequence[ImageInput]) -> Autoencoder:
+    def fit(self, images: Sequence[ImageInput], labels: Sequence[int] | None = None) -> Autoencoder:
+        good_images_only(self, labels)
         self._validate_params()
         images = list(images)
         if not images:
@@ -216,14 +217,16 @@ class Autoencoder(Detector):
         y = self.network_(x)
         return ((x - y) ** 2).mean(dim=1), 1 - self._ssim(x, y)
 
-    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    @torch.inference_mode()
+    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+        watch = watch or Stopwatch()
         l2, ssim = self._errors(pixels)
         watch.lap("network")
         raw = l2 / float(self.error_scale_[0]) + ssim / float(self.error_scale_[1])
         maps = self._map_head(raw)  # already at image_size: only the smoothing acts
         scores = maps.reshape(len(maps), -1).max(dim=1).values
         watch.lap("postprocess")
-        return scores.numpy().astype(np.float32), maps.numpy(), None
+        return PixelScores(scores.numpy().astype(np.float32), maps.numpy(), None)
 
     def get_state(self) -> dict[str, np.ndarray]:
         self._require_fitted()

@@ -11,7 +11,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +23,24 @@ from defectlens.errors import DefectLensError
 
 if TYPE_CHECKING:
     from defectlens.calibration.record import Calibration
+
+
+class PixelScores(NamedTuple):
+    """What a detector gives for preprocessed images (n, 3, size, size)."""
+
+    scores: np.ndarray  # (n,) image scores
+    maps: np.ndarray  # (n, size, size) anomaly maps at the model input size
+    features: np.ndarray | None  # (n, d, h, w) patch embeddings where the detector has them, for region typing
+
+
+GOOD_ONLY = "good-only"  # learns from good images; labels, if given, must all be 0
+SUPERVISED = "supervised"  # learns from good and defect images: fit(images, labels)
+
+
+def good_images_only(detector: Detector, labels: Sequence[int] | None) -> None:
+    """The check every good-only detector's fit starts with: a defect label is a mistake to report, not to ignore."""
+    if labels is not None and any(int(v) != 0 for v in labels):
+        raise DefectLensError(f"{detector.name} learns from good images only: give it no defect images (labels must all be 0)")
 
 
 @dataclass
@@ -50,22 +68,27 @@ class Stopwatch:
 
 
 class Detector(BaseEstimator, ABC):
-    """Base class: subclasses set ``name`` and implement fit, _score_pixels, get/set_state."""
+    """Base class: subclasses set ``name`` and implement fit, score_pixels, get/set_state.
+
+    ``learning`` declares what ``fit(images, labels=None)`` learns from: ``good-only`` detectors
+    refuse defect labels, ``supervised`` ones need them (the workflows split data accordingly).
+    """
 
     name: str = ""
+    learning: str = GOOD_ONLY
     scores_include_calibration: bool = False  # an export's graph already adds the symmetry term
     image_size: int
     batch_size: int
     verbose: bool
 
     @abstractmethod
-    def fit(self, images: Sequence[ImageInput]) -> Detector:
-        """Learn what good looks like from good images only."""
+    def fit(self, images: Sequence[ImageInput], labels: Sequence[int] | None = None) -> Detector:
+        """Learn from ``images`` (labels 0 = good, 1 = defect, for supervised detectors); returns self."""
 
     @abstractmethod
-    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Scores (n,), maps (n, size, size) and, where the detector has them, patch embeddings
-        (n, d, h, w) for preprocessed images (n, 3, size, size)."""
+    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+        """Scores, maps and (where the detector has them) patch embeddings of preprocessed images
+        (n, 3, size, size) in [0, 1]; ``watch`` collects time per stage."""
 
     @abstractmethod
     def get_state(self) -> dict[str, np.ndarray]:
@@ -96,7 +119,7 @@ class Detector(BaseEstimator, ABC):
                 scores, maps, features = np.zeros(0, np.float32), np.zeros((0, self.image_size, self.image_size), np.float32), None
             else:
                 with torch.inference_mode():
-                    scores, maps, features = self._score_pixels(torch.from_numpy(batch.pixels), watch)
+                    scores, maps, features = self.score_pixels(torch.from_numpy(batch.pixels), watch)
             yield BatchScores(batch, scores, maps, features, dict(watch.ms))
             watch = Stopwatch()
             bar.update(len(batch.indices) + len(batch.errors))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from defectlens.data.images import ImageInput
-from defectlens.detectors.base import Detector, Stopwatch
+from defectlens.detectors.base import Detector, PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.registry import create_detector, detector_class, register_detector
 from defectlens.errors import DefectLensError
 
@@ -72,7 +72,8 @@ class EnsembleDetector(Detector):
             members.append(create_detector(name, **own))
         return members
 
-    def fit(self, images: Sequence[ImageInput]) -> EnsembleDetector:
+    def fit(self, images: Sequence[ImageInput], labels: Sequence[int] | None = None) -> EnsembleDetector:
+        good_images_only(self, labels)
         images = list(images)
         members = self._members()
         if not images:
@@ -87,14 +88,16 @@ class EnsembleDetector(Detector):
         self.norm_ = np.asarray(stats, dtype=np.float64)  # per member: score mean, std, map mean, std
         return self
 
-    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    @torch.inference_mode()
+    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+        watch = watch or Stopwatch()
         scores, maps = 0.0, 0.0
         for m, (s_mu, s_sd, m_mu, m_sd) in zip(self.members_, self.norm_, strict=True):
-            s, mp, _ = m._score_pixels(pixels, watch)
+            s, mp, _ = m.score_pixels(pixels, watch)
             scores = scores + (s - s_mu) / s_sd
             maps = maps + (mp - m_mu) / m_sd
         k = len(self.members_)
-        return (np.asarray(scores) / k).astype(np.float32), (np.asarray(maps) / k).astype(np.float32), None
+        return PixelScores((np.asarray(scores) / k).astype(np.float32), (np.asarray(maps) / k).astype(np.float32), None)
 
     def get_state(self) -> dict[str, np.ndarray]:
         self._require_fitted()

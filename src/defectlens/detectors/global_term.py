@@ -22,7 +22,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 
 from defectlens.data.images import ImageInput
-from defectlens.detectors.base import Detector, Stopwatch
+from defectlens.detectors.base import Detector, PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.registry import create_detector, detector_class, register_detector
 from defectlens.errors import DefectLensError
 
@@ -75,7 +75,8 @@ class GlobalTerm(Detector):
     def batch_size(self) -> int:  # type: ignore[override]
         return self._inner.batch_size
 
-    def fit(self, images: Sequence[ImageInput]) -> GlobalTerm:
+    def fit(self, images: Sequence[ImageInput], labels: Sequence[int] | None = None) -> GlobalTerm:
+        good_images_only(self, labels)
         images = list(images)
         if not images:
             raise DefectLensError("fit needs at least one good image, got none")
@@ -112,11 +113,13 @@ class GlobalTerm(Detector):
         mu, sd, local_sd = self.global_norm_
         return self.weight * local_sd * (mahalanobis(pool(embeddings), self.global_mean_, self.global_precision_) - mu) / sd
 
-    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        scores, maps, features = self.inner_._score_pixels(pixels, watch)
+    @torch.inference_mode()
+    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+        watch = watch or Stopwatch()
+        scores, maps, features = self.inner_.score_pixels(pixels, watch)
         total = (np.asarray(scores, dtype=np.float64) + self.global_scores(features)).astype(np.float32)
         watch.lap("global")
-        return total, maps, features
+        return PixelScores(total, maps, features)
 
     def get_state(self) -> dict[str, np.ndarray]:
         self._require_fitted()

@@ -21,7 +21,7 @@ from sklearn.covariance import ledoit_wolf_shrinkage
 from threadpoolctl import threadpool_limits
 
 from defectlens.data.images import ImageInput
-from defectlens.detectors.base import Stopwatch
+from defectlens.detectors.base import PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.feature_based import FeatureDetector
 from defectlens.detectors.registry import register_detector
 from defectlens.errors import DefectLensError
@@ -93,7 +93,8 @@ class PaDiM(FeatureDetector):
     def _embed_dim(self) -> int | None:
         return self.n_features if self.channel_selection == "pool" else None
 
-    def fit(self, images: Sequence[ImageInput]) -> PaDiM:
+    def fit(self, images: Sequence[ImageInput], labels: Sequence[int] | None = None) -> PaDiM:
+        good_images_only(self, labels)
         images = self._begin_fit(images)
         rng = np.random.default_rng(self.random_state)
         reservoir_ids = set(rng.permutation(len(images))[:SHRINKAGE_SAMPLE].tolist())
@@ -144,7 +145,9 @@ class PaDiM(FeatureDetector):
         shrunk += 1e-6 * np.maximum(scale, 1e-12)[:, None, None] * np.eye(d)  # numerical floor
         return np.linalg.inv(shrunk)
 
-    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @torch.inference_mode()
+    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+        watch = watch or Stopwatch()
         emb = self._embed(pixels)
         watch.lap("backbone")
         x = torch.from_numpy(self._select(emb.numpy()).astype(np.float32))  # (n, P, d)
@@ -157,7 +160,7 @@ class PaDiM(FeatureDetector):
         scores = patch.reshape(len(patch), -1).max(dim=1).values.numpy()
         maps = self._map_head(patch).numpy()
         watch.lap("postprocess")
-        return scores.astype(np.float32), maps, emb.numpy()
+        return PixelScores(scores.astype(np.float32), maps, emb.numpy())
 
     def get_state(self) -> dict[str, np.ndarray]:
         self._require_fitted()

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from defectlens.data.images import ImageInput
-from defectlens.detectors.base import Stopwatch
+from defectlens.detectors.base import PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.coreset import greedy_coreset
 from defectlens.detectors.feature_based import PCA_IMAGES, FeatureDetector
 from defectlens.detectors.registry import register_detector
@@ -128,7 +128,8 @@ class PatchCore(FeatureDetector):
             raise DefectLensError(f"num_neighbors must be at least 1, got {self.num_neighbors}")
 
     # -- fitting ---------------------------------------------------------------------------
-    def fit(self, images: Sequence[ImageInput]) -> PatchCore:
+    def fit(self, images: Sequence[ImageInput], labels: Sequence[int] | None = None) -> PatchCore:
+        good_images_only(self, labels)
         images = self._begin_fit(images)
         if self._projects():
             self._fit_projection(images)
@@ -198,7 +199,9 @@ class PatchCore(FeatureDetector):
         index.add(bank)
         self._index = index
 
-    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @torch.inference_mode()
+    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+        watch = watch or Stopwatch()
         emb = self._embed(pixels)
         watch.lap("backbone")
         n, d, h, w = emb.shape
@@ -215,7 +218,7 @@ class PatchCore(FeatureDetector):
             scores *= self._reweight(queries.reshape(n, h * w, d)[np.arange(n), best], nn_idx[:, 0].reshape(n, -1)[np.arange(n), best])
         maps = self._map_head(torch.from_numpy(patch.reshape(n, h, w).astype(np.float32))).numpy()
         watch.lap("postprocess")
-        return scores.astype(np.float32), maps, emb.numpy()
+        return PixelScores(scores.astype(np.float32), maps, emb.numpy())
 
     def _reweight(self, worst_patches: np.ndarray, nearest: np.ndarray) -> np.ndarray:
         """Paper eq. 7: trust a high score less when its nearest good patch sits in a dense

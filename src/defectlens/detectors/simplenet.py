@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from defectlens.data.images import ImageInput, iter_batches
-from defectlens.detectors.base import Stopwatch
+from defectlens.detectors.base import PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.feature_based import FeatureDetector
 from defectlens.detectors.registry import register_detector
 from defectlens.errors import DefectLensError
@@ -322,7 +322,8 @@ class SimpleNet(FeatureDetector):
             raise DefectLensError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
 
     # -- fitting -------------------------------------------------------------------------------
-    def fit(self, images: Sequence[ImageInput]) -> SimpleNet:
+    def fit(self, images: Sequence[ImageInput], labels: Sequence[int] | None = None) -> SimpleNet:
+        good_images_only(self, labels)
         images = self._begin_fit(images)
         self._fit_projection(images)
         features = self._embed_all(images)
@@ -485,7 +486,9 @@ class SimpleNet(FeatureDetector):
         return float(roc_auc_score(y, scores.numpy()))
 
     # -- scoring -------------------------------------------------------------------------------
-    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @torch.inference_mode()
+    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+        watch = watch or Stopwatch()
         emb = self._embed(pixels)
         watch.lap("backbone")
         patch = self.scorer_(emb)
@@ -493,7 +496,7 @@ class SimpleNet(FeatureDetector):
         scores = patch.flatten(1).max(dim=1).values.numpy()
         maps = self._map_head(patch).numpy()
         watch.lap("postprocess")
-        return scores.astype(np.float32), maps, emb.numpy()
+        return PixelScores(scores.astype(np.float32), maps, emb.numpy())
 
     # -- state ---------------------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:

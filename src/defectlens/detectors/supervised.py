@@ -24,7 +24,7 @@ from defectlens.backbones import create_backbone
 from defectlens.calibration.strategies import threshold_f1
 from defectlens.data.images import ImageInput, iter_batches
 from defectlens.detectors.anomaly_map import AnomalyMapHead
-from defectlens.detectors.base import Stopwatch
+from defectlens.detectors.base import SUPERVISED, PixelScores, Stopwatch
 from defectlens.detectors.feature_based import FeatureDetector
 from defectlens.detectors.registry import register_detector
 from defectlens.errors import DefectLensError
@@ -43,7 +43,7 @@ class SupervisedClassifier(FeatureDetector):
     """
 
     name = "supervised"
-    needs_labels = True  # fit(images, labels): 0 = good, 1 = defect
+    learning = SUPERVISED  # fit(images, labels): 0 = good, 1 = defect
 
     def __init__(self, backbone: str = "mobilenet_v2", weights: str | None = None, image_size: int = 224, epochs: int = 8,
                  learning_rate: float = 3e-4, batch_size: int = 16, validation_fraction: float = 0.2, smoothing_sigma: float = 4.0,
@@ -128,7 +128,9 @@ class SupervisedClassifier(FeatureDetector):
         self._map_head = AnomalyMapHead(self.image_size, self.smoothing_sigma)
         return self
 
-    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    @torch.inference_mode()
+    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+        watch = watch or Stopwatch()
         logits, act = self._forward(pixels)
         watch.lap("backbone")
         cam = F.relu(torch.einsum("nchw,c->nhw", act, self.head_.weight[0]))
@@ -137,7 +139,7 @@ class SupervisedClassifier(FeatureDetector):
         cam = cam / cam.reshape(len(cam), -1).amax(dim=1).clamp_min(1e-8)[:, None, None]
         maps = self._map_head(cam * prob[:, None, None])
         watch.lap("postprocess")
-        return prob.numpy().astype(np.float32), maps.numpy(), None
+        return PixelScores(prob.numpy().astype(np.float32), maps.numpy(), None)
 
     def _extractor(self) -> nn.Module:
         return self.extractor_

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from defectlens.data.images import Batch, ImageInput, load_rgb, preview, read_image
-from defectlens.detectors.base import BatchScores, Detector, Stopwatch
+from defectlens.detectors.base import BatchScores, Detector, PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.registry import create_detector, detector_class, register_detector
 from defectlens.errors import DefectLensError, ImageError
 
@@ -159,7 +159,8 @@ class TiledDetector(Detector):
         s, t = self._stride(), self.tile_size
         return [(y, x) for y in tile_starts(max(height, t), t, s) for x in tile_starts(max(width, t), t, s)]
 
-    def fit(self, images: Sequence[ImageInput]) -> TiledDetector:
+    def fit(self, images: Sequence[ImageInput], labels: Sequence[int] | None = None) -> TiledDetector:
+        good_images_only(self, labels)
         self._validate_params()
         images = list(images)
         if not images:
@@ -170,9 +171,11 @@ class TiledDetector(Detector):
         self.n_train_tiles_ = len(tiles)
         return self
 
-    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    @torch.inference_mode()
+    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
         """Tiles are scored by the inner detector; whole images go through score_batches."""
-        return self.inner_._score_pixels(pixels, watch)
+        watch = watch or Stopwatch()
+        return self.inner_.score_pixels(pixels, watch)
 
     def score_batches(self, images: Sequence[ImageInput], skip_errors: bool = False, progress: bool = False,
                       preview_side: int = 0) -> Iterator[BatchScores]:
@@ -201,7 +204,7 @@ class TiledDetector(Detector):
                 for start in range(0, len(origins), inner_batch):
                     chunk = origins[start : start + inner_batch]
                     pixels = np.stack([padded[y : y + t, x : x + t].transpose(2, 0, 1) for y, x in chunk])
-                    s, m, _ = self.inner_._score_pixels(torch.from_numpy(np.ascontiguousarray(pixels)), watch)
+                    s, m, _ = self.inner_.score_pixels(torch.from_numpy(np.ascontiguousarray(pixels)), watch)
                     tile_scores.append(s)
                     tile_maps.append(m)
             full = stitch(np.concatenate(tile_maps), origins, max(height, t), max(width, t), t - self._stride())[:height, :width]

@@ -71,6 +71,7 @@ def _run_one(category: str, label: str, detector: str, backbone: str, params: di
     from defectlens.data import load_dataset
     from defectlens.data.datasets import labelled_split
     from defectlens.detectors import create_from_spec
+    from defectlens.detectors.base import SUPERVISED
     from defectlens.evaluation.evaluate import evaluate
     from defectlens.workflows import select_detector
 
@@ -88,7 +89,7 @@ def _run_one(category: str, label: str, detector: str, backbone: str, params: di
             det = create_from_spec(detector, {**params, "backbone": backbone})
         if "backbones" in det.get_params():  # an ensemble names its own backbones
             row.backbone = str(det.get_params().get("backbones", "-"))
-        if getattr(det, "needs_labels", False):  # learns from half the labelled test split, judged on the rest
+        if det.learning == SUPERVISED:  # learns from half the labelled test split, judged on the rest
             goods, defects = labelled_split(ds, 0.5, 0)
             seen = {s.path for s in goods + defects}
             det.fit(ds.train_good + [s.path for s in goods + defects], [0] * (len(ds.train_good) + len(goods)) + [1] * len(defects))

@@ -14,7 +14,7 @@ import torch
 from defectlens.bundle import Bundle
 from defectlens.calibration.record import Calibration
 from defectlens.data.images import ImageInput
-from defectlens.detectors.base import Detector, Stopwatch
+from defectlens.detectors.base import Detector, PixelScores, Stopwatch, good_images_only
 from defectlens.errors import BundleError, DefectLensError
 from defectlens.export.onnx_export import FORMAT, META_KEY
 
@@ -44,13 +44,16 @@ class OnnxDetector(Detector):
             raise BundleError(f"{self.path}: ONNX Runtime cannot load it ({type(exc).__name__})") from None
         return self
 
-    def fit(self, images: Sequence[ImageInput]) -> OnnxDetector:
+    def fit(self, images: Sequence[ImageInput], labels: Sequence[int] | None = None) -> OnnxDetector:
+        good_images_only(self, labels)
         raise DefectLensError("an exported ONNX model cannot be fitted; fit the .dlens model and export again")
 
-    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch) -> tuple[np.ndarray, np.ndarray, None]:
+    @torch.inference_mode()
+    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+        watch = watch or Stopwatch()
         score, maps, _ = self.session_.run(None, {"images": np.ascontiguousarray(pixels.numpy(), dtype=np.float32)})
         watch.lap("onnx")
-        return score, maps, None
+        return PixelScores(score, maps, None)
 
     def get_state(self) -> dict[str, np.ndarray]:
         raise DefectLensError("an exported ONNX model has no bundle state")

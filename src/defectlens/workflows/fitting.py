@@ -32,6 +32,7 @@ from defectlens.calibration.symmetry import asymmetry, choose_weight
 from defectlens.data.datasets import GOOD, Dataset, labelled_split
 from defectlens.data.defects import defects_from
 from defectlens.data.images import ImageInput, load_rgb
+from defectlens.detectors.base import SUPERVISED
 from defectlens.errors import DefectLensError
 
 if TYPE_CHECKING:
@@ -277,7 +278,7 @@ def fit_dataset(detector: Detector, ds: Dataset, settings: CalibrationSettings |
     """What `fit` does with a data set: fit and calibrate, recording which files the model saw so
     that re-calibration and evaluation can leave them out."""
     settings = settings or CalibrationSettings()
-    if getattr(detector, "needs_labels", False):
+    if detector.learning == SUPERVISED:
         return fit_supervised(detector, ds, settings)
     scheme = resolve_scheme(scheme, len(ds.train_good), len(ds.validation))
     fitted_on = ds.train_good if scheme == "holdout" else ds.train_good + ds.validation
