@@ -42,7 +42,7 @@ EXPORT_PARAMS = {"patchcore": {"coreset_ratio": 0.1}, "padim": {"n_features": 50
 def test_export_scores_like_pytorch(name, tiny_dataset, tmp_path):
     bundle, ds = fitted(name, tiny_dataset, **EXPORT_PARAMS[name])
     path = export_onnx(bundle, tmp_path / "model.onnx")
-    exported = Bundle.load(path)
+    exported = load_model(path)
     assert exported.checksum == bundle.checksum and exported.calibration.image_threshold == bundle.calibration.image_threshold
     assert_same_inspections(bundle, exported, [s.path for s in ds.test])
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
@@ -88,16 +88,18 @@ def test_files_that_are_not_defectlens_exports_are_refused(tmp_path):
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x00\x01 not protobuf")
     with pytest.raises(BundleError, match="garbage.onnx"):
-        Bundle.load(garbage)
+        load_model(garbage)
     foreign = tmp_path / "foreign.onnx"
     node = onnx.helper.make_node("Identity", ["x"], ["y"])
     value = onnx.helper.make_tensor_value_info
     graph = onnx.helper.make_graph([node], "g", [value("x", onnx.TensorProto.FLOAT, [1])], [value("y", onnx.TensorProto.FLOAT, [1])])
     onnx.save(onnx.helper.make_model(graph), str(foreign))
     with pytest.raises(BundleError, match="not one exported by DefectLens"):
-        Bundle.load(foreign)
+        load_model(foreign)
     with pytest.raises(BundleError, match="model file not found"):
         load_model(tmp_path / "missing.onnx")
+    with pytest.raises(BundleError, match="an ONNX export, not a .dlens bundle"):  # the .dlens reader says where to go instead
+        Bundle.load(foreign)
 
 
 def test_export_command_checks_and_the_other_commands_take_the_file(model_dir, tiny_dataset, tmp_path, capsys):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from sklearn.covariance import ledoit_wolf_shrinkage
 from threadpoolctl import threadpool_limits
+from torch import nn
 
 from defectlens.data.images import ImageInput
 from defectlens.detectors.base import PixelScores, Stopwatch, good_images_only
@@ -38,6 +39,25 @@ def _add_outer(outer: np.ndarray, pending: list[np.ndarray]) -> None:
     xp = torch.from_numpy(np.concatenate(pending)).permute(1, 0, 2)  # (positions, n, d)
     outer += torch.bmm(xp.transpose(1, 2), xp).numpy()
     pending.clear()
+
+
+class MahalanobisScorer(nn.Module):
+    """Each position's Mahalanobis distance to its good Gaussian, as batched matrix products (no
+    cdist): what PaDiM scores with in PyTorch, and what its ONNX graph holds."""
+
+    def __init__(self, mean: np.ndarray, precision: np.ndarray, channels: np.ndarray, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float32)))
+        self.register_buffer("precision", torch.from_numpy(np.ascontiguousarray(precision, dtype=np.float32)))
+        self.register_buffer("channels", torch.from_numpy(np.asarray(channels, dtype=np.int64)))
+        self.shape = shape
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        x = emb.index_select(1, self.channels)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (n, P, d)
+        delta = x - self.mean
+        dist = torch.einsum("npd,pde,npe->np", delta, self.precision, delta).clamp_min(0).sqrt()
+        return dist.reshape(-1, *self.shape)
 
 
 @register_detector
@@ -150,17 +170,17 @@ class PaDiM(FeatureDetector):
         watch = watch or Stopwatch()
         emb = self._embed(pixels)
         watch.lap("backbone")
-        x = torch.from_numpy(self._select(emb.numpy()).astype(np.float32))  # (n, P, d)
-        delta = x - torch.from_numpy(self.mean_)
-        # Mahalanobis distance as batched matrix products (no cdist): exportable as is
-        dist = torch.einsum("npd,pde,npe->np", delta, torch.from_numpy(self.precision_), delta).clamp_min(0).sqrt()
+        patch = self.scorer()(emb)
         watch.lap("search")
-        h, w = self.feature_shape_
-        patch = dist.reshape(-1, h, w)
         scores = patch.reshape(len(patch), -1).max(dim=1).values.numpy()
         maps = self._map_head(patch).numpy()
         watch.lap("postprocess")
         return PixelScores(scores.astype(np.float32), maps, emb.numpy())
+
+    def scorer(self) -> MahalanobisScorer:
+        """The fitted Gaussians as a module (its buffers share the arrays' memory: no copy)."""
+        self._require_fitted()
+        return MahalanobisScorer(self.mean_, self.precision_, self.channels_, self.feature_shape_)
 
     def get_state(self) -> dict[str, np.ndarray]:
         self._require_fitted()

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from defectlens.data.images import ImageInput
@@ -25,6 +26,27 @@ from defectlens.errors import DefectLensError
 SEARCHES = ("flat", "ivf")
 REDUCTIONS = ("mean", "pca", "random")
 BANK_DTYPES = ("float32", "float16")
+
+
+class NearestNeighbourScorer(nn.Module):
+    """Distance of each patch to its nearest memory-bank patch, by matrix products (no cdist):
+    the form of PatchCore's search that an ONNX graph can hold.
+
+    The winner is chosen on |q|^2 - 2 q.m + |m|^2 and its distance measured again as |q - m|,
+    exactly as score_pixels measures faiss's winner, so the two agree to float rounding. PyTorch
+    scoring keeps faiss: its approximate and half-precision indexes serve large memory banks.
+    """
+
+    def __init__(self, bank: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("bank", torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)))
+        self.register_buffer("bank_sq", self.bank.pow(2).sum(dim=1))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        n, d, h, w = emb.shape
+        q = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        nearest = (self.bank_sq.unsqueeze(0) - 2.0 * q @ self.bank.t()).argmin(dim=1)  # |q|^2 is the same for every candidate
+        return (q - self.bank[nearest]).pow(2).sum(dim=1).sqrt().reshape(n, h, w)
 
 
 @register_detector
