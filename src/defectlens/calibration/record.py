@@ -54,6 +54,15 @@ class Calibration:
             return scores
         return scores + sym["weight"] * asymmetry(maps, sym["axes"])
 
+    def rejects(self, scores: float | np.ndarray) -> np.ndarray:
+        """The decision rule, in one place: a part is defective when its decision score (see
+        ``combine``) lies strictly above the image threshold; a score on it passes."""
+        return np.asarray(scores, dtype=np.float64) > self.image_threshold
+
+    def mask(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """Pixels whose evidence lies strictly above the pixel threshold."""
+        return np.asarray(anomaly_map) > self.pixel_threshold
+
     def normalise(self, score: float | np.ndarray) -> float | np.ndarray:
         return expit((np.asarray(score, dtype=np.float64) - self.image_threshold) / self.image_scale)
 

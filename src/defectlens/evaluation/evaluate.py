@@ -154,7 +154,7 @@ def evaluate(bundle: Bundle, dataset: Dataset, progress: bool = False) -> Evalua
         "aupro": metrics.aupro(masks, pixel_maps) if masks is not None else float("nan"),
     }
     threshold = calibration.image_threshold if calibration else None
-    predicted = scores > threshold if threshold is not None else None
+    predicted = calibration.rejects(scores) if calibration else None
     if predicted is not None:
         result["threshold"] = threshold
         result["pixel_threshold"] = calibration.pixel_threshold
@@ -164,7 +164,7 @@ def evaluate(bundle: Bundle, dataset: Dataset, progress: bool = False) -> Evalua
         result["frr"] = result["false_rejects"] / max(1, result["n_good"])
         result["recall"] = float(predicted[labels == 1].mean()) if result["n_defect"] else float("nan")
         if masks is not None:
-            result["pixel_iou"], result["pixel_dice"] = overlap_scores(masks, pixel_maps > calibration.pixel_threshold)
+            result["pixel_iou"], result["pixel_dice"] = overlap_scores(masks, calibration.mask(pixel_maps))
     per_type = {}
     good = labels == 0
     for t in sorted({s.defect_type for s in samples if s.label}):

@@ -71,7 +71,7 @@ class Inspector:
         cal = self.calibration
         if cal is None:
             return Inspection(source, score, None, None, anomaly_map, None, model=self.model_name)
-        is_defective = score > cal.image_threshold
+        is_defective = bool(cal.rejects(score))
         mask = make_mask(anomaly_map, cal.pixel_threshold, self.mask_method)
         regions: list[Region] = []
         if is_defective:
