@@ -29,6 +29,7 @@ def test_kfold_scores_come_from_models_that_did_not_see_the_image(tiny_dataset):
     assert np.all(out_of_fold.scores > in_sample.scores)
 
 
+@pytest.mark.slow
 def test_auto_scheme_picks_holdout_kfold_or_single_image(tiny_dataset):
     ds = load_dataset(tiny_dataset, validation_fraction=0.0)
     good = ds.train_good

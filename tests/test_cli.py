@@ -151,6 +151,7 @@ def test_bad_input_is_one_line_exit_2(argv, message, model, tiny_dataset, tmp_pa
     assert message in err and len(err.splitlines()) == 1 and err.startswith("defectlens: error:")
 
 
+@pytest.mark.slow
 def test_demo_runs_on_generated_data_when_no_real_data(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no ../shared from here
     assert main(["demo", "--out", "demo"]) == 0

@@ -27,6 +27,7 @@ def test_categories_are_found_below_a_root(root, tmp_path):
         find_categories(tmp_path)
 
 
+@pytest.mark.slow
 def test_benchmark_compares_every_detector_on_every_category(root, tmp_path, capsys):
     out = tmp_path / "table"
     assert main(["benchmark", str(root), "--detectors", "patchcore,padim,supervised", "--image-size", "64", "--coreset-ratio", "0.1",
@@ -47,6 +48,7 @@ def test_unknown_names_fail_before_any_fitting(root, capsys):
     assert "unknown detector 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_wrappers_name_the_detector_they_wrap(root, tmp_path):
     out = tmp_path / "wrapped"
     assert main(["benchmark", str(root / "line1"), "--detectors", "tiled:padim,ensemble:padim", "--tile", "48", "--image-size", "64",
@@ -68,6 +70,7 @@ def test_a_detector_that_wraps_nothing_is_refused():
     assert tiled.tile_size == 64 and tiled.detector == "padim" and tiled.detector_params == {"image_size": 128, "n_features": 50}
 
 
+@pytest.mark.slow
 def test_a_run_whose_process_dies_becomes_a_row(root, tmp_path, monkeypatch):
     import defectlens.evaluation.comparison as comparison
 
@@ -83,6 +86,7 @@ def _die(*_args):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_single_category_benchmark_prints_stages_settings_and_onnx(root, tmp_path, capsys):
     category = str(root / "line1" / "discs")
     out = tmp_path / "bench.json"

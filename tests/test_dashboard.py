@@ -8,6 +8,8 @@ import pytest
 
 from .servers import Server
 
+pytestmark = pytest.mark.slow  # browsers, servers and processes: not for the fast lane
+
 
 @pytest.fixture()
 def server(model_dir, tmp_path):

@@ -45,6 +45,7 @@ def test_a_rerun_resumes_and_a_cut_off_line_is_redone(model_dir, inputs, tmp_pat
     assert len((out / "summary.csv").read_text().splitlines()) == 30  # one header
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_is_refused(model_dir, inputs, tmp_path, tiny_dataset, capsys):
     out = tmp_path / "out"
     assert main(["inspect", str(model_dir / "discs.dlens"), inputs[0], "--out", str(out), "--no-overlay"]) == 0
@@ -56,6 +57,7 @@ def test_resuming_with_another_model_is_refused(model_dir, inputs, tmp_path, tin
     assert len(sources(out)) == 12
 
 
+@pytest.mark.slow
 def test_ray_engine_survives_a_killed_worker(model_dir, inputs):
     pytest.importorskip("ray")
     from defectlens.data.images import flatten_inputs
@@ -83,6 +85,7 @@ def _worker_pids() -> list[int]:
     return []
 
 
+@pytest.mark.slow
 def test_ray_engine_through_the_command_line(model_dir, inputs, tmp_path, capsys):
     pytest.importorskip("ray")
     out = tmp_path / "out"
@@ -95,6 +98,7 @@ def test_ray_engine_through_the_command_line(model_dir, inputs, tmp_path, capsys
     assert "need --out" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_scaling_benchmark_prints_growth_and_engine_throughput(tiny_dataset, tmp_path, capsys):
     pytest.importorskip("ray")
     out = tmp_path / "scaling.json"
@@ -186,6 +190,7 @@ def test_parquet_follows_the_journal_through_crashes(model_dir, inputs, tmp_path
     assert "is a file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_end_to_end_benchmark_measures_every_inspect_path(tiny_dataset, capsys):
     assert main(["benchmark", str(tiny_dataset), "--end-to-end", "--image-size", "64", "--coreset-ratio", "0.1"]) == 0
     text = capsys.readouterr().out

@@ -61,6 +61,7 @@ def test_the_symmetry_term_of_the_calibration_is_in_the_graph(tiny_dataset, tmp_
     assert_same_inspections(bundle, exported, images)
 
 
+@pytest.mark.slow
 def test_export_on_real_images(tmp_path):
     root = shared_category("mvtec_ad/bottle")
     ds = load_dataset(root, validation_fraction=0.1)

@@ -30,6 +30,7 @@ def plates():
     return train, test, np.r_[np.zeros(6), np.ones(6)].astype(int)
 
 
+@pytest.mark.slow
 def test_global_term_sees_a_missing_or_extra_part_that_patches_do_not(plates):
     train, test, labels = plates
     local = create_detector("patchcore", **SMALL).fit(train)

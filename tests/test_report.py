@@ -9,6 +9,8 @@ import pytest
 from defectlens.cli import main
 from defectlens.evaluation.report import SECTIONS, TITLES
 
+pytestmark = pytest.mark.slow  # browsers, servers and processes: not for the fast lane
+
 
 @pytest.fixture(scope="module")
 def report_dir(tiny_dataset, tmp_path_factory):

@@ -49,6 +49,7 @@ def test_validation_set_pairs_held_out_goods_with_their_synthetic_defects(tiny_d
     assert v.masks_at(32).shape == (16, 32, 32)
 
 
+@pytest.mark.slow
 def test_held_out_images_never_fit_a_candidate(tiny_dataset, monkeypatch):
     ds = load_dataset(tiny_dataset, validation_fraction=0.0)
     seen_fit, seen_validation = [], []
@@ -88,6 +89,7 @@ def test_a_failing_candidate_becomes_a_note(tiny_dataset):
     assert [r.note for r in sel.results if r.label == "broken"][0].startswith("failed: coreset_ratio")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, expect", [([], "auto"), (["--detector", "padim", "--n-features", "20"], "padim")])
 def test_fit_chooses_by_default_and_a_named_detector_is_fitted_as_before(flags, expect, tiny_dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(selection, "candidates", lambda images, backbone, image_size, weights=None: SMALL_POOL)

@@ -18,6 +18,8 @@ from defectlens.service.loadtest import check_history, history_rows, run_load
 
 from .servers import Server
 
+pytestmark = pytest.mark.slow  # browsers, servers and processes: not for the fast lane
+
 
 @pytest.fixture()
 def served(model_dir, tmp_path):

@@ -22,6 +22,7 @@ def test_subsample_is_seeded_and_keeps_all_when_asked():
     assert subsample(paths, None, 1) == paths
 
 
+@pytest.mark.slow
 def test_small_category_gives_every_rule_for_every_scheme(tiny_dataset):
     entry = _run_category(str(tiny_dataset), "discs", "patchcore", {"image_size": 64, "coreset_ratio": 0.1}, [8], 0)
     assert not entry.error, entry.error
