@@ -161,3 +161,15 @@ def test_demo_runs_on_generated_data_when_no_real_data(tmp_path, monkeypatch, ca
     assert result["metrics"]["image_auroc"] >= 0.95
     assert list((tmp_path / "demo" / "inspections" / "overlays").glob("*.png"))
     assert (tmp_path / "demo" / "discs.dlens").is_file()
+
+
+def test_cli_stays_thin():
+    """Commands parse, call a workflow and print: a long function in cli/ is a workflow that belongs below it."""
+    import ast
+    from pathlib import Path
+
+    import defectlens.cli
+
+    long = [(p.name, f.name, f.end_lineno - f.lineno + 1) for p in Path(defectlens.cli.__file__).parent.glob("*.py")
+            for f in ast.walk(ast.parse(p.read_text())) if isinstance(f, ast.FunctionDef) and f.end_lineno - f.lineno + 1 > 40]
+    assert not long, long
