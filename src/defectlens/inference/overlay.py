@@ -94,5 +94,6 @@ def _band(height: int) -> int:
 
 def save_overlay(path: Path, rgb: np.ndarray, inspection: Inspection, pixel_threshold: float | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    render_overlay(rgb, inspection, pixel_threshold).save(path)
+    # zlib level 1: a third of the default's time on a 1024 x 544 overlay (37 against 128 ms), 17 % larger
+    render_overlay(rgb, inspection, pixel_threshold).save(path, compress_level=1)
     return path

@@ -1,0 +1,175 @@
+"""Choose thresholds from scores: good-only or labelled rules, and the table of what each costs."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from defectlens.calibration import strategies as st
+from defectlens.calibration.record import Calibration
+from defectlens.calibration.settings import LABELLED, CalibrationSettings
+from defectlens.errors import DefectLensError
+
+MIN_RECOMMENDED_IMAGES = 10
+TRADEOFF_ROWS = 8
+
+
+def pixel_threshold_for(good_map_max: np.ndarray, settings: CalibrationSettings) -> float:
+    """The pixel threshold always comes from good images: other rules pick the image threshold,
+    but masks must stay clean on good parts whatever rule was chosen, so a good image shows a
+    mask pixel about as rarely as it is falsely rejected."""
+    values = np.asarray(good_map_max, dtype=np.float64)
+    if settings.strategy == "k_sigma":
+        return st.threshold_k_sigma(values, settings.k_sigma)
+    if settings.strategy == "tail":
+        return st.threshold_tail(values, settings.target_frr)
+    return st.threshold_conformal(values, settings.target_frr, settings.confidence).threshold
+
+
+def _labelled_thresholds(good: np.ndarray, defect: np.ndarray, settings: CalibrationSettings) -> dict[str, tuple[str, float]]:
+    return {
+        "f1": ("F1-max", st.threshold_f1(good, defect)),
+        "target_recall": (f"recall >= {100 * settings.target_recall:g} %", st.threshold_for_recall(good, defect, settings.target_recall)),
+        "zero_false_rejects": ("zero false rejects", st.threshold_zero_false_rejects(good, defect)),
+    }
+
+
+def _good_only_thresholds(good: np.ndarray, synthetic: np.ndarray, settings: CalibrationSettings) -> dict[str, tuple[str, float]]:
+    conformal = st.threshold_conformal(good, settings.target_frr, settings.confidence)
+    kind = "" if settings.confidence is None else f" at {100 * settings.confidence:g} % confidence"
+    rules = {
+        "target_frr": (f"conformal FRR {100 * settings.target_frr:g} %{kind}", conformal.threshold),
+        "tail": (f"tail model FRR {100 * settings.target_frr:g} %", st.threshold_tail(good, settings.target_frr)),
+        "k_sigma": (f"mean + {settings.k_sigma:g} sigma", st.threshold_k_sigma(good, settings.k_sigma)),
+    }
+    if synthetic.size:
+        rules["cost"] = (f"cost (escape = {settings.escape_cost:g} FR)", st.threshold_cost(good, synthetic, settings.escape_cost, settings.defect_rate))
+    return rules
+
+
+def _recall(scores: np.ndarray, threshold: float) -> float | None:
+    return float((scores > threshold).mean()) if scores.size else None
+
+
+def tradeoff(good: np.ndarray, synthetic: np.ndarray, chosen: float, rows: int = TRADEOFF_ROWS) -> list[dict]:
+    """What lowering the threshold buys: at the largest good scores (each a conformal
+    threshold), the guaranteed and estimated FRR and the recall on synthetic defects."""
+    ranked = np.sort(good)[::-1]
+    ks = np.unique(np.r_[np.geomspace(1, max(1, ranked.size // 5), rows).round().astype(int), [1]])
+    thresholds = sorted({float(ranked[k - 1]) for k in ks} | {float(chosen)}, reverse=True)
+    return [{"threshold": t, "guaranteed_frr": st.conformal_bound(good, t), "estimated_frr": st.gumbel_tail(good, t),
+             "synthetic_recall": _recall(synthetic, t), "chosen": t == chosen} for t in thresholds]
+
+
+OUTLIER_SPREADS = 3.0
+
+
+def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str]) -> list[str]:
+    """When the largest good score sets the threshold and stands far above the rest, one
+    unusual calibration image decides how much the detector may catch: say which."""
+    if good.size < 5 or threshold != good.max():
+        return []
+    order = np.argsort(good)
+    rest = good[order[:-1]]
+    gap = (good.max() - rest.max()) / st.robust_std(rest)
+    if gap < OUTLIER_SPREADS:
+        return []
+    name = f" ({files[order[-1]]})" if len(files) == good.size else ""
+    return [f"the threshold is set by one calibration image{name} scoring {gap:.1f} spreads of the other good scores above the next: "
+            "if it is a fair good part the threshold is right; if not, remove it and re-calibrate, or add good images "
+            "(with 99+ the largest alone no longer decides)"]
+
+
+def calibrate_scores(
+    good_scores: np.ndarray,
+    good_map_max: np.ndarray,
+    settings: CalibrationSettings | None = None,
+    *,
+    defect_scores: np.ndarray | None = None,
+    defect_types: Sequence[str] | None = None,
+    synthetic_scores: np.ndarray | None = None,
+    synthetic_families: Sequence[str] = (),
+    source: str = "holdout",
+    files: Sequence[str] = (),
+) -> Calibration:
+    """Thresholds from scores of images the model was not fitted on.
+
+    ``good_map_max`` is each good image's largest anomaly-map value: the pixel threshold is set
+    on it, so that a good image shows any mask pixel about as rarely as it is falsely rejected.
+    ``synthetic_scores`` (synthetic defects made from the same good images) estimate recall at
+    each threshold and drive the cost rule; they are estimates, and labelled as such.
+    """
+    settings = settings or CalibrationSettings()
+    good = np.asarray(good_scores, dtype=np.float64)
+    good_px = np.asarray(good_map_max, dtype=np.float64)
+    defect = np.asarray(defect_scores if defect_scores is not None else [], dtype=np.float64)
+    synthetic = np.asarray(synthetic_scores if synthetic_scores is not None else [], dtype=np.float64)
+    if good.size == 0:
+        raise DefectLensError("calibration needs at least one good image the model was not fitted on")
+    if good.size < MIN_RECOMMENDED_IMAGES:
+        warnings.warn(f"calibrating on {good.size} good images; {MIN_RECOMMENDED_IMAGES}+ give a more reliable threshold", stacklevel=2)
+    if settings.strategy in LABELLED and defect.size == 0:
+        raise DefectLensError(f"strategy '{settings.strategy}' needs labelled defect images; with good images only use target_frr or k_sigma")
+    if settings.strategy == "cost" and synthetic.size == 0:
+        raise DefectLensError("strategy 'cost' needs synthetic defect scores to estimate recall (fit makes them; re-calibrate a model fitted by this version)")
+
+    rules = {**_good_only_thresholds(good, synthetic, settings), **(_labelled_thresholds(good, defect, settings) if defect.size else {})}
+    threshold = rules[settings.strategy][1]
+    pixel_threshold = pixel_threshold_for(good_px, settings)
+
+    table = []
+    for key, (label, t) in rules.items():
+        row = {"rule": label, "key": key, **st.confusion_at(good, defect, t), "chosen": key == settings.strategy}
+        row["expected_frr"] = st.gumbel_tail(good, t)
+        row["guaranteed_frr"] = st.conformal_bound(good, t)
+        row["synthetic_recall"] = _recall(synthetic, t)
+        table.append(row)
+
+    if settings.strategy == "target_frr":
+        guarantee = st.threshold_conformal(good, settings.target_frr, settings.confidence)
+    else:  # what the chosen threshold promises on average, whatever rule set it
+        bound = st.conformal_bound(good, threshold)
+        guarantee = st.Guarantee(threshold, int((good > threshold).sum()) + 1, int(good.size), bound, settings.target_frr, None,
+                                 bound <= settings.target_frr, st.images_needed(settings.target_frr))
+    notes = _outlier_note(good, threshold, files)
+    if threshold > good.max():
+        gap = (threshold - good.max()) / st.robust_std(good)
+        notes.append(f"the threshold lies {gap:.1f} good-score spreads above the largest good score, where no calibration image "
+                     "supports it: defects scoring in between are let through")
+
+    per_type: dict[str, dict] = {}
+    if defect.size and defect_types is not None:
+        types = np.asarray(defect_types)
+        for t in sorted(set(types.tolist())):
+            sel = defect[types == t]
+            entry = {"n": int(sel.size), "recall_at_threshold": float((sel > threshold).mean()),
+                     "mean_score": float(sel.mean())}
+            entry["thresholds"] = {k: v for k, (_, v) in _labelled_thresholds(good, sel, settings).items()}
+            per_type[t] = entry
+
+    return Calibration(
+        image_threshold=threshold,
+        pixel_threshold=pixel_threshold,
+        image_scale=st.robust_std(good),
+        pixel_scale=st.robust_std(good_px),
+        strategy=settings.strategy,
+        params=settings.params,
+        source=source,
+        n_good=int(good.size),
+        n_defect=int(defect.size),
+        expected_frr=st.estimate_frr(good, threshold, settings.seed).to_dict(),
+        pixel_expected_frr=st.estimate_frr(good_px, pixel_threshold, settings.seed).to_dict(),
+        table=table,
+        per_type=per_type,
+        good_scores=[float(v) for v in good],
+        good_map_max=[float(v) for v in good_px],
+        defect_scores=[float(v) for v in defect],
+        files=[str(f) for f in files],
+        guarantee=guarantee.to_dict(),
+        tradeoff=tradeoff(good, synthetic, threshold),
+        synthetic_scores=[float(v) for v in synthetic],
+        synthetic_families=[str(f) for f in synthetic_families],
+        notes=notes,
+    )

@@ -1,0 +1,98 @@
+"""`fit` and `calibrate`: a model from good images, and its thresholds chosen again."""
+
+from __future__ import annotations
+
+import argparse
+
+from defectlens.calibration.settings import GOOD_ONLY, SCHEMES, STRATEGIES, SYMMETRY_AXES
+from defectlens.cli.options import add_calibration_options, add_detector_options, calibration_settings, make_detector, setting
+from defectlens.errors import DefectLensError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit", help="fit a model on good images and save it", description=(
+        "Fit a model on the good training images of DATA (MVTec layout, good/ + defect folders, or a folder of good images), "
+        "calibrate its threshold on held-out good images, and save one model file."))
+    p.add_argument("data", help="data set or category folder")
+    p.add_argument("-o", "--output", required=True, help="model file to write (.dlens)")
+    p.add_argument("--validation-fraction", type=float, default=0.1, help=(
+        "good images held out to calibrate the threshold (default: 0.1; with 100+ images at least 30, "
+        "while three quarters remain to fit on)"))
+    p.add_argument("--scheme", choices=SCHEMES, default="auto", help=(
+        "where unseen good scores come from: holdout, kfold (few images: k models score the images they did not see), "
+        "single-image (one image, augmented); auto picks holdout with 10+ held-out images, else kfold (default: auto)"))
+    p.add_argument("--folds", type=int, default=10, help="folds for kfold calibration (default: 10)")
+    p.add_argument("--budget", type=float, default=300.0, metavar="SECONDS", help=(
+        "--detector auto: time for trying candidates before the chosen one is fitted (default: 300)"))
+    add_calibration_options(p, GOOD_ONLY)
+    add_detector_options(p, default_detector="auto")
+    p.set_defaults(run=run_fit)
+
+    p = sub.add_parser("calibrate", help="re-calibrate a model's threshold without refitting", description=(
+        "Choose a model's thresholds again. Without DATA, good-only rules reuse the good scores stored in the model. "
+        "With DATA, its good images the model was not fitted on are scored; labelled rules (f1, target_recall, "
+        "zero_false_rejects) also use a share of its labelled test images, which evaluation then leaves out. "
+        "Labelled images also teach the model to name defect types."))
+    p.add_argument("model", help="model file (.dlens); rewritten in place unless --output is given")
+    p.add_argument("data", nargs="?", default=None, help="data set or category folder (optional for good-only rules)")
+    p.add_argument("-o", "--output", default=None, help="write the re-calibrated model here instead")
+    p.add_argument("--labelled-fraction", type=float, default=0.5, help=(
+        "share of the labelled test images (per defect type) used to calibrate; the rest stay for evaluation (default: 0.5)"))
+    p.add_argument("--symmetry", choices=SYMMETRY_AXES, default=None, help=(
+        "for symmetric parts: try adding a left-right / top-bottom asymmetry score; kept only if it raises AUROC on the labelled images"))
+    p.add_argument("--seed", type=int, default=0, help="seed for the labelled split (default: 0)")
+    add_calibration_options(p, STRATEGIES)
+    p.set_defaults(run=run_calibrate)
+
+
+def auto_detector(ds, backbone: str | None = None, weights: str | None = None, image_size: int | None = None, budget: float = 300.0,
+                  seed: int = 0):
+    """--detector auto: the chosen detector (unfitted) and the selection record for the model file."""
+    from defectlens.workflows import select_detector
+
+    selection = select_detector(ds.train_good, backbone=backbone or "mobilenet_v2", weights=weights, image_size=image_size or 256,
+                                budget_s=budget, seed=seed, progress=print)
+    print(selection.describe())
+    return selection.chosen.build(verbose=True, random_state=seed), selection.to_dict()
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from defectlens.data import load_dataset
+    from defectlens.workflows.fitting import fit_dataset
+
+    ds = load_dataset(args.data, validation_fraction=args.validation_fraction, seed=args.seed)
+    print(ds.summary())
+    extra = {}
+    if args.detector == "auto":
+        if setting(args, "tile_size") or "," in setting(args, "backbone", ""):
+            raise DefectLensError("--detector auto chooses tiling and detectors itself: name a detector to use --tile or several backbones")
+        det, extra["selection"] = auto_detector(ds, setting(args, "backbone"), setting(args, "weights"), setting(args, "image_size"), args.budget,
+                                                args.seed)
+    else:
+        det = make_detector(args)
+    bundle = fit_dataset(det, ds, calibration_settings(args), args.scheme, args.folds, extra)
+    print(bundle.calibration.describe())
+    path = bundle.save(args.output)
+    print(f"saved {path} ({path.stat().st_size / 2**20:.1f} MiB, checksum {bundle.checksum[:12]})")
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from defectlens.data import load_dataset
+    from defectlens.inference.loading import load_model
+    from defectlens.workflows.recalibration import recalibrate_on, recalibrate_stored
+
+    bundle = load_model(args.model)
+    settings = calibration_settings(args, args.symmetry)
+    if args.data is None:
+        recalibrate_stored(bundle, settings, args.model)
+    else:
+        ds = load_dataset(args.data, validation_fraction=0.0)
+        print(ds.summary())
+        recalibrate_on(bundle, ds, settings, args.labelled_fraction, args.seed)
+    print(bundle.calibration.describe())
+    if bundle.typer is not None:
+        print(bundle.typer.summary())
+    path = bundle.save(args.output or args.model)
+    print(f"saved {path} (checksum {bundle.checksum[:12]})")
+    return 0

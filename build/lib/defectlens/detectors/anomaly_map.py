@@ -1,0 +1,53 @@
+"""From patch scores to pixel anomaly maps: upsampling and Gaussian smoothing.
+
+Written as torch modules, not SciPy calls, so the same operations can be exported into an
+ONNX graph and score exactly like training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+class AnomalyMapHead(nn.Module):
+    """Patch-score grid (N, h, w) -> smoothed map (N, size, size) at the model input size."""
+
+    def __init__(self, size: int, sigma: float) -> None:
+        super().__init__()
+        self.size = size
+        self.sigma = sigma
+        kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
+        self.register_buffer("kernel", kernel)
+
+    def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(patch_scores.unsqueeze(1), size=(self.size, self.size), mode="bilinear", align_corners=False)
+        if self.sigma > 0:
+            r = self.kernel.numel() // 2
+            # reflect padding cannot exceed the map, so clamp for tiny test sizes
+            r_pad = min(r, self.size - 1)
+            k = self.kernel[r - r_pad : r + r_pad + 1] if r_pad < r else self.kernel
+            k = k / k.sum()
+            x = F.pad(x, (r_pad, r_pad, 0, 0), mode="reflect")
+            x = F.conv2d(x, k.view(1, 1, 1, -1))
+            x = F.pad(x, (0, 0, r_pad, r_pad), mode="reflect")
+            x = F.conv2d(x, k.view(1, 1, -1, 1))
+        return x.squeeze(1)
+
+
+def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bring a model-size map back to an image's own size for overlays and masks."""
+    t = torch.as_tensor(np.asarray(anomaly_map, dtype=np.float32))[None, None]
+    if t.shape[-2:] == (height, width):
+        return t[0, 0].numpy()
+    return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+

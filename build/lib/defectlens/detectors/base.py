@@ -1,0 +1,142 @@
+"""The interface every detector implements, scikit-learn style.
+
+The constructor only stores settings; ``fit`` learns from good images and returns ``self``;
+learned state ends in ``_``. ``get_state``/``set_state`` move learned state in and out as
+plain arrays so a bundle can save any detector without pickle.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from tqdm.auto import tqdm
+
+from defectlens.data.images import Batch, ImageInput, iter_batches
+from defectlens.errors import DefectLensError
+
+if TYPE_CHECKING:
+    from defectlens.calibration.record import Calibration
+
+
+class PixelScores(NamedTuple):
+    """What a detector gives for preprocessed images (n, 3, size, size)."""
+
+    scores: np.ndarray  # (n,) image scores
+    maps: np.ndarray  # (n, size, size) anomaly maps at the model input size
+    features: np.ndarray | None  # (n, d, h, w) patch embeddings where the detector has them, for region typing
+
+
+GOOD_ONLY = "good-only"  # learns from good images; labels, if given, must all be 0
+SUPERVISED = "supervised"  # learns from good and defect images: fit(images, labels)
+
+
+def good_images_only(detector: Detector, labels: Sequence[int] | None) -> None:
+    """The check every good-only detector's fit starts with: a defect label is a mistake to report, not to ignore."""
+    if labels is not None and any(int(v) != 0 for v in labels):
+        raise DefectLensError(f"{detector.name} learns from good images only: give it no defect images (labels must all be 0)")
+
+
+@dataclass
+class BatchScores:
+    """Scores of one batch: image scores (n,), maps (n, size, size) at the model input size."""
+
+    batch: Batch
+    scores: np.ndarray
+    maps: np.ndarray
+    features: np.ndarray | None = None  # (n, d, h, w) patch embeddings, for region typing
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, for the whole batch
+
+
+class Stopwatch:
+    """Accumulates wall time per named stage, in milliseconds."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.ms[stage] = self.ms.get(stage, 0.0) + (now - self._t) * 1000.0
+        self._t = now
+
+
+class Detector(BaseEstimator, ABC):
+    """Base class: subclasses set ``name`` and implement fit, score_pixels, get/set_state.
+
+    ``learning`` declares what ``fit(images, labels=None)`` learns from: ``good-only`` detectors
+    refuse defect labels, ``supervised`` ones need them (the workflows split data accordingly).
+    """
+
+    name: str = ""
+    learning: str = GOOD_ONLY
+    scores_include_calibration: bool = False  # an export's graph already adds the symmetry term
+    image_size: int
+    batch_size: int
+    verbose: bool
+
+    @abstractmethod
+    def fit(self, images: Sequence[ImageInput], labels: Sequence[int] | None = None) -> Detector:
+        """Learn from ``images`` (labels 0 = good, 1 = defect, for supervised detectors); returns self."""
+
+    @abstractmethod
+    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+        """Scores, maps and (where the detector has them) patch embeddings of preprocessed images
+        (n, 3, size, size) in [0, 1]; ``watch`` collects time per stage."""
+
+    @abstractmethod
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Learned state as named arrays (what a bundle stores)."""
+
+    @abstractmethod
+    def set_state(self, state: dict[str, np.ndarray]) -> Detector:
+        """Restore learned state saved by :meth:`get_state`; returns self."""
+
+    @property
+    def is_fitted(self) -> bool:
+        return any(k.endswith("_") and not k.startswith("_") for k in vars(self))
+
+    def _require_fitted(self) -> None:
+        if not self.is_fitted:
+            raise DefectLensError(f"{type(self).__name__} is not fitted: call fit() or load a bundle first")
+
+    def score_batches(self, images: Sequence[ImageInput], skip_errors: bool = False, progress: bool = False,
+                      preview_side: int = 0) -> Iterator[BatchScores]:
+        """Stream scores batch by batch: memory stays flat however many images there are.
+        ``preview_side`` also keeps a small copy of each image from the same read, for overlays."""
+        self._require_fitted()
+        bar = tqdm(total=len(images), desc="scoring", unit="img", disable=not progress, leave=False)
+        watch = Stopwatch()
+        for batch in iter_batches(images, self.image_size, self.batch_size, skip_errors=skip_errors, preview_side=preview_side):
+            watch.lap("decode")
+            if len(batch.indices) == 0:
+                scores, maps, features = np.zeros(0, np.float32), np.zeros((0, self.image_size, self.image_size), np.float32), None
+            else:
+                with torch.inference_mode():
+                    scores, maps, features = self.score_pixels(torch.from_numpy(batch.pixels), watch)
+            yield BatchScores(batch, scores, maps, features, dict(watch.ms))
+            watch = Stopwatch()
+            bar.update(len(batch.indices) + len(batch.errors))
+        bar.close()
+
+    def decision_scores(self, scores: np.ndarray, maps: np.ndarray, calibration: Calibration | None) -> np.ndarray:
+        """The scores thresholds apply to: appearance, plus the calibration's symmetry term."""
+        if calibration is None or self.scores_include_calibration:
+            return np.asarray(scores, dtype=np.float64)
+        return calibration.combine(scores, maps)
+
+    def score(self, images: Sequence[ImageInput], progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (N,) and anomaly maps (N, size, size) for all images, in input order."""
+        scores, maps = [], []
+        for out in self.score_batches(images, progress=progress):
+            scores.append(out.scores)
+            maps.append(out.maps)
+        if not scores:
+            return np.zeros(0, np.float32), np.zeros((0, self.image_size, self.image_size), np.float32)
+        return np.concatenate(scores), np.concatenate(maps)

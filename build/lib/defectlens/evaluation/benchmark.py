@@ -1,0 +1,173 @@
+"""Speed and memory figures of fit and inspect on one data set, printed by `defectlens benchmark`.
+
+Performance targets live here, not in timed tests: figures depend on the machine, so they are
+measured and reported with the machine's description.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from defectlens.bundle import library_versions
+from defectlens.data.datasets import load_dataset
+from defectlens.detectors import Detector, create_detector
+from defectlens.evaluation.evaluate import load_mask
+from defectlens.metrics import image_auroc, pixel_auroc
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.system()} {platform.release()}"
+
+
+@dataclass
+class BenchmarkResult:
+    dataset: str
+    machine: str
+    detector: str
+    backbone: str
+    image_size: int
+    train_images: int
+    test_images: int
+    state_mib: float  # learned state without the backbone: memory bank, Gaussians, ...
+    fit_s: float
+    inspect_images_per_s: float
+    latency_ms_median: float
+    stage_ms: dict[str, float]
+    peak_rss_mib: float
+    image_auroc: float
+    pixel_auroc: float
+    onnx: dict | None = None  # ONNX Runtime on the same images: speed, largest score and map differences
+    settings: dict | None = None  # the detector's settings that differ from its defaults
+
+    def text(self) -> str:
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in self.stage_ms.items())
+        return "\n".join([
+            f"benchmark: {self.detector} / {self.backbone} @ {self.image_size}px on '{self.dataset}'",
+            f"  machine:               {self.machine}",
+            *([f"  settings:              {', '.join(f'{k}={v}' for k, v in self.settings.items())}"] if self.settings else []),
+            f"  fit:                   {self.fit_s:.1f} s for {self.train_images} images (learned state {self.state_mib:.1f} MiB)",
+            f"  inspect (batched):     {self.inspect_images_per_s:.1f} images/s over {self.test_images} images",
+            f"  inspect (one image):   {self.latency_ms_median:.1f} ms median latency",
+            f"  stages (ms/image):     {stages}",
+            f"  peak memory (RSS):     {self.peak_rss_mib:.0f} MiB",
+            f"  image AUROC:           {self.image_auroc:.4f}",
+            f"  pixel AUROC:           {self.pixel_auroc:.4f}",
+            *([f"  ONNX Runtime:          {self.onnx['images_per_s']:.1f} images/s batched, {self.onnx['latency_ms_median']:.1f} ms one image; "
+               f"largest difference from PyTorch: score {self.onnx['max_score_diff']:.1e}, map {self.onnx['max_map_diff']:.1e}"] if self.onnx else []),
+        ])
+
+
+def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 20, onnx: bool = True, **params) -> BenchmarkResult:
+    ds = load_dataset(data, validation_fraction=0.0)
+    det = create_detector(detector, **params)
+    t0 = time.perf_counter()
+    det.fit(ds.train_good)
+    fit_s = time.perf_counter() - t0
+
+    paths = [s.path for s in ds.test] or ds.train_good
+    run = _measure(det, paths, latency_images)
+    labels = np.array([s.label for s in ds.test])
+    img_auc = pix_auc = float("nan")
+    if ds.test:
+        img_auc = image_auroc(labels, run.scores)
+        masks = np.stack([load_mask(s.mask_path, det.image_size) for s in ds.test])
+        pix_auc = pixel_auroc(masks, run.maps)
+    return BenchmarkResult(
+        dataset=ds.name,
+        machine=machine_description(),
+        detector=detector,
+        backbone=det.get_params().get("backbone", ""),
+        image_size=det.image_size,
+        train_images=len(ds.train_good),
+        test_images=len(paths),
+        state_mib=learned_state_mib(det),
+        fit_s=fit_s,
+        inspect_images_per_s=run.images_per_s,
+        latency_ms_median=run.latency_ms,
+        stage_ms=run.stage_ms,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        image_auroc=img_auc,
+        pixel_auroc=pix_auc,
+        onnx=_onnx_figures(det, paths, latency_images, run) if onnx else None,
+        settings=_changed_settings(det),
+    )
+
+
+def learned_state_mib(det: Detector) -> float:
+    """Size of what fitting learned (memory bank, Gaussians...), without the backbone's weights."""
+    return sum(v.nbytes for k, v in det.get_state().items() if not k.startswith("backbone.")) / 2**20
+
+
+def _changed_settings(det: Detector) -> dict:
+    defaults = type(det)().get_params()
+    return {k: v for k, v in det.get_params().items() if k != "verbose" and v != defaults[k]}
+
+
+@dataclass
+class _Run:
+    scores: np.ndarray
+    maps: np.ndarray
+    images_per_s: float
+    latency_ms: float
+    stage_ms: dict[str, float]
+
+
+def _measure(scorer: Detector, paths: list, latency_images: int) -> _Run:
+    """Batched throughput with per-stage times, then single-image latency, of one scorer."""
+    scorer.score(paths[: scorer.batch_size])  # warm-up: first-call allocations are not throughput
+    scores, maps, stage_totals = [], [], {}
+    t0 = time.perf_counter()
+    for out in scorer.score_batches(paths):
+        scores.append(out.scores)
+        maps.append(out.maps)
+        for k, v in out.timings_ms.items():
+            stage_totals[k] = stage_totals.get(k, 0.0) + v
+    throughput = len(paths) / (time.perf_counter() - t0)
+    latencies = []
+    for p in paths[:latency_images]:
+        t1 = time.perf_counter()
+        scorer.score([p])
+        latencies.append((time.perf_counter() - t1) * 1000.0)
+    return _Run(np.concatenate(scores), np.concatenate(maps), throughput, statistics.median(latencies),
+                {k: v / len(paths) for k, v in stage_totals.items()})
+
+
+def _onnx_figures(det: Detector, paths: list, latency_images: int, torch_run: _Run) -> dict | None:
+    """The same images through the exported ONNX graph in ONNX Runtime: speed and agreement."""
+    from defectlens.bundle import Bundle
+    from defectlens.errors import DefectLensError
+    from defectlens.export import export_onnx, exportable, load_onnx
+
+    try:
+        exportable(det)
+    except DefectLensError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(Bundle(det), Path(tmp) / "model.onnx")
+        onnx_det = load_onnx(path, batch_size=det.batch_size).detector
+        run = _measure(onnx_det, paths, latency_images)
+    return {"images_per_s": run.images_per_s, "latency_ms_median": run.latency_ms,
+            "max_score_diff": float(np.abs(run.scores - torch_run.scores).max()), "max_map_diff": float(np.abs(run.maps - torch_run.maps).max())}
+
+
+def result_dict(result: BenchmarkResult) -> dict:
+    return {**asdict(result), "versions": library_versions()}

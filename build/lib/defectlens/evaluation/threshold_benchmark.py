@@ -1,0 +1,338 @@
+"""Which threshold rule and which calibration scores to use, measured: `defectlens benchmark ROOT --thresholds`.
+
+For every category, with the training images subsampled (20, 50, all), it fits one detector as
+``fit`` would and sets the threshold by each rule from each source of unseen good scores:
+
+* holdout (10 % of the good images never fitted on: what ``fit`` does with 100+ images);
+* k-fold with 5 and 10 folds, and leave-one-out up to 20 images (what ``fit`` does with fewer):
+  each fold's model scores the images it did not see; the deployed model is then fitted on all,
+  so fold scores come from models that saw fewer images and run high.
+
+The real test split, which no rule sees, then gives each threshold's false-reject rate on good
+parts and its recall on defects, beside the oracle: the best recall any threshold reaches at
+the same false-reject rate, and at 5 %. Recall / oracle near 1 is a tight threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from defectlens.errors import DefectLensError
+from defectlens.evaluation.comparison import KILLED, each_category
+from defectlens.workflows.selection import format_figure
+
+# the default first; the others are what it was chosen against
+RULES = {"conformal 1 %": {"strategy": "target_frr"}, "conformal 2 %": {"strategy": "target_frr", "target_frr": 0.02},
+         "conformal 5 %": {"strategy": "target_frr", "target_frr": 0.05},
+         "PAC 5 % at 90 %": {"strategy": "target_frr", "target_frr": 0.05, "confidence": 0.9},
+         "tail model 1 % (old default)": {"strategy": "tail"}, "cost (escape 10, 5 % defects)": {"strategy": "cost"}}
+DEFAULT_RULE = "conformal 1 %"
+ORACLE_FRR = 0.05
+
+
+@dataclass
+class ThresholdRow:
+    category: str
+    n_train: int
+    scheme: str
+    rule: str
+    n_calibration: int = 0
+    threshold: float | None = None
+    largest_good: float | None = None  # largest calibration good score
+    bound: float | None = None  # guaranteed FRR on average
+    frr: float | None = None  # on test/good
+    recall: float | None = None  # on test defects
+    synthetic_recall: float | None = None
+    oracle_same: float | None = None  # best recall at test FRR <= frr
+    oracle_5: float | None = None  # best recall at test FRR <= 5 %
+    default: bool = False  # what plain `fit` does with this many images
+    standard: bool = False  # the calibration scores plain `fit` would use (any rule)
+
+
+@dataclass
+class FoldRow:
+    """What the fold models of plain `fit`'s k-fold say about the deployed model, on a probe of the test split."""
+
+    category: str
+    n_train: int
+    folds: int
+    probe_good: int = 0
+    probe_defect: int = 0
+    bias_median: float | None = None  # median over probe goods of mean fold-model score / deployed score
+    bias_top: float | None = None  # the same at the probe goods' 95th percentile
+    deployed_frr: float | None = None  # the default threshold (deployed model) on the probe
+    deployed_recall: float | None = None
+    extrapolated_frr: float | None = None  # the default rule on extrapolated fold scores
+    extrapolated_recall: float | None = None
+    cross_frr: float | None = None  # the k fold models deployed together (cross-conformal)
+    cross_recall: float | None = None
+
+
+CARRIED = "10 folds carried to all images"
+VIEWS = "augmented views, deployed model"
+PROBE = 200  # test images every fold model scores: enough to see a bias, cheap at 10 folds
+
+
+def _probe(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == v))[: max(1, round(n * (labels == v).mean()))] for v in (0, 1)]
+    return np.sort(np.concatenate(picked))
+
+
+@dataclass
+class CategoryThresholds:
+    category: str
+    rows: list[ThresholdRow] = field(default_factory=list)
+    folds: list[FoldRow] = field(default_factory=list)
+    seconds: float | None = None
+    error: str = ""
+
+
+def oracle_recall(good: np.ndarray, defect: np.ndarray, frr: float) -> float:
+    """Best recall of any threshold that rejects at most ``frr`` of these good scores."""
+    ranked = np.sort(np.asarray(good))[::-1]
+    allowed = int(math.floor(frr * ranked.size + 1e-9))
+    t = ranked[allowed] if allowed < ranked.size else -np.inf
+    return float((np.asarray(defect) > t).mean())
+
+
+def subsample(paths: Sequence[Path], n: int | None, seed: int) -> list[Path]:
+    paths = list(paths)
+    if n is None or n >= len(paths):
+        return paths
+    return sorted(random.Random(seed).sample(paths, n))
+
+
+def _rows(label: str, n_train: int, scheme: str, calibration_scores, synthetic, test_good: np.ndarray, test_defect: np.ndarray,
+          default: bool) -> list[ThresholdRow]:
+    from defectlens.calibration.calibrate import calibrate_scores
+    from defectlens.calibration.settings import CalibrationSettings
+
+    rows = []
+    syn = synthetic.scored.scores if synthetic is not None else None
+    for rule, settings in RULES.items():
+        if syn is None and settings["strategy"] == "cost":
+            continue  # the cost rule weighs synthetic recall: not made for this source of scores
+        row = ThresholdRow(label, n_train, scheme, rule, int(calibration_scores.scores.size), default=default and rule == DEFAULT_RULE)
+        try:
+            cal = calibrate_scores(calibration_scores.scores, calibration_scores.map_max, CalibrationSettings(**settings), synthetic_scores=syn)
+        except DefectLensError as exc:
+            print(f"  {label}: {rule}: {exc}")
+            rows.append(row)
+            continue
+        t = cal.image_threshold
+        row.threshold, row.largest_good, row.bound = t, float(calibration_scores.scores.max()), cal.guarantee["bound"]
+        row.frr, row.recall = float((test_good > t).mean()), float((test_defect > t).mean())
+        row.synthetic_recall = None if syn is None else float((syn > t).mean())
+        row.oracle_same, row.oracle_5 = oracle_recall(test_good, test_defect, row.frr), oracle_recall(test_good, test_defect, ORACLE_FRR)
+        row.standard = default
+        rows.append(row)
+    return rows
+
+
+def extrapolate(fewer: np.ndarray, more: np.ndarray, n: int, folds_fewer: int, folds_more: int) -> np.ndarray:
+    """Each image's out-of-fold score carried on to a model fitted on all ``n`` images.
+
+    A score falls with the training set roughly as a + b / m (more normal variation seen): the
+    image's scores from models of m1 = n (k1-1)/k1 and m2 = n (k2-1)/k2 images fix a and b, so the
+    line through them gives the deployed model's score at m = n: the jackknife's bias correction.
+    """
+    m1, m2 = n * (folds_fewer - 1) / folds_fewer, n * (folds_more - 1) / folds_more
+    c = (1 / n - 1 / m2) / (1 / m2 - 1 / m1)
+    return more + c * (more - fewer)
+
+
+def cross_conformal_rejects(fold_scores: np.ndarray, held_scores: np.ndarray, held_fold: np.ndarray, alpha: float) -> np.ndarray:
+    """Verdicts of the k fold models deployed together (cross-conformal, Vovk 2015).
+
+    ``fold_scores[k, j]`` is fold model k's score of new image j; each calibration image is
+    compared only with the model that did not see it. Image j is rejected when fewer than
+    max(1, floor(alpha (n + 1))) calibration images score at least as high under their own model:
+    the conformal rule with the fold models in place of one deployed model.
+    """
+    from defectlens.calibration.strategies import conformal_rank
+
+    at_least = sum((held_scores[held_fold == k][:, None] >= fold_scores[k][None, :]).sum(axis=0) for k in range(fold_scores.shape[0]))
+    return at_least < max(1, conformal_rank(held_scores.size, alpha))
+
+
+def _run_category(category: str, label: str, detector: str, params: dict, sizes: list[int | None], seed: int) -> CategoryThresholds:
+    """Runs in a fresh child process."""
+    import warnings
+
+    from sklearn.base import clone
+
+    from defectlens.calibration.calibrate import calibrate_scores
+    from defectlens.calibration.settings import CalibrationSettings
+    from defectlens.data import load_dataset
+    from defectlens.data.datasets import _split_validation
+    from defectlens.detectors import create_detector
+    from defectlens.workflows.fitting import (
+        FOLDS,
+        SYNTHETIC_DEFECTS,
+        ScoredImages,
+        kfold_scores,
+        resolve_scheme,
+        score_images,
+        single_image_views,
+        synthetic_scores,
+    )
+
+    out = CategoryThresholds(label)
+    t0 = time.perf_counter()
+    warnings.simplefilter("ignore")
+    try:
+        ds = load_dataset(category, validation_fraction=0.0)
+        test_paths = [s.path for s in ds.test]
+        labels = np.array([s.label for s in ds.test])
+        probe = _probe(labels, PROBE, seed)
+        proto = create_detector(detector, **params)
+        for size in sizes:
+            train = subsample(ds.train_good, size, seed)
+            n = len(train)
+            fit_part, held = _split_validation(train, 0.1, seed)
+            print(f"  {label}: {n} training images", flush=True)
+            if resolve_scheme("auto", len(fit_part), len(held)) == "holdout":  # what fit does
+                det = clone(proto).fit(fit_part)
+                test = score_images(det, test_paths).scores
+                good = score_images(det, held)
+                syn = synthetic_scores(det, held, SYNTHETIC_DEFECTS, seed)
+                out.rows += _rows(label, n, "holdout", good, syn, test[labels == 0], test[labels == 1], True)
+                continue
+            det = clone(proto).fit(train)  # the deployed model of every k-fold variant
+            test = score_images(det, test_paths).scores
+            test_good, test_defect = test[labels == 0], test[labels == 1]
+            standard = min(FOLDS, n)
+            by_folds, fold_probe, held_fold = {}, [], np.zeros(n, int)
+
+            def on_fold(model, left_out, fold_probe=fold_probe, held_fold=held_fold):
+                held_fold[left_out] = len(fold_probe)
+                fold_probe.append(score_images(model, [test_paths[i] for i in probe]).scores)
+
+            for folds in sorted({min(5, n), standard} | ({n} if n <= 20 else set())):
+                good, syn = kfold_scores(proto, train, folds, seed, SYNTHETIC_DEFECTS, on_fold=on_fold if folds == standard else None)
+                by_folds[folds] = good
+                scheme = "leave-one-out" if folds == n else f"kfold-{folds}"
+                out.rows += _rows(label, n, scheme, good, syn, test_good, test_defect, folds == standard)
+                print(f"  {label}: {n} images, {scheme} done", flush=True)
+            fewer = min(by_folds)
+            corrected = by_folds[standard].scores
+            if fewer < standard:
+                corrected = extrapolate(by_folds[fewer].scores, corrected, n, fewer, standard)
+                carried_scores = ScoredImages(corrected, corrected, np.zeros(n), np.zeros(n))  # map maxima only set the pixel threshold
+                out.rows += _rows(label, n, CARRIED, carried_scores, None, test_good, test_defect, False)
+            views = ScoredImages.concat([score_images(det, single_image_views(image, seed)[1]) for image in train])  # one image's views at a time
+            out.rows += _rows(label, n, VIEWS, views, None, test_good, test_defect, False)
+            # the fold models against the deployed one, on a probe of the test split
+            fold_scores, p_labels, p_deployed = np.stack(fold_probe), labels[probe], test[probe]
+            row = FoldRow(label, n, standard, int((p_labels == 0).sum()), int((p_labels == 1).sum()))
+            ratio = fold_scores.mean(axis=0)[p_labels == 0] / np.maximum(p_deployed[p_labels == 0], 1e-12)
+            row.bias_median = float(np.median(ratio))
+            row.bias_top = float(np.quantile(fold_scores.mean(axis=0)[p_labels == 0], 0.95) / np.quantile(p_deployed[p_labels == 0], 0.95))
+            rule = CalibrationSettings(**RULES[DEFAULT_RULE])
+            default = calibrate_scores(by_folds[standard].scores, by_folds[standard].map_max, rule).image_threshold
+            carried = calibrate_scores(corrected, corrected, rule).image_threshold
+            cross = cross_conformal_rejects(fold_scores, by_folds[standard].scores, held_fold, rule.target_frr)
+            for name, rejected in (("deployed", p_deployed > default), ("extrapolated", p_deployed > carried), ("cross", cross)):
+                setattr(row, f"{name}_frr", float(rejected[p_labels == 0].mean()))
+                setattr(row, f"{name}_recall", float(rejected[p_labels == 1].mean()) if (p_labels == 1).any() else None)
+            out.folds.append(row)
+    except DefectLensError as exc:
+        out.error = str(exc)
+    except Exception as exc:  # noqa: BLE001 -- one broken category must not lose the others
+        out.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def run_threshold_benchmark(root: str | Path, detector: str = "patchcore", params: dict | None = None,
+                            sizes: Sequence[int | None] = (10, 20, 50, 100, None), seed: int = 0, progress=print) -> list[CategoryThresholds]:
+    return each_category(root, f"threshold benchmark ({detector})", _run_category, (detector, dict(params or {}), list(sizes), seed),
+                         lambda label: CategoryThresholds(label, error=KILLED), markdown_category, progress)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
+
+
+def markdown_category(c: CategoryThresholds) -> str:
+    if c.error:
+        return f"### {c.category}\n\nfailed: {c.error}\n"
+    lines = [f"### {c.category}", "",
+             "| train images | calibration scores | rule | threshold | largest good | guaranteed FRR | test FRR | recall | synthetic recall "
+             "| oracle recall, same FRR | recall / oracle | oracle recall, FRR 5 % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in c.rows:
+        mark = " **default**" if r.default else ""
+        ratio = None if r.recall is None or not r.oracle_same else r.recall / r.oracle_same
+        lines.append(f"| {r.n_train} | {r.scheme} ({r.n_calibration}) | {r.rule}{mark} | {format_figure(r.threshold, 4)} | "
+                     f"{format_figure(r.largest_good, 4)} | <= {_pct(r.bound)} | {_pct(r.frr)} | {_pct(r.recall)} | {_pct(r.synthetic_recall)} | "
+                     f"{_pct(r.oracle_same)} | {format_figure(ratio, 2)} | {_pct(r.oracle_5)} |")
+    lines += ["", f"{format_figure(c.seconds, 0)} s."]
+    return "\n".join(lines) + "\n"
+
+
+def summary(entries: list[CategoryThresholds]) -> str:
+    """Each rule on the calibration scores plain `fit` uses, over every category and size: the
+    criterion the default was chosen by (test FRR <= 5 %, recall close to the oracle's)."""
+    lines = ["| rule | runs | test FRR <= 5 % | worst test FRR | mean recall / oracle (same FRR) | mean recall / oracle (FRR 5 %) |",
+             "|---|---|---|---|---|---|"]
+    for rule in RULES:
+        rows = [r for e in entries for r in e.rows if r.rule == rule and r.standard and r.frr is not None]
+        if not rows:
+            continue
+        same = [r.recall / r.oracle_same for r in rows if r.oracle_same]
+        at5 = [r.recall / r.oracle_5 for r in rows if r.oracle_5]
+        ok = sum(r.frr <= ORACLE_FRR + 1e-12 for r in rows)
+        mark = " **default**" if rule == DEFAULT_RULE else ""
+        lines.append(f"| {rule}{mark} | {len(rows)} | {ok} of {len(rows)} | {_pct(max(r.frr for r in rows))} | "
+                     f"{format_figure(float(np.mean(same)) if same else None, 2)} ({len(same)}) | "
+                     f"{format_figure(float(np.mean(at5)) if at5 else None, 2)} ({len(at5)}) |")
+    return "\n".join(lines) + "\n"
+
+
+def scheme_summary(entries: list[CategoryThresholds]) -> str:
+    """The default rule on each source of calibration scores, over the runs small enough for
+    k-fold: what the choice of `fit`'s k-fold set-up rests on."""
+    def kind(r: ThresholdRow) -> str:
+        if r.standard:
+            return "10 folds (leave-one-out below 10 images): **fit's default**"
+        return "5 folds" if r.scheme == "kfold-5" else r.scheme
+
+    rows = [r for e in entries for r in e.rows if r.rule == DEFAULT_RULE and r.scheme != "holdout" and r.frr is not None]
+    lines = ["| calibration scores | runs | test FRR <= 5 % | worst test FRR | mean recall / oracle (same FRR) |", "|---|---|---|---|---|"]
+    for name in dict.fromkeys(kind(r) for r in rows):
+        group = [r for r in rows if kind(r) == name]
+        same = [r.recall / r.oracle_same for r in group if r.oracle_same]
+        ok = sum(r.frr <= ORACLE_FRR + 1e-12 for r in group)
+        lines.append(f"| {name} | {len(group)} | {ok} of {len(group)} | {_pct(max(r.frr for r in group))} | "
+                     f"{format_figure(float(np.mean(same)) if same else None, 2)} ({len(same)}) |")
+    return "\n".join(lines) + "\n"
+
+
+def fold_table(entries: list[CategoryThresholds]) -> str:
+    """The fold models against the deployed model on a probe of the test split."""
+    lines = ["| category | train images | folds | probe good / defect | fold / deployed score, median | at 95th percentile "
+             "| default: FRR, recall | carried: FRR, recall | fold models deployed together (cross-conformal): FRR, recall |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for f in (f for e in entries for f in e.folds):
+        lines.append(f"| {f.category} | {f.n_train} | {f.folds} | {f.probe_good} / {f.probe_defect} | {format_figure(f.bias_median, 3)} | "
+                     f"{format_figure(f.bias_top, 3)} | {_pct(f.deployed_frr)}, {_pct(f.deployed_recall)} | "
+                     f"{_pct(f.extrapolated_frr)}, {_pct(f.extrapolated_recall)} | {_pct(f.cross_frr)}, {_pct(f.cross_recall)} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(entries: list[CategoryThresholds], machine: str, detector: str) -> str:
+    return "\n".join([f"Machine: {machine}. Detector: {detector}. Synthetic recall is an estimate from synthetic defects; "
+                      "test FRR, recall and the oracle come from the real test split, which no rule sees.", "",
+                      "### Summary: each rule on the calibration scores plain `fit` uses", "", summary(entries),
+                      "### Summary: the default rule on each source of k-fold calibration scores", "", scheme_summary(entries),
+                      "### The fold models against the deployed model (a probe of the test split)", "", fold_table(entries),
+                      *[markdown_category(e) for e in entries]])

@@ -1,0 +1,98 @@
+"""Heat-map overlays a person can read: the image beside it with the anomaly map on top.
+
+Colours are scaled by the calibrated pixel threshold (threshold = middle of the colour map), so
+the same colour means the same evidence in every image; per-image min-max scaling would paint
+every good image bright red somewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from defectlens.inference.inspection import Inspection
+
+_VERDICT_COLOURS = {"defect": (230, 40, 40), "good": (40, 180, 70), "uncalibrated": (200, 200, 200)}
+
+
+def _jet_lut() -> np.ndarray:
+    import matplotlib
+
+    return (matplotlib.colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+
+
+_LUT: np.ndarray | None = None
+
+
+def colourise(anomaly_map: np.ndarray, vmax: float | None = None) -> np.ndarray:
+    global _LUT
+    if _LUT is None:
+        _LUT = _jet_lut()
+    lo = 0.0 if vmax is not None else float(anomaly_map.min())
+    hi = vmax if vmax is not None else float(anomaly_map.max())
+    scaled = np.clip((anomaly_map - lo) / max(hi - lo, 1e-12), 0, 1)
+    return _LUT[(scaled * 255).astype(np.uint8)]
+
+
+def as_uint8(rgb: np.ndarray) -> np.ndarray:
+    return rgb if rgb.dtype == np.uint8 else (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def _map_at(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The map at the picture's size: a preview is smaller than the image the map was made for."""
+    if anomaly_map.shape == (height, width):
+        return anomaly_map
+    return np.asarray(Image.fromarray(anomaly_map.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+
+
+def render_heat(rgb: np.ndarray, inspection: Inspection, pixel_threshold: float | None = None, alpha: float = 0.5) -> Image.Image:
+    """The image (float in [0, 1], or uint8; full size or a smaller preview) under its heat map,
+    with region boxes labelled by type and severity."""
+    base = as_uint8(rgb)
+    h, w = base.shape[:2]
+    sy, sx = h / inspection.anomaly_map.shape[0], w / inspection.anomaly_map.shape[1]
+    heat = colourise(_map_at(inspection.anomaly_map, h, w), None if pixel_threshold is None else 2.0 * pixel_threshold)
+    panel = Image.fromarray((base * (1 - alpha) + heat * alpha).astype(np.uint8))
+    draw = ImageDraw.Draw(panel)
+    label_font = ImageFont.load_default(size=max(9, int(_band(h) * 0.5)))
+    for region in inspection.regions:
+        x0, y0, x1, y1 = (round(region.box[0] * sx), round(region.box[1] * sy), max(1, round(region.box[2] * sx)), max(1, round(region.box[3] * sy)))
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255), width=max(1, w // 256))
+        label = f"{region.defect_type.split('/')[0]} {region.severity:.2f}" if region.defect_type else f"{region.severity:.2f}"
+        ty = y0 - label_font.size - 2 if y0 > label_font.size + 2 else y1 + 1
+        draw.text((x0, ty), label, fill=(255, 255, 255), font=label_font, stroke_width=1, stroke_fill=(0, 0, 0))
+    return panel
+
+
+def render_overlay(rgb: np.ndarray, inspection: Inspection, pixel_threshold: float | None = None, alpha: float = 0.5) -> Image.Image:
+    """Side by side: the image, and the image under the heat map with region boxes."""
+    h, w = rgb.shape[:2]
+    band = _band(h)
+    canvas = Image.new("RGB", (2 * w, h + band), (20, 20, 20))
+    canvas.paste(Image.fromarray(as_uint8(rgb)), (0, band))
+    canvas.paste(render_heat(rgb, inspection, pixel_threshold, alpha), (w, band))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=int(band * 0.7))
+    head = f"{inspection.verdict.upper()}  score {inspection.score:.3f}"
+    if inspection.normalised_score is not None:
+        head += f" ({inspection.normalised_score:.2f})"
+    draw.text((4, 2), head, fill=_VERDICT_COLOURS[inspection.verdict], font=font)
+    if inspection.threshold is not None:
+        info = f"threshold {inspection.threshold:.3f}  regions {len(inspection.regions)}"
+        if inspection.regions:
+            info += f"  severity {inspection.severity:.2f}"
+        draw.text((w + 4, 2), info, fill=(220, 220, 220), font=font)
+    return canvas
+
+
+def _band(height: int) -> int:
+    """Height of the caption band, and the scale of every label."""
+    return max(16, height // 16)
+
+
+def save_overlay(path: Path, rgb: np.ndarray, inspection: Inspection, pixel_threshold: float | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render_overlay(rgb, inspection, pixel_threshold).save(path)
+    return path
