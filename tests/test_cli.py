@@ -159,7 +159,7 @@ def test_demo_runs_on_generated_data_when_no_real_data(tmp_path, monkeypatch, ca
     assert "generating the demo data set" in out
     result = json.loads((tmp_path / "demo" / "evaluation.json").read_text())
     assert result["metrics"]["image_auroc"] >= 0.95
-    assert list((tmp_path / "demo" / "inspections" / "overlays").glob("*.png"))
+    assert list((tmp_path / "demo" / "inspections" / "overlays").glob("*.jpg"))
     assert (tmp_path / "demo" / "discs.dlens").is_file()
 
 

@@ -27,7 +27,7 @@ from defectlens.batch.parquet import ParquetParts
 from defectlens.data.images import PREVIEW_SIDE, load_rgb, preview
 from defectlens.errors import DefectLensError, ImageError
 from defectlens.inference.inspection import Inspection
-from defectlens.inference.overlay import save_overlay
+from defectlens.inference.overlay import OVERLAY_SUFFIX, save_overlay
 from defectlens.jsonutil import finite
 
 CSV_COLUMNS = ["source", "verdict", "score", "normalised_score", "confidence", "severity", "regions", "max_region_area_px",
@@ -173,7 +173,7 @@ class BatchWriter:
         if not isinstance(result, ImageError):
             name = self._name(path) if (self.overlays or self.save_maps) else ""
             if self.overlays:
-                target = self.out / "overlays" / f"{name}.png"
+                target = self.out / "overlays" / f"{name}{OVERLAY_SUFFIX}"
                 record["overlay"] = str(target)
                 picture = result.preview if result.preview is not None else preview(load_rgb(path))  # e.g. from an engine that kept none
                 drawing = self._pool.submit(save_overlay, target, picture, result, self.pixel_threshold)
