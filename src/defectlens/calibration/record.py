@@ -59,10 +59,6 @@ class Calibration:
         ``combine``) lies strictly above the image threshold; a score on it passes."""
         return np.asarray(scores, dtype=np.float64) > self.image_threshold
 
-    def mask(self, anomaly_map: np.ndarray) -> np.ndarray:
-        """Pixels whose evidence lies strictly above the pixel threshold."""
-        return np.asarray(anomaly_map) > self.pixel_threshold
-
     def normalise(self, score: float | np.ndarray) -> float | np.ndarray:
         return expit((np.asarray(score, dtype=np.float64) - self.image_threshold) / self.image_scale)
 

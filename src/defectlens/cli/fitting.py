@@ -50,8 +50,8 @@ def auto_detector(ds, backbone: str | None = None, weights: str | None = None, i
     """--detector auto: the chosen detector (unfitted) and the selection record for the model file."""
     from defectlens.workflows import select_detector
 
-    selection = select_detector(ds.train_good, backbone=backbone or "mobilenet_v2", weights=weights, image_size=image_size or 256,
-                                budget_s=budget, seed=seed, progress=print)
+    given = {k: v for k, v in (("backbone", backbone), ("image_size", image_size)) if v}  # left out: select_detector's own
+    selection = select_detector(ds.train_good, weights=weights, budget_s=budget, seed=seed, progress=print, **given)
     print(selection.describe())
     return selection.chosen.build(verbose=True, random_state=seed), selection.to_dict()
 

@@ -97,21 +97,25 @@ def _module_parameters(path: Path) -> dict[str, tuple[dict[str, tuple[str, Any]]
 
 
 @cache
+def _declared() -> dict[str, tuple[dict[str, tuple[str, Any]], dict[str, str]]]:
+    """Every registered detector's parameters and their docs, the detector modules parsed once."""
+    return {name: found for path in sorted(DETECTORS_DIR.glob("*.py")) for name, found in _module_parameters(path).items()}
+
+
 def detector_parameters() -> dict[str, dict[str, tuple[str, Any]]]:
     """Every registered detector's ``__init__`` parameters: {detector: {name: (annotation, default)}}."""
-    return {name: params for path in sorted(DETECTORS_DIR.glob("*.py")) for name, (params, _) in _module_parameters(path).items()}
+    return {name: params for name, (params, _) in _declared().items()}
 
 
 @cache
 def parameters() -> list[Parameter]:
     """The union of all detectors' settings, each documented by the first detector that describes it."""
     merged: dict[str, Parameter] = {}
-    for path in sorted(DETECTORS_DIR.glob("*.py")):
-        for detector, (params, docs) in _module_parameters(path).items():
-            for name, (annotation, default) in params.items():
-                p = merged.setdefault(name, Parameter(name, annotation))
-                p.defaults[detector] = default
-                p.doc = p.doc or docs.get(name, "")
+    for detector, (params, docs) in _declared().items():
+        for name, (annotation, default) in params.items():
+            p = merged.setdefault(name, Parameter(name, annotation))
+            p.defaults[detector] = default
+            p.doc = p.doc or docs.get(name, "")
     return [p for p in merged.values() if p.name not in NOT_FLAGS]
 
 
@@ -192,10 +196,9 @@ def make_detector(args: argparse.Namespace):
                                image_size=setting(args, "image_size", 256), batch_size=setting(args, "batch_size", 2), verbose=True)
     if not setting(args, "tile_size"):
         return create_detector(args.detector, verbose=True, **params)
-    params.pop("image_size", None)
-    tiling = {k: v for k, v in given_params(args).items() if k in ("tile_size", "overlap", "scale")}
-    return create_detector("tiled", detector=args.detector, detector_params=params, map_size=setting(args, "image_size", 512), verbose=True,
-                           **tiling)
+    params.pop("image_size", None)  # the tile size is the inner detector's input; --image-size sets the stitched map
+    tiling = {"map_size": setting(args, "image_size", 512), **detector_params(args, "tiled")}
+    return create_detector("tiled", detector=args.detector, detector_params=params, verbose=True, **tiling)
 
 
 def add_calibration_options(parser: argparse.ArgumentParser, strategies: tuple[str, ...]) -> None:

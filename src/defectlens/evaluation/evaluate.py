@@ -20,6 +20,7 @@ from defectlens import metrics
 from defectlens.bundle import Bundle
 from defectlens.data.datasets import GOOD, Dataset, Sample
 from defectlens.errors import DatasetError
+from defectlens.inference.inspection import make_mask
 from defectlens.jsonutil import finite
 
 GALLERY_SIZE = 8
@@ -164,7 +165,7 @@ def evaluate(bundle: Bundle, dataset: Dataset, progress: bool = False) -> Evalua
         result["frr"] = result["false_rejects"] / max(1, result["n_good"])
         result["recall"] = float(predicted[labels == 1].mean()) if result["n_defect"] else float("nan")
         if masks is not None:
-            result["pixel_iou"], result["pixel_dice"] = overlap_scores(masks, calibration.mask(pixel_maps))
+            result["pixel_iou"], result["pixel_dice"] = overlap_scores(masks, make_mask(pixel_maps, calibration.pixel_threshold))
     per_type = {}
     good = labels == 0
     for t in sorted({s.defect_type for s in samples if s.label}):

@@ -127,10 +127,9 @@ def _rows(label: str, n_train: int, scheme: str, calibration_scores, synthetic, 
             print(f"  {label}: {rule}: {exc}")
             rows.append(row)
             continue
-        t = cal.image_threshold
-        row.threshold, row.largest_good, row.bound = t, float(calibration_scores.scores.max()), cal.guarantee["bound"]
-        row.frr, row.recall = float((test_good > t).mean()), float((test_defect > t).mean())
-        row.synthetic_recall = None if syn is None else float((syn > t).mean())
+        row.threshold, row.largest_good, row.bound = cal.image_threshold, float(calibration_scores.scores.max()), cal.guarantee["bound"]
+        row.frr, row.recall = float(cal.rejects(test_good).mean()), float(cal.rejects(test_defect).mean())
+        row.synthetic_recall = None if syn is None else float(cal.rejects(syn).mean())
         row.oracle_same, row.oracle_5 = oracle_recall(test_good, test_defect, row.frr), oracle_recall(test_good, test_defect, ORACLE_FRR)
         row.standard = default
         rows.append(row)
@@ -163,14 +162,35 @@ def cross_conformal_rejects(fold_scores: np.ndarray, held_scores: np.ndarray, he
     return at_least < max(1, conformal_rank(held_scores.size, alpha))
 
 
+def _fold_row(label: str, n: int, folds: int, fold_scores: np.ndarray, deployed: np.ndarray, labels: np.ndarray,
+              held_scores: np.ndarray, held_fold: np.ndarray, carried_scores: np.ndarray) -> FoldRow:
+    """The fold models against the deployed one on a probe of the test split: their score ratio on
+    good parts, and the probe's FRR and recall under the default rule set on the fold scores, on the
+    carried scores, and with the fold models deployed together."""
+    from defectlens.calibration.calibrate import calibrate_scores
+    from defectlens.calibration.settings import CalibrationSettings
+
+    good = labels == 0
+    row = FoldRow(label, n, folds, int(good.sum()), int((~good).sum()))
+    fold_mean = fold_scores.mean(axis=0)
+    row.bias_median = float(np.median(fold_mean[good] / np.maximum(deployed[good], 1e-12)))
+    row.bias_top = float(np.quantile(fold_mean[good], 0.95) / np.quantile(deployed[good], 0.95))
+    rule = CalibrationSettings(**RULES[DEFAULT_RULE])
+    verdicts = {"deployed": calibrate_scores(held_scores, held_scores, rule).rejects(deployed),
+                "extrapolated": calibrate_scores(carried_scores, carried_scores, rule).rejects(deployed),
+                "cross": cross_conformal_rejects(fold_scores, held_scores, held_fold, rule.target_frr)}
+    for name, rejected in verdicts.items():
+        setattr(row, f"{name}_frr", float(rejected[good].mean()))
+        setattr(row, f"{name}_recall", float(rejected[~good].mean()) if (~good).any() else None)
+    return row
+
+
 def _run_category(category: str, label: str, detector: str, params: dict, sizes: list[int | None], seed: int) -> CategoryThresholds:
     """Runs in a fresh child process."""
     import warnings
 
     from sklearn.base import clone
 
-    from defectlens.calibration.calibrate import calibrate_scores
-    from defectlens.calibration.settings import CalibrationSettings
     from defectlens.data import load_dataset
     from defectlens.data.datasets import _split_validation
     from defectlens.detectors import create_detector
@@ -230,20 +250,8 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
                 out.rows += _rows(label, n, CARRIED, carried_scores, None, test_good, test_defect, False)
             views = ScoredImages.concat([score_images(det, single_image_views(image, seed)[1]) for image in train])  # one image's views at a time
             out.rows += _rows(label, n, VIEWS, views, None, test_good, test_defect, False)
-            # the fold models against the deployed one, on a probe of the test split
-            fold_scores, p_labels, p_deployed = np.stack(fold_probe), labels[probe], test[probe]
-            row = FoldRow(label, n, standard, int((p_labels == 0).sum()), int((p_labels == 1).sum()))
-            ratio = fold_scores.mean(axis=0)[p_labels == 0] / np.maximum(p_deployed[p_labels == 0], 1e-12)
-            row.bias_median = float(np.median(ratio))
-            row.bias_top = float(np.quantile(fold_scores.mean(axis=0)[p_labels == 0], 0.95) / np.quantile(p_deployed[p_labels == 0], 0.95))
-            rule = CalibrationSettings(**RULES[DEFAULT_RULE])
-            default = calibrate_scores(by_folds[standard].scores, by_folds[standard].map_max, rule).image_threshold
-            carried = calibrate_scores(corrected, corrected, rule).image_threshold
-            cross = cross_conformal_rejects(fold_scores, by_folds[standard].scores, held_fold, rule.target_frr)
-            for name, rejected in (("deployed", p_deployed > default), ("extrapolated", p_deployed > carried), ("cross", cross)):
-                setattr(row, f"{name}_frr", float(rejected[p_labels == 0].mean()))
-                setattr(row, f"{name}_recall", float(rejected[p_labels == 1].mean()) if (p_labels == 1).any() else None)
-            out.folds.append(row)
+            out.folds.append(_fold_row(label, n, standard, np.stack(fold_probe), test[probe], labels[probe], by_folds[standard].scores,
+                                       held_fold, corrected))
     except DefectLensError as exc:
         out.error = str(exc)
     except Exception as exc:  # noqa: BLE001 -- one broken category must not lose the others
