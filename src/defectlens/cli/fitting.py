@@ -44,6 +44,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_calibration_options(p, STRATEGIES)
     p.set_defaults(run=run_calibrate)
 
+    p = sub.add_parser("learn", help="teach a model confirmed-good images without a refit (a new model version)", description=(
+        "Teach MODEL images an operator confirmed as good (e.g. false rejects after a change on the line), without refitting: "
+        "PatchCore adds the patches its memory bank does not cover, PaDiM updates its Gaussians. The result is a new version "
+        "next to MODEL, <name>.v<N>.dlens, recording its parent; MODEL itself is left as it was. The threshold is kept and "
+        "re-checked on the model's calibration images (when they are still where fit found them)."))
+    p.add_argument("model", help="model file (.dlens)")
+    p.add_argument("inputs", nargs="+", help="image files or folders of confirmed-good images (searched recursively)")
+    p.add_argument("--label", choices=("good",), required=True, help=(
+        "what the images are; only good images teach a good-only model (confirmed defects go to 'calibrate' with labelled data)"))
+    p.set_defaults(run=run_learn)
+
 
 def auto_detector(ds, backbone: str | None = None, weights: str | None = None, image_size: int | None = None, budget: float = 300.0,
                   seed: int = 0):
@@ -95,4 +106,18 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(bundle.typer.summary())
     path = bundle.save(args.output or args.model)
     print(f"saved {path} (checksum {bundle.checksum[:12]})")
+    return 0
+
+
+def run_learn(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from defectlens.bundle import Bundle
+    from defectlens.data.images import flatten_inputs
+    from defectlens.workflows.learning import learn_good
+
+    path = Path(args.model)
+    bundle = Bundle.load(path)
+    _, report = learn_good(bundle, [str(p) for p in flatten_inputs(args.inputs)], path)
+    print(report.describe())
     return 0

@@ -99,6 +99,16 @@ class Detector(BaseEstimator, ABC):
         """Restore learned state saved by :meth:`get_state`; returns self."""
 
     @property
+    def learns_incrementally(self) -> bool:
+        """Whether :meth:`partial_fit` can teach a fitted model more good images without a refit
+        (what operator feedback on the line uses); the others queue such images for the next fit."""
+        return False
+
+    def partial_fit(self, images: Sequence[ImageInput]) -> Detector:
+        """Learn more good ``images`` on top of what ``fit`` learned; returns self."""
+        raise DefectLensError(f"{self.name} cannot learn new images without a refit: fit it again with them")
+
+    @property
     def is_fitted(self) -> bool:
         return any(k.endswith("_") and not k.startswith("_") for k in vars(self))
 

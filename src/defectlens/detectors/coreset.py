@@ -75,3 +75,28 @@ def _greedy(x: torch.Tensor, n_select: int, gen: torch.Generator, progress: Call
         if progress is not None and (step + 1) % report_every == 0:
             progress(report_every)
     return selected
+
+
+def extend_coreset(min_dist_sq: np.ndarray, candidates: np.ndarray, radius: float) -> np.ndarray:
+    """Indices of the ``candidates`` rows to add to a coreset so that every candidate lies within
+    ``radius`` of it: the greedy k-center step over bank + new, started from the bank.
+
+    ``min_dist_sq`` is each candidate's squared distance to the existing coreset. Candidates the
+    coreset already covers add nothing, so a good image like the ones fitted on adds no patches
+    while a new look (new material, a moved lamp) adds the few patches that cover it.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(candidates, dtype=np.float32))
+    min_dist = torch.from_numpy(np.asarray(min_dist_sq, dtype=np.float32).copy())
+    norms = (x * x).sum(1)
+    dist = torch.empty(len(x))
+    limit = float(radius) ** 2
+    selected: list[int] = []
+    while len(selected) < len(x):
+        idx = int(torch.argmax(min_dist))
+        if float(min_dist[idx]) <= limit:
+            break
+        selected.append(idx)
+        torch.mv(x, x[idx], out=dist)
+        dist.mul_(-2.0).add_(norms).add_(norms[idx]).clamp_(min=0.0)
+        torch.minimum(min_dist, dist, out=min_dist)
+    return np.asarray(selected, dtype=np.int64)

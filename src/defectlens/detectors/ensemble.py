@@ -88,6 +88,21 @@ class EnsembleDetector(Detector):
         self.norm_ = np.asarray(stats, dtype=np.float64)  # per member: score mean, std, map mean, std
         return self
 
+    @property
+    def learns_incrementally(self) -> bool:
+        return all(m.learns_incrementally for m in getattr(self, "members_", self._members()))
+
+    def partial_fit(self, images: Sequence[ImageInput]) -> EnsembleDetector:
+        """Every member learns the images; each keeps the standardisation it was fitted with, so
+        the fused score stays on the scale the threshold was set on."""
+        self._require_fitted()
+        if not self.learns_incrementally:
+            return super().partial_fit(images)
+        images = list(images)
+        for m in self.members_:
+            m.partial_fit(images)
+        return self
+
     @torch.inference_mode()
     def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
         watch = watch or Stopwatch()

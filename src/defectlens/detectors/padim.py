@@ -149,6 +149,34 @@ class PaDiM(FeatureDetector):
         self.n_train_images_ = n
         return self
 
+    @property
+    def learns_incrementally(self) -> bool:
+        return True
+
+    def partial_fit(self, images: Sequence[ImageInput]) -> PaDiM:
+        """Teach the fitted model more good images without a refit: each position's Gaussian is
+        updated as if the images had been in the fitted set (the pooled mean and covariance of
+        n + k images). The covariance is the fitted, already shrunk one, so no new shrinkage."""
+        self._require_fitted()
+        images = list(images)
+        if not images:
+            raise DefectLensError("partial_fit needs at least one good image, got none")
+        x = np.concatenate([self._select(emb) for _, emb in self._iter_embeddings(images)])  # (k, positions, d)
+        n, k = self.n_train_images_, len(x)
+        with threadpool_limits(1, user_api="blas"):
+            cov = np.linalg.inv(self.precision_.astype(np.float64))
+            mean = self.mean_.astype(np.float64)
+            new_mean = (n * mean + x.sum(axis=0)) / (n + k)
+            centred = (x - new_mean).transpose(1, 0, 2)  # (positions, k, d)
+            shift = (mean - new_mean)[:, :, None]
+            scatter = (max(n - 1, 1) * cov + np.einsum("pkd,pke->pde", centred, centred)
+                       + n * shift @ shift.transpose(0, 2, 1))
+            cov = scatter / max(n + k - 1, 1)
+            self.precision_ = np.linalg.inv(cov).astype(np.float32)
+        self.mean_ = new_mean.astype(np.float32)
+        self.n_train_images_ = n + k
+        return self
+
     def _select(self, emb: np.ndarray) -> np.ndarray:
         x = emb[:, self.channels_]  # (n, d, h, w)
         return x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1).astype(np.float64)

@@ -18,12 +18,13 @@ from tqdm.auto import tqdm
 
 from defectlens.data.images import ImageInput
 from defectlens.detectors.base import PixelScores, Stopwatch, good_images_only
-from defectlens.detectors.coreset import greedy_coreset
+from defectlens.detectors.coreset import extend_coreset, greedy_coreset
 from defectlens.detectors.feature_based import PCA_IMAGES, FeatureDetector
 from defectlens.detectors.registry import register_detector
 from defectlens.errors import DefectLensError
 
 SEARCHES = ("flat", "ivf")
+RADIUS_SAMPLE = 65_536  # training patches whose distance to the bank sets the coverage radius
 REDUCTIONS = ("mean", "pca", "random")
 BANK_DTYPES = ("float32", "float16")
 
@@ -164,6 +165,46 @@ class PatchCore(FeatureDetector):
         self.n_train_images_ = len(images)
         self.n_train_patches_ = len(features)
         self._build_index()
+        self.coverage_radius_ = self._coverage_radius(features)
+        self.n_learned_patches_ = 0
+        return self
+
+    def _coverage_radius(self, features: np.ndarray) -> float:
+        """How far the farthest training patch lies from the memory bank: the radius the coreset
+        covers the good images with, and what a patch learned later must exceed to be added."""
+        rng = np.random.default_rng(self.random_state)
+        sample = features if len(features) <= RADIUS_SAMPLE else features[rng.choice(len(features), RADIUS_SAMPLE, replace=False)]
+        nearest = self._nearest(np.ascontiguousarray(sample, dtype=np.float32))
+        return float(np.linalg.norm(sample - nearest, axis=1).max())
+
+    def _nearest(self, queries: np.ndarray) -> np.ndarray:
+        _, idx = self._index.search(queries, 1)
+        return np.asarray(self.memory_bank_[idx[:, 0]], dtype=np.float32)
+
+    @property
+    def learns_incrementally(self) -> bool:
+        return True
+
+    def partial_fit(self, images: Sequence[ImageInput]) -> PatchCore:
+        """Teach the fitted model more good images without a refit: their patches that the memory
+        bank does not already cover (farther than ``coverage_radius_``) are added, greedily, as a
+        coreset step over bank + new would add them. Projection and coverage radius stay as fitted,
+        so learning an image like the fitted ones changes nothing."""
+        self._require_fitted()
+        images = list(images)
+        if not images:
+            raise DefectLensError("partial_fit needs at least one good image, got none")
+        shape = self.feature_shape_
+        new = self._embed_all(images)
+        self.feature_shape_ = shape  # the grid is the fitted one (images are resized to image_size)
+        d2 = np.square(np.linalg.norm(new - self._nearest(new), axis=1))
+        added = extend_coreset(d2, new, self.coverage_radius_)
+        if len(added):
+            self.memory_bank_ = np.ascontiguousarray(np.concatenate([np.asarray(self.memory_bank_, np.float32), new[added]]), dtype=self.bank_dtype)
+            self._build_index()
+        self.n_train_images_ += len(images)
+        self.n_train_patches_ += len(new)
+        self.n_learned_patches_ += len(added)
         return self
 
     def _embed_dim(self) -> int | None:
@@ -261,6 +302,7 @@ class PatchCore(FeatureDetector):
             "memory_bank": self.memory_bank_,
             "feature_shape": np.asarray(self.feature_shape_, dtype=np.int64),
             "n_train": np.asarray([self.n_train_images_, self.n_train_patches_], dtype=np.int64),
+            "coverage": np.asarray([self.coverage_radius_, self.n_learned_patches_], dtype=np.float64),
             **self._backbone_state(),
         }
 
@@ -276,7 +318,23 @@ class PatchCore(FeatureDetector):
         self.feature_shape_ = tuple(int(v) for v in state["feature_shape"])
         self.n_train_images_, self.n_train_patches_ = (int(v) for v in state["n_train"])
         self._build_index()
+        if "coverage" in state:
+            self.coverage_radius_, learned = (float(v) for v in state["coverage"])
+            self.n_learned_patches_ = int(learned)
+        else:  # saved before models could learn on the line: the radius is measured from the bank itself
+            self.coverage_radius_, self.n_learned_patches_ = self._bank_spacing(), 0
         return self
+
+    def _bank_spacing(self) -> float:
+        """For a bank saved without its coverage radius: the smallest distance between two bank
+        patches. Greedy k-center adds a patch only while it lies farther than the final covering
+        radius from every patch chosen before, so this bounds that radius from above."""
+        bank = np.asarray(self.memory_bank_, dtype=np.float32)
+        if len(bank) < 2:
+            return 0.0
+        dist, _ = self._index.search(bank, 2)
+        spacing = np.sqrt(np.maximum(dist[:, 1], 0.0))
+        return float(spacing[spacing > 0].min()) if (spacing > 0).any() else 0.0
 
     _TRANSIENT = (*FeatureDetector._TRANSIENT, "_index")
 

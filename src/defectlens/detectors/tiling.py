@@ -171,6 +171,20 @@ class TiledDetector(Detector):
         self.n_train_tiles_ = len(tiles)
         return self
 
+    @property
+    def learns_incrementally(self) -> bool:
+        return getattr(self, "inner_", None) is not None and self.inner_.learns_incrementally
+
+    def partial_fit(self, images: Sequence[ImageInput]) -> TiledDetector:
+        """The inner detector learns the new images' tiles, cut as fit cuts them."""
+        self._require_fitted()
+        images = list(images)
+        tiles = _TileView(images, self)
+        self.inner_.partial_fit(tiles)
+        self.n_train_images_ += len(images)
+        self.n_train_tiles_ += len(tiles)
+        return self
+
     @torch.inference_mode()
     def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
         """Tiles are scored by the inner detector; whole images go through score_batches."""
