@@ -56,3 +56,58 @@ threshold_changes = sa.Table(
     sa.Column("actor", sa.String(64), nullable=False),  # which API key (a fingerprint, never the key)
     sa.Index("ix_threshold_changes_model", "model", "model_checksum", "id"),
 )
+
+# An operator's word on one inspection. A row of its own: the verdict the line gave stays as it
+# was, and several people may disagree over the same part.
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("inspection_id", Id, sa.ForeignKey("inspections.id"), nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("label", sa.String(16), nullable=False),  # good | defect
+    sa.Column("note", sa.String(512), nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),
+    # learned (into model_checksum), queued (for the next fit: the detector cannot learn, or no
+    # image copy was kept), or recorded (a defect: for labelled calibration and typing)
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(512), nullable=True),
+    sa.Column("model_checksum", sa.String(64), nullable=True),
+    sa.Index("ix_feedback_model", "model", "id"),
+    sa.Index("ix_feedback_inspection", "inspection_id"),
+)
+
+# Which file a model name runs: one row each time the service switches (learn or rollback). The
+# newest row for a name and root model is what a restarted service loads again.
+model_versions = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(16), nullable=False),  # learn | rollback
+    sa.Column("version", sa.Integer(), nullable=False),
+    sa.Column("file", sa.String(256), nullable=False),
+    sa.Column("checksum", sa.String(64), nullable=False),
+    sa.Column("parent_checksum", sa.String(64), nullable=True),
+    sa.Column("root_checksum", sa.String(64), nullable=False),
+    sa.Column("feedback_ids", sa.JSON(), nullable=False),
+    sa.Column("details", sa.JSON(), nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),
+    sa.Index("ix_model_versions_model", "model", "root_checksum", "id"),
+)
+
+# Every change anyone made through the service, for the dashboard's audit view.
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("model", sa.String(128), nullable=True),
+    sa.Column("details", sa.JSON(), nullable=False),
+    sa.Index("ix_audit_log_created", "created_at"),
+)

@@ -20,7 +20,7 @@ from alembic.config import Config
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from defectlens.errors import DefectLensError
-from defectlens.history.schema import inspections, threshold_changes
+from defectlens.history.schema import audit_log, feedback, inspections, model_versions, threshold_changes
 from defectlens.inference.inspection import Inspection
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -187,9 +187,7 @@ class HistoryStore:
     def record_threshold_change(self, model: str, checksum: str, action: str, old: float, new: float, reason: str, actor: str) -> dict[str, Any]:
         row = {"created_at": utcnow(), "model": model, "model_checksum": checksum, "action": action,
                "old_threshold": old, "new_threshold": new, "reason": reason[:512], "actor": actor}
-        with self._writing(), self.engine.begin() as conn:
-            row["id"] = conn.execute(threshold_changes.insert().values(**row)).inserted_primary_key[0]
-        return _row(row)
+        return self._insert(threshold_changes, row)
 
     def threshold_history(self, model: str, checksum: str) -> list[dict[str, Any]]:
         """Changes to this exact model file, oldest first (a new file starts from its calibration)."""
@@ -198,7 +196,62 @@ class HistoryStore:
             rows = conn.execute(t.select().where(t.c.model == model, t.c.model_checksum == checksum).order_by(t.c.id)).mappings()
             return [_row(r) for r in rows]
 
+    # -- feedback, model versions, audit --------------------------------------------------------
+    def record_feedback(self, inspection_id: int, model: str, label: str, note: str, actor: str, status: str,
+                        reason: str | None = None, model_checksum: str | None = None) -> dict[str, Any]:
+        row = {"created_at": utcnow(), "inspection_id": inspection_id, "model": model, "label": label, "note": note[:512],
+               "actor": actor, "status": status, "reason": None if reason is None else reason[:512], "model_checksum": model_checksum}
+        return self._insert(feedback, row)
+
+    def update_feedback(self, feedback_id: int, status: str, reason: str | None = None, model_checksum: str | None = None) -> None:
+        """Only what became of the feedback changes (learned, queued); who said what never does."""
+        with self._writing(), self.engine.begin() as conn:
+            conn.execute(feedback.update().where(feedback.c.id == feedback_id)
+                         .values(status=status, reason=None if reason is None else reason[:512], model_checksum=model_checksum))
+
+    def feedback(self, model: str | None = None, inspection_id: int | None = None, label: str | None = None, status: str | None = None,
+                 limit: int = 500) -> list[dict[str, Any]]:
+        """Newest first."""
+        c = feedback.c
+        where = [cond for cond, given in ((c.model == model, model), (c.inspection_id == inspection_id, inspection_id),
+                                          (c.label == label, label), (c.status == status, status)) if given is not None]
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(feedback.select().where(*where).order_by(c.id.desc()).limit(limit)).mappings()]
+
+    def record_version(self, model: str, action: str, version: int, file: str, checksum: str, parent_checksum: str | None,
+                       root_checksum: str, feedback_ids: list[int], details: dict[str, Any], actor: str) -> dict[str, Any]:
+        row = {"created_at": utcnow(), "model": model, "action": action, "version": version, "file": file, "checksum": checksum,
+               "parent_checksum": parent_checksum, "root_checksum": root_checksum, "feedback_ids": list(feedback_ids),
+               "details": details, "actor": actor}
+        return self._insert(model_versions, row)
+
+    def versions(self, model: str, root_checksum: str) -> list[dict[str, Any]]:
+        """Every switch of this model name away from (and back towards) the root file, oldest first."""
+        t = model_versions
+        with self.engine.connect() as conn:
+            rows = conn.execute(t.select().where(t.c.model == model, t.c.root_checksum == root_checksum).order_by(t.c.id)).mappings()
+            return [_row(r) for r in rows]
+
+    def audit(self, actor: str, role: str, action: str, model: str | None = None, details: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self._insert(audit_log, {"created_at": utcnow(), "actor": actor, "role": role, "action": action[:32],
+                                        "model": model, "details": details or {}})
+
+    def audit_entries(self, limit: int = 100, offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
+        """Newest first."""
+        with self.engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(audit_log)).scalar_one()
+            rows = conn.execute(audit_log.select().order_by(audit_log.c.id.desc()).limit(limit).offset(offset)).mappings()
+            return int(total), [_row(r) for r in rows]
+
     # -- helpers ----------------------------------------------------------------------------
+    def _insert(self, table: sa.Table, row: dict[str, Any]) -> dict[str, Any]:
+        try:
+            with self._writing(), self.engine.begin() as conn:
+                row = {**row, "id": conn.execute(table.insert().values(**row)).inserted_primary_key[0]}
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{masked_url(self.url)}: cannot write to the history ({_reason(exc)})") from None
+        return _row(row)
+
     def _writing(self):
         """SQLite allows one writer: queue writers here rather than spin on 'database is locked'."""
         return self._write_lock or contextlib.nullcontext()

@@ -1,7 +1,10 @@
-"""API keys and request-size limits.
+"""API keys with roles, and request-size limits.
 
 Keys guard every endpoint that changes state; reading stays open so a line display or the
-dashboard needs no secret. The size limit counts the bytes as they arrive, so a client that
+dashboard needs no secret (unless the service is started with ``--protect-read``). A key carries
+a role: ``viewer`` reads, ``operator`` also inspects and gives feedback, ``admin`` also changes
+thresholds and models. A key is given as ``ROLE:SECRET``; a bare ``SECRET`` is an admin key, as
+every key was before roles existed. The size limit counts the bytes as they arrive, so a client that
 sends no Content-Length (chunked upload) is cut off at the limit, not after filling memory.
 """
 
@@ -11,11 +14,17 @@ import hashlib
 import hmac
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi import HTTPException, Request
 
 KEY_HEADER = "X-API-Key"
+ROLES = ("viewer", "operator", "admin")  # each can do what the ones before it can
+
+
+class Caller(NamedTuple):
+    actor: str  # the key's fingerprint, what the history records
+    role: str
 
 
 def fingerprint(key: str) -> str:
@@ -23,25 +32,38 @@ def fingerprint(key: str) -> str:
     return "key:" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+def parse_key(entry: str) -> tuple[str, str]:
+    """``operator:s3cret`` -> (operator, s3cret); a key without a known role prefix is an admin's."""
+    role, sep, secret = entry.partition(":")
+    if sep and role in ROLES and secret:
+        return role, secret
+    return "admin", entry
+
+
 class ApiKeys:
     def __init__(self, keys: Iterable[str]) -> None:
-        self._keys = [k for k in (k.strip() for k in keys) if k]
+        self._keys = [parse_key(k) for k in (k.strip() for k in keys) if k]
 
     @property
     def configured(self) -> bool:
         return bool(self._keys)
 
-    def check(self, request: Request) -> str:
-        """The caller's fingerprint, or 401/403 naming what is missing."""
+    def roles(self) -> dict[str, int]:
+        return {r: sum(role == r for role, _ in self._keys) for r in ROLES}
+
+    def check(self, request: Request, need: str = "admin") -> Caller:
+        """Who is calling, when their key's role covers ``need``; otherwise 401/403 naming what is missing."""
         given = request.headers.get(KEY_HEADER) or _bearer(request.headers.get("Authorization", ""))
         if not self._keys:
             raise HTTPException(403, "this service has no API key configured, so nothing can change its state; "
                                      "start it with --api-key or DEFECTLENS_API_KEYS")
         if not given:
-            raise HTTPException(401, f"this endpoint changes state: send an API key in the {KEY_HEADER} header")
-        for key in self._keys:
+            raise HTTPException(401, f"this endpoint needs the {need} role: send an API key in the {KEY_HEADER} header")
+        for role, key in self._keys:
             if hmac.compare_digest(given.encode(), key.encode()):
-                return fingerprint(key)
+                if ROLES.index(role) < ROLES.index(need):
+                    raise HTTPException(403, f"this endpoint needs the {need} role; the key given is a(n) {role} key")
+                return Caller(fingerprint(key), role)
         raise HTTPException(401, "API key not recognised")
 
 
