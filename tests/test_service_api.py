@@ -45,8 +45,9 @@ def test_status_health_readiness_and_schema(client):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"ready": True, "problems": []}
     status = client.get("/api/status").json()
-    assert [m["name"] for m in status["models"]] == ["discs"] and status["database"]["revision"] == "0001"
-    assert status["auth"] == {"keys_configured": True, "inspect_requires_key": False} and status["queue"]["in_flight"] == 0
+    assert [m["name"] for m in status["models"]] == ["discs"] and status["database"]["revision"] == "0002"
+    assert status["auth"] == {"keys_configured": True, "inspect_requires_key": False, "read_requires_key": False,
+                              "keys_per_role": {"viewer": 0, "operator": 0, "admin": 1}} and status["queue"]["in_flight"] == 0
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/models/{name}/inspect", "/api/models/{name}/inspect-batch", "/api/history", "/api/models/{name}/threshold"} <= set(paths)
     assert "multipart/form-data" in paths["/api/models/{name}/inspect"]["post"]["requestBody"]["content"]

@@ -22,9 +22,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "history database: any SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db (default: $DEFECTLENS_DB or "
         "sqlite:///defectlens_history.db)"))
     p.add_argument("--api-key", action="append", default=[], help=(
-        "a key that may change state (load/unload models, thresholds); repeat for several; also $DEFECTLENS_API_KEYS "
-        "(comma-separated). Without one, the service is read-and-inspect only"))
-    p.add_argument("--protect-inspect", action="store_true", help="require an API key to inspect too")
+        "an API key, as ROLE:SECRET with ROLE viewer (read), operator (inspect, feedback) or admin (thresholds, models, "
+        "rollback); a bare SECRET is an admin key. Repeat for several; also $DEFECTLENS_API_KEYS (comma-separated). "
+        "Without one, the service is read-and-inspect only"))
+    p.add_argument("--protect-inspect", action="store_true", help="require an operator (or admin) key to inspect too")
+    p.add_argument("--protect-read", action="store_true", help="require a viewer key (or higher) to read history, models and metrics")
+    p.add_argument("--drift-window", type=int, default=100, help="recent inspections the drift watch compares (default: 100)")
+    p.add_argument("--drift-alpha", type=float, default=1e-3, help="drift watch significance: smaller is calmer (default: 0.001)")
+    p.add_argument("--drift-min-effect", type=float, default=0.3, help=(
+        "drift watch: how far recent scores must have moved (KS statistic, 0-1) before 'drift' (default: 0.3)"))
     p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body in MB (default: 16)")
     p.add_argument("--max-megapixels", type=float, default=64.0, help="largest image in megapixels (default: 64)")
     p.add_argument("--keep-images", default=None, metavar="DIR", help="keep a copy of every inspected image here")
@@ -45,6 +51,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _service_settings(args: argparse.Namespace):
+    from defectlens.calibration.drift import DriftSettings
     from defectlens.service.app import ServiceSettings
 
     models = [Path(m) for m in args.models]
@@ -52,9 +59,12 @@ def _service_settings(args: argparse.Namespace):
     keys = args.api_key + [k for k in os.environ.get("DEFECTLENS_API_KEYS", "").split(",") if k.strip()]
     if args.max_upload_mb <= 0 or args.max_megapixels <= 0:
         raise DefectLensError("--max-upload-mb and --max-megapixels must be positive")
-    if args.protect_inspect and not keys:
-        raise DefectLensError("--protect-inspect needs an API key (--api-key or $DEFECTLENS_API_KEYS)")
+    for flag in ("protect_inspect", "protect_read"):
+        if getattr(args, flag) and not keys:
+            raise DefectLensError(f"--{flag.replace('_', '-')} needs an API key (--api-key or $DEFECTLENS_API_KEYS)")
+    drift = DriftSettings(window=args.drift_window, min_samples=min(30, args.drift_window), alpha=args.drift_alpha, min_effect=args.drift_min_effect)
     return ServiceSettings(db_url=args.db, model_dir=model_dir, models=models, api_keys=keys, protect_inspect=args.protect_inspect,
+                           protect_read=args.protect_read, drift=drift,
                            max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
                            image_dir=Path(args.keep_images) if args.keep_images else None)
 

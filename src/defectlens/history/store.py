@@ -179,6 +179,15 @@ class HistoryStore:
             "series": [{"model": m, "bucket": str(b), "total": n, "defects": int(d or 0), "defect_rate": (d or 0) / n} for m, b, n, d in series],
         }
 
+    def recent_scores(self, model: str, checksum: str | None, limit: int, with_rows: bool = False) -> list[Any]:
+        """The newest ``limit`` decision scores of a model (of one model file, with ``checksum``), newest first."""
+        c = inspections.c
+        where = [c.model == model] + ([c.model_checksum == checksum] if checksum else [])
+        cols = [c.id, c.created_at, c.score, c.verdict] if with_rows else [c.score]
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(*cols).where(*where).order_by(c.id.desc()).limit(limit)).mappings().all()
+        return [_row(r) for r in rows] if with_rows else [float(r["score"]) for r in rows]
+
     def count(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(inspections)).scalar_one())

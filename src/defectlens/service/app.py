@@ -31,13 +31,16 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
 from defectlens._version import __version__
+from defectlens.calibration.drift import DriftSettings
 from defectlens.data.images import MAX_PIXELS, decode_bytes, to_rgb_float
 from defectlens.errors import DefectLensError, ImageError, ImageFormatError, ImageTooLargeError
 from defectlens.history.store import HistoryQuery, HistoryStore, StoreError, as_utc, inspection_row, masked_url
 from defectlens.inference.inspection import Inspection
 from defectlens.inference.overlay import render_heat
+from defectlens.service.line import LineLoop
+from defectlens.service.metrics import ServiceMetrics
 from defectlens.service.models import LoadedModel, ModelConflict, ModelNotFound, ModelRegistry
-from defectlens.service.security import ApiKeys, BodyLimit
+from defectlens.service.security import ApiKeys, BodyLimit, Caller
 
 log = logging.getLogger("defectlens.service")
 STATIC = Path(__file__).parent / "static"
@@ -52,10 +55,12 @@ class ServiceSettings:
     model_dir: Path = Path("models")
     models: list[Path] = field(default_factory=list)  # loaded at start, from anywhere the operator names
     api_keys: list[str] = field(default_factory=list)
-    protect_inspect: bool = False  # inspecting writes history; a plant may want that guarded too
+    protect_inspect: bool = False  # inspecting writes history; a plant may want that guarded too (operator keys)
+    protect_read: bool = False  # reading history, models and metrics needs a viewer key too
     max_upload_bytes: int = 16 * 2**20
     max_pixels: int = MAX_PIXELS
-    image_dir: Path | None = None  # keep a copy of every inspected image here (content-addressed)
+    image_dir: Path | None = None  # keep a copy of every inspected image here (content-addressed); feedback learns from it
+    drift: DriftSettings = field(default_factory=DriftSettings)
 
 
 class InspectionService:
@@ -73,6 +78,11 @@ class InspectionService:
         self._busy = threading.Lock()
         self.in_flight = 0
         self.served = 0
+        self.metrics = ServiceMetrics(lambda: self.in_flight)
+        self.line = LineLoop(self.store, self.registry, self.metrics, settings.drift, self.saved_image)
+
+    def audit(self, caller: Caller, action: str, model: str | None, details: dict[str, Any]) -> None:
+        self.store.audit(caller.actor, caller.role, action, model, details)
 
     @contextmanager
     def _counted(self) -> Iterator[None]:
@@ -103,7 +113,12 @@ class InspectionService:
         row, created = self.store.record(self._row(model.name, checksum, inspection, data, image.format, request_id))
         if not created:  # the same key raced in twice: both get the one stored row
             return {**row, "replayed": True}
+        self._observed(model, inspection, time.perf_counter() - t0)
         return self._answer(row, inspection, image if overlay else None, model)
+
+    def _observed(self, model: LoadedModel, inspection: Inspection, seconds: float) -> None:
+        self.metrics.inspected(model.name, inspection.verdict, seconds)
+        self.line.observe(model, inspection.score)
 
     def inspect_batch(self, name: str, uploads: list[tuple[str, bytes]], request_id: str | None) -> dict[str, Any]:
         """One batched forward pass for the whole upload; a bad file is reported in place."""
@@ -125,17 +140,21 @@ class InspectionService:
             except ImageError as exc:
                 errors.append({"index": i, "source": source, "error": str(exc)})
         if todo:
+            t0 = time.perf_counter()
             with self._counted(), model.lock:
                 found = list(model.inspector.inspect_many([img for _, img in todo]))
                 checksum = model.checksum
                 model.inspections += len(todo)
+            per_image = (time.perf_counter() - t0) / len(todo)
             for (i, image), inspection in zip(todo, found, strict=True):
                 source, data = uploads[i]
                 if isinstance(inspection, ImageError):
                     errors.append({"index": i, "source": source, "error": f"{source}: {inspection}"})
                     continue
                 inspection.source = source
-                row, _ = self.store.record(self._row(model.name, checksum, inspection, data, image.format, f"{base}-{i}"))
+                row, created = self.store.record(self._row(model.name, checksum, inspection, data, image.format, f"{base}-{i}"))
+                if created:
+                    self._observed(model, inspection, per_image)
                 results[i] = self._answer(row, inspection, None, model)
         return {"results": [r for r in results if r is not None], "errors": sorted(errors, key=lambda e: e["index"])}
 
@@ -192,12 +211,13 @@ class InspectionService:
         return {
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 1),
-            "models": [m.describe() for m in self.registry.loaded()],
+            "models": [{**m.describe(), "drift": self.line.drift_state(m)} for m in self.registry.loaded()],
             "queue": {"in_flight": self.in_flight},
             "served": self.served,
             "database": {"url": masked_url(self.store.url), "revision": self.store.revision()},
             "limits": {"max_upload_bytes": self.settings.max_upload_bytes, "max_pixels": self.settings.max_pixels, "formats": list(FORMATS)},
-            "auth": {"keys_configured": self.keys.configured, "inspect_requires_key": self.settings.protect_inspect},
+            "auth": {"keys_configured": self.keys.configured, "inspect_requires_key": self.settings.protect_inspect,
+                     "read_requires_key": self.settings.protect_read, "keys_per_role": self.keys.roles()},
         }
 
     def model_details(self, name: str) -> dict[str, Any]:
@@ -211,6 +231,7 @@ class InspectionService:
             "guarantee": None if cal is None else cal.guarantee,
             "threshold_changes": self.store.threshold_history(name, model.checksum),
             "selection": model.bundle.metadata.get("selection"),  # how fit --detector auto chose, when it did
+            "versions": self.registry.versions(name),
         }
 
 
@@ -223,6 +244,11 @@ class ReasonIn(BaseModel):
     reason: str = Field("", max_length=500)
 
 
+class FeedbackIn(BaseModel):
+    label: Literal["good", "defect"] = Field(description="what the part really was")
+    note: str = Field("", max_length=500, description="what the operator saw, for the record")
+
+
 def create_app(service: InspectionService) -> FastAPI:
     app = FastAPI(title="DefectLens inspection service", version=__version__,
                   description="Inspect images against fitted DefectLens models; every inspection is kept in the history.")
@@ -230,11 +256,17 @@ def create_app(service: InspectionService) -> FastAPI:
     app.state.service = service
     _error_handlers(app)
 
-    def key(request: Request) -> str:
-        return service.keys.check(request)
+    def admin(request: Request) -> Caller:
+        return service.keys.check(request, "admin")
 
-    def inspect_key(request: Request) -> str | None:
-        return service.keys.check(request) if service.settings.protect_inspect else None
+    def operator(request: Request) -> Caller:
+        return service.keys.check(request, "operator")
+
+    def inspect_key(request: Request) -> Caller | None:
+        return service.keys.check(request, "operator") if service.settings.protect_inspect else None
+
+    def reader(request: Request) -> Caller | None:
+        return service.keys.check(request, "viewer") if service.settings.protect_read else None
 
     # -- liveness and status ----------------------------------------------------------------
     @app.get("/health", tags=["status"])
@@ -251,44 +283,68 @@ def create_app(service: InspectionService) -> FastAPI:
         return JSONResponse({"ready": not problems, "problems": problems}, status_code=503 if problems else 200)
 
     @app.get("/api/status", tags=["status"])
-    def status() -> dict:
+    def status(_: Caller | None = Depends(reader)) -> dict:
         return service.status()
 
     # -- models -----------------------------------------------------------------------------
     @app.get("/api/models", tags=["models"])
-    def models() -> dict:
+    def models(_: Caller | None = Depends(reader)) -> dict:
         return {"loaded": [m.describe() for m in service.registry.loaded()], "available": service.registry.available()}
 
     @app.get("/api/models/{name}", tags=["models"])
-    def model(name: str) -> dict:
+    def model(name: str, _: Caller | None = Depends(reader)) -> dict:
         return service.model_details(name)
 
     @app.post("/api/models/{name}/load", tags=["models"])
-    def load(name: str, _: str = Depends(key)) -> dict:
-        return service.registry.load(name).describe()
+    def load(name: str, caller: Caller = Depends(admin)) -> dict:
+        model = service.registry.load(name)
+        service.audit(caller, "model.load", name, {"file": model.path.name, "checksum": model.checksum})
+        return model.describe()
 
     @app.delete("/api/models/{name}", tags=["models"])
-    def unload(name: str, _: str = Depends(key)) -> dict:
+    def unload(name: str, caller: Caller = Depends(admin)) -> dict:
         service.registry.unload(name)
+        service.audit(caller, "model.unload", name, {})
         return {"unloaded": name}
 
+    @app.get("/api/models/{name}/versions", tags=["models"])
+    def versions(name: str, _: Caller | None = Depends(reader)) -> dict:
+        model = service.registry.get(name)
+        return {"model": name, "running": model.describe(), "switches": service.registry.versions(name)}
+
+    @app.post("/api/models/{name}/rollback", tags=["models"])
+    def rollback(name: str, caller: Caller = Depends(admin)) -> dict:
+        """Back to the version the running one was learned from."""
+        return service.line.rollback(name, caller)
+
+    @app.get("/api/models/{name}/drift", tags=["models"])
+    def drift(name: str, _: Caller | None = Depends(reader)) -> dict:
+        """Recent scores against the calibration's good scores: ok, warning or drift, with the figures."""
+        return service.line.drift(name)
+
     @app.get("/api/models/{name}/threshold", tags=["threshold"])
-    def threshold(name: str) -> dict:
+    def threshold(name: str, _: Caller | None = Depends(reader)) -> dict:
         m = service.registry.get(name)
         return {"model": name, "threshold": m.threshold, "calibrated_threshold": m.calibrated_threshold,
                 "changes": service.store.threshold_history(name, m.checksum)}
 
     @app.put("/api/models/{name}/threshold", tags=["threshold"])
-    def set_threshold(name: str, body: ThresholdIn, actor: str = Depends(key)) -> dict:
-        return service.registry.set_threshold(name, body.threshold, body.reason, actor)
+    def set_threshold(name: str, body: ThresholdIn, caller: Caller = Depends(admin)) -> dict:
+        change = service.registry.set_threshold(name, body.threshold, body.reason, caller.actor)
+        service.audit(caller, "threshold.set", name, {"old": change["old_threshold"], "new": change["new_threshold"], "reason": body.reason})
+        return change
 
     @app.post("/api/models/{name}/threshold/undo", tags=["threshold"])
-    def undo_threshold(name: str, actor: str = Depends(key)) -> dict:
-        return service.registry.undo_threshold(name, actor)
+    def undo_threshold(name: str, caller: Caller = Depends(admin)) -> dict:
+        change = service.registry.undo_threshold(name, caller.actor)
+        service.audit(caller, "threshold.undo", name, {"old": change["old_threshold"], "new": change["new_threshold"]})
+        return change
 
     @app.delete("/api/models/{name}/threshold", tags=["threshold"])
-    def reset_threshold(name: str, body: ReasonIn | None = None, actor: str = Depends(key)) -> dict:
-        return service.registry.reset_threshold(name, body.reason if body else "", actor)
+    def reset_threshold(name: str, body: ReasonIn | None = None, caller: Caller = Depends(admin)) -> dict:
+        change = service.registry.reset_threshold(name, body.reason if body else "", caller.actor)
+        service.audit(caller, "threshold.reset", name, {"old": change["old_threshold"], "new": change["new_threshold"]})
+        return change
 
     # -- inspection -------------------------------------------------------------------------
     @app.post("/api/models/{name}/inspect", tags=["inspect"], openapi_extra=_UPLOAD_DOC)
@@ -309,25 +365,51 @@ def create_app(service: InspectionService) -> FastAPI:
     @app.get("/api/history", tags=["history"])
     def history(model: str | None = None, verdict: Literal["good", "defect", "uncalibrated"] | None = None,
                 since: datetime | None = None, until: datetime | None = None, request_prefix: str | None = None,
-                limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+                limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0), _: Caller | None = Depends(reader)) -> dict:
         q = HistoryQuery(model, verdict, _utc(since), _utc(until), request_prefix)
         total, items = service.store.query(q, limit, offset)
         return {"total": total, "limit": limit, "offset": offset, "items": items}
 
     @app.get("/api/history/{inspection_id}", tags=["history"])
-    def history_item(inspection_id: int) -> dict:
+    def history_item(inspection_id: int, _: Caller | None = Depends(reader)) -> dict:
         row = service.store.get(inspection_id)
         if row is None:
             raise ModelNotFound(f"inspection {inspection_id}: not in the history")
         return row
 
+    @app.post("/api/history/{inspection_id}/feedback", tags=["history"])
+    def give_feedback(inspection_id: int, body: FeedbackIn, caller: Caller = Depends(operator)) -> dict:
+        """An operator's word on one verdict, kept beside it (never over it). A part confirmed good
+        teaches the model a new version when it can learn; otherwise the answer says why not."""
+        return service.line.feedback(inspection_id, body.label, body.note, caller)
+
+    @app.get("/api/history/{inspection_id}/feedback", tags=["history"])
+    def feedback_of(inspection_id: int, _: Caller | None = Depends(reader)) -> dict:
+        return {"inspection_id": inspection_id, "items": service.store.feedback(inspection_id=inspection_id)}
+
+    @app.get("/api/feedback", tags=["history"])
+    def feedback_list(model: str | None = None, label: Literal["good", "defect"] | None = None,
+                      status: Literal["learned", "queued", "recorded"] | None = None, limit: int = Query(100, ge=1, le=500),
+                      _: Caller | None = Depends(reader)) -> dict:
+        return {"items": service.store.feedback(model=model, label=label, status=status, limit=limit)}
+
+    @app.get("/api/audit", tags=["history"])
+    def audit(limit: int = Query(100, ge=1, le=500), offset: int = Query(0, ge=0), _: Caller | None = Depends(reader)) -> dict:
+        total, items = service.store.audit_entries(limit, offset)
+        return {"total": total, "items": items}
+
+    @app.get("/metrics", tags=["status"])
+    def metrics(_: Caller | None = Depends(reader)) -> Response:
+        """Prometheus text format: inspections and defects per model, latency, drift, queue depth."""
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
     @app.get("/api/history/{inspection_id}/image", tags=["history"])
-    def history_image(inspection_id: int) -> FileResponse:
+    def history_image(inspection_id: int, _: Caller | None = Depends(reader)) -> FileResponse:
         return FileResponse(service.saved_image(inspection_id))
 
     @app.get("/api/stats", tags=["history"])
     def stats(model: str | None = None, since: datetime | None = None, until: datetime | None = None,
-              bucket: Literal["hour", "day"] = "hour") -> dict:
+              bucket: Literal["hour", "day"] = "hour", _: Caller | None = Depends(reader)) -> dict:
         return service.store.stats(HistoryQuery(model, None, _utc(since), _utc(until)), bucket)
 
     # -- dashboard --------------------------------------------------------------------------

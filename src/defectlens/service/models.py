@@ -1,13 +1,16 @@
-"""Model bundles a running service holds, and their run-time thresholds.
+"""Model bundles a running service holds, their run-time thresholds and their versions.
 
 Requests name models, never paths: a name is looked up as ``<name>.dlens`` in the one configured
 model folder, so nothing a client sends can reach another file. A threshold changed at run time
 is kept in the history store and re-applied when the same model file is loaded again, so a
-restart does not silently undo a decision taken on the line.
+restart does not silently undo a decision taken on the line. Likewise a version learned on the
+line (``<name>.v<N>.dlens``) or a rollback is recorded, and loading the name again loads the
+version that was running.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from dataclasses import dataclass, field, replace
@@ -21,6 +24,7 @@ from defectlens.history.store import HistoryStore, utcnow
 from defectlens.inference.inspector import Inspector
 from defectlens.inference.loading import load_model
 
+log = logging.getLogger("defectlens.service")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SUFFIX = ".dlens"
 
@@ -48,6 +52,19 @@ class LoadedModel:
     @property
     def checksum(self) -> str:
         return self.bundle.checksum
+
+    @property
+    def lineage(self) -> dict[str, Any]:
+        """Where this version came from (empty for a model that was fitted, not learned)."""
+        return dict(self.bundle.metadata.get("lineage") or {})
+
+    @property
+    def root_checksum(self) -> str:
+        return self.lineage.get("root_checksum", self.checksum)
+
+    @property
+    def version(self) -> int:
+        return int(self.lineage.get("version", 1))
 
     @property
     def calibrated_threshold(self) -> float | None:
@@ -86,6 +103,9 @@ class LoadedModel:
             "pixel_threshold": None if cal is None else cal.pixel_threshold,
             "strategy": None if cal is None else cal.strategy,
             "inspections": self.inspections,
+            "version": self.version,
+            "parent": self.lineage.get("parent"),
+            "learns_incrementally": det.learns_incrementally,
         }
 
 
@@ -120,13 +140,70 @@ class ModelRegistry:
         name = name or path.stem
         if not NAME.match(name):
             raise DefectLensError(f"{path}: model name '{name}' must be letters, digits, '.', '_' and '-'")
+        model = self._open(path, name)
+        model = self._running_version(model) or model
+        with self._lock:
+            self._models[name] = model
+        return model
+
+    def _open(self, path: Path, name: str) -> LoadedModel:
         model = LoadedModel(name, path, (bundle := load_model(path)), Inspector(bundle))
         changes = self.store.threshold_history(name, model.checksum)
         if changes and model.calibrated_threshold is not None:
             model.apply_threshold(changes[-1]["new_threshold"])
-        with self._lock:
-            self._models[name] = model
         return model
+
+    def _running_version(self, model: LoadedModel) -> LoadedModel | None:
+        """The version this name last ran (learned on the line, or rolled back to), when its file is still there."""
+        switches = self.store.versions(model.name, model.root_checksum)
+        if not switches or switches[-1]["checksum"] == model.checksum:
+            return None
+        last = switches[-1]
+        path = model.path.parent / last["file"]
+        if not path.is_file():
+            log.warning("model %s last ran %s, which is gone: running %s", model.name, last["file"], model.path.name)
+            return None
+        running = self._open(path, model.name)
+        if running.checksum != last["checksum"]:
+            log.warning("model %s: %s changed since it ran (checksum differs): running %s", model.name, last["file"], model.path.name)
+            return None
+        return running
+
+    # -- versions ---------------------------------------------------------------------------
+    def switch(self, name: str, path: Path, action: str, actor: str, feedback_ids: list[int] | None = None,
+               details: dict[str, Any] | None = None, expect_checksum: str | None = None) -> LoadedModel:
+        """Run ``path`` under ``name`` from the next inspection on: the new model is loaded beside
+        the old one and replaces it in one assignment, so no request sees half of either."""
+        old = self.get(name)
+        new = self._open(path, name)
+        if expect_checksum and new.checksum != expect_checksum:
+            raise ModelConflict(f"model '{name}': {path.name} changed since {old.path.name} was learned from it (checksum differs); not switched")
+        if action == "learn" and old.threshold is not None and old.threshold != old.calibrated_threshold:
+            # an operator's threshold stays in force on the version learned from its model
+            new.apply_threshold(old.threshold)
+            self.store.record_threshold_change(name, new.checksum, "set", new.calibrated_threshold or old.threshold, old.threshold,
+                                               f"carried over from {old.path.name}", actor)
+        self.store.record_version(name, action, new.version, path.name, new.checksum, new.lineage.get("parent_checksum"),
+                                  new.root_checksum, feedback_ids or [], details or {}, actor)
+        with self._lock:
+            self._models[name] = new
+        return new
+
+    def rollback(self, name: str, actor: str) -> LoadedModel:
+        """Back to the version this one was learned from; its scores are exactly the parent's again."""
+        model = self.get(name)
+        lineage = model.lineage
+        if not lineage.get("parent"):
+            raise ModelConflict(f"model '{name}' runs {model.path.name}, which was fitted, not learned: nothing to roll back to")
+        path = model.path.parent / lineage["parent"]
+        if not path.is_file():
+            raise ModelConflict(f"model '{name}': its parent {lineage['parent']} is no longer beside {model.path.name}")
+        return self.switch(name, path, "rollback", actor, details={"from": model.path.name, "from_checksum": model.checksum},
+                           expect_checksum=lineage.get("parent_checksum"))
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        model = self.get(name)
+        return self.store.versions(name, model.root_checksum)
 
     def unload(self, name: str) -> None:
         with self._lock:
