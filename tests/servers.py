@@ -21,12 +21,12 @@ def free_port() -> int:
 class Server:
     """`defectlens serve` in its own process."""
 
-    def __init__(self, model: Path, db: str, log: Path) -> None:
+    def __init__(self, model: Path, db: str, log: Path, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [sys.executable, "-m", "defectlens", "serve", str(model), "--db", db, "--port", str(self.port), "--api-key", "k",
-               "--log-level", "warning"]
+               "--log-level", "warning", *extra]
         self.proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT)
         deadline = time.time() + 90
         while time.time() < deadline:

@@ -109,3 +109,47 @@ def test_history_page_filters_pages_and_charts(server, page, tiny_dataset):
     page.click("#filters button[type=submit]")
     page.wait_for_function(f"document.querySelectorAll('#rows tbody tr').length === {verdicts.count('defect')}")
     assert set(page.eval_on_selector_all("#rows tbody .verdict", "els => els.map(e => e.textContent)")) == {"defect"}
+
+
+def test_drift_banner_feedback_buttons_and_role_refusals(model_dir, tmp_path, page, tiny_dataset):
+    import shutil
+
+    from .test_line_loop import moved_png
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(model_dir / "discs.dlens", models / "discs.dlens")
+    server = Server(models / "discs.dlens", f"sqlite:///{tmp_path / 'history.db'}", tmp_path / "server.log",
+                    ("--api-key", "operator:op", "--keep-images", str(tmp_path / "images")))
+    try:
+        goods = sorted((tiny_dataset / "train" / "good").iterdir())
+        for i in range(40):  # the line moved: a brighter lamp on every part
+            httpx.post(f"{server.url}/api/models/discs/inspect", content=moved_png(goods[i % len(goods)]), params={"source": f"moved{i}.png"})
+        assert httpx.get(server.url + "/api/models/discs/drift").json()["state"] == "drift"
+
+        page.goto(server.url + "/")
+        page.wait_for_selector("#drift-banner:not([hidden]) [data-state=drift]")
+        assert "discs: drift" in page.inner_text("#drift-banner")
+        page.wait_for_function("document.querySelectorAll('#drift-chart circle.drift-point').length === 40")
+        assert page.inner_text("#drift-state") == "drift"
+
+        page.fill("#api-key", "op")  # an operator may not change the threshold
+        page.click("#save-threshold")
+        page.wait_for_function("document.getElementById('message').textContent.includes('not changed')")
+        assert "admin role" in page.inner_text("#message")
+
+        page.goto(server.url + "/history")
+        page.wait_for_selector("#rows tbody tr")
+        page.fill("#api-key", "op")
+        row = page.locator("#rows tbody tr", has=page.locator(".verdict.defect")).first
+        inspection_id = int(row.get_attribute("data-id"))
+        row.locator("button.mark-good").click()
+        page.wait_for_function("[...document.querySelectorAll('.feedback-result')].some(e => e.dataset.status === 'learned')", timeout=60_000)
+        assert "discs.v2.dlens" in row.locator(".feedback-result").inner_text()
+        fb = httpx.get(f"{server.url}/api/history/{inspection_id}/feedback").json()["items"]
+        assert fb[0]["label"] == "good" and fb[0]["status"] == "learned"
+        page.reload()
+        page.wait_for_selector("#audit tbody tr")
+        assert {"feedback", "model.learn"} <= set(page.eval_on_selector_all("#audit tbody tr td:nth-child(4)", "els => els.map(e => e.textContent)"))
+    finally:
+        server.stop()

@@ -32,7 +32,8 @@ async function loadRows() {
     el("td", { class: "num", text: r.id }), el("td", { text: r.created_at.replace("T", " ").slice(0, 19) }), el("td", { text: r.model }),
     el("td", { text: r.source, title: r.image_sha256 }), el("td", {}, el("span", { class: `verdict ${r.verdict}`, text: r.verdict })),
     el("td", { class: "num", text: fmt(r.score, 4) }), el("td", { class: "num", text: fmt(r.threshold, 4) }),
-    el("td", { class: "num", text: fmt(r.severity, 2) }), el("td", { class: "num", text: r.regions.length }))));
+    el("td", { class: "num", text: fmt(r.severity, 2) }), el("td", { class: "num", text: r.regions.length }),
+    el("td", {}, feedbackButtons(r.id)))));
   $("range").textContent = page.total ? `${offset + 1}–${offset + page.items.length} of ${page.total}` : "none match";
   $("prev").disabled = offset === 0;
   $("next").disabled = offset + page.items.length >= page.total;
@@ -72,7 +73,14 @@ function drawTrend(series) {
   buckets.forEach((b, i) => { if (i % step === 0) add("text", { x: pad + i * slot, y: H - 6, "font-size": 10, fill: "#6b7280" }, b); });
 }
 
-function refresh() { loadRows(); loadStats(); showStatus(); }
+async function loadAudit() {
+  const { items } = await api("/api/audit?limit=50");
+  $("audit").querySelector("tbody").replaceChildren(...items.map((a) => el("tr", {},
+    el("td", { text: a.created_at.replace("T", " ").slice(0, 19) }), el("td", { text: a.actor }), el("td", { text: a.role }),
+    el("td", { text: a.action }), el("td", { text: a.model || "" }), el("td", { class: "note", text: JSON.stringify(a.details) }))));
+}
+
+function refresh() { loadRows(); loadStats(); loadAudit(); showStatus(); }
 
 $("filters").addEventListener("submit", (e) => { e.preventDefault(); offset = 0; refresh(); });
 $("prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); loadRows(); });

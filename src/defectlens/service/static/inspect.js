@@ -27,6 +27,28 @@ async function chooseModel(name) {
   $("model-threshold").textContent = fmt(state.details.threshold, 4);
   showSelection(state.details.selection);
   rejudge();
+  showDriftChart();
+}
+
+async function showDriftChart() {
+  if (!state.model) return;
+  const d = await api(`/api/models/${encodeURIComponent(state.model)}/drift`);
+  $("drift-state").textContent = d.state;
+  $("drift-state").dataset.state = d.state;
+  const figures = d.ks_statistic === null || d.ks_statistic === undefined ? d.reasons.join("; ")
+    : `last ${d.n} inspections: KS D ${fmt(d.ks_statistic, 2)} (p ${Number(d.ks_pvalue).toPrecision(2)}), `
+      + `${d.rejects} rejected (${fmt(100 * d.reject_rate, 1)} % against ${fmt(100 * d.expected_frr, 1)} % expected)`
+      + (d.reasons.length ? ` — ${d.reasons.join("; ")}` : "");
+  $("drift-figures").textContent = figures;
+  const svg = $("drift-chart"), NS = "http://www.w3.org/2000/svg", W = 900, H = 160, pad = 8;
+  svg.replaceChildren();
+  const values = d.series.map((p) => p.score).concat(d.threshold ?? []);
+  if (!d.series.length) return;
+  const lo = Math.min(...values), hi = Math.max(...values), span = hi - lo || 1;
+  const y = (v) => H - pad - ((v - lo) / span) * (H - 2 * pad), x = (i) => pad + (i / Math.max(1, d.series.length - 1)) * (W - 2 * pad);
+  const add = (tag, attrs) => { const n = document.createElementNS(NS, tag); Object.entries(attrs).forEach(([k, v]) => n.setAttribute(k, v)); svg.append(n); return n; };
+  if (d.threshold !== null) add("line", { x1: 0, x2: W, y1: y(d.threshold), y2: y(d.threshold), stroke: "#111827", "stroke-dasharray": "4 3" });
+  d.series.forEach((p, i) => add("circle", { cx: x(i), cy: y(p.score), r: 3, class: "drift-point", fill: p.verdict === "defect" ? "#d64545" : "#1f9d55" }));
 }
 
 function showSelection(selection) {
@@ -72,6 +94,7 @@ async function inspectFiles(files) {
   setSliderRange();
   rejudge();
   showStatus();
+  showDriftChart();
 }
 
 function renderCard(entry) {
@@ -104,7 +127,8 @@ function renderCard(entry) {
     card.append(pair);
     const list = el("ul", { class: "regions" });
     d.regions.forEach((r) => list.append(el("li", { text: `${r.type || "region"}: severity ${fmt(r.severity, 2)}, ${fmt(r.area_pct, 2)} % of the image` })));
-    card.append(list, el("div", { class: "caption", text: `${Object.values(d.timings_ms).reduce((a, b) => a + b, 0).toFixed(0)} ms · record #${d.id}` }));
+    card.append(list, el("div", { class: "caption", text: `${Object.values(d.timings_ms).reduce((a, b) => a + b, 0).toFixed(0)} ms · record #${d.id}` }),
+      feedbackButtons(d.id));
   } else {
     card.append(pair);
   }
