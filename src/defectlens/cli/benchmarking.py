@@ -39,6 +39,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--end-to-end", action="store_true", help=(
         "on one category: images/s of the detector's scoring, the Inspector, and inspect --out with records, overlays and a "
         "history database, in one run on the same test images"))
+    p.add_argument("--line-loop", action="store_true", help=(
+        "on every category: move the line (brighter, flatter light, part shifted), confirm 5 false rejects as good through "
+        "the service's feedback API, and print the false-reject rate and recall before and after, the rollback check, "
+        "and the drift watch on unmoved and moved streams (--detector, default patchcore)"))
     p.add_argument("--sizes", default="10,20,50,100,all", help="training-set sizes for --thresholds (default: 10,20,50,100,all)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS", help=(
         "time for trying candidates per category (default: 3600 with --selection, which carries every candidate to the "
@@ -58,6 +62,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         return _selection(args)
     if args.end_to_end:
         return _end_to_end(args)
+    if args.line_loop:
+        return _line_loop(args)
     if args.detectors or args.backbones or len(find_categories(args.data)) > 1:
         return _comparison(args)
     return _one_category(args)
@@ -84,6 +90,26 @@ def _end_to_end(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")
+    return 0
+
+
+def _line_loop(args: argparse.Namespace) -> int:
+    from defectlens.evaluation.benchmark import machine_description
+    from defectlens.evaluation.comparison import find_categories
+    from defectlens.evaluation.line_loop import HEADER, as_dicts, markdown, row, run_line_loop
+
+    detector = "patchcore" if args.detector == "auto" else args.detector
+    machine = machine_description()
+    print(f"line loop, {detector}; machine: {machine}\n{HEADER}")
+    results = []
+    for category in find_categories(args.data):
+        results.append(run_line_loop(category, detector, detector_params(args, detector), seed=args.seed))
+        print(row(results[-1]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "line_loop.md").write_text(markdown(results, machine))
+    (out / "line_loop.json").write_text(json.dumps(as_dicts(results), indent=1))
+    print(f"wrote {out / 'line_loop.md'} and line_loop.json")
     return 0
 
 
