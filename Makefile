@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup browser postgres demo test test-fast lint docs benchmark clean
+.PHONY: setup browser postgres mosquitto demo test test-fast lint docs benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -33,10 +33,16 @@ postgres:
 	  (apt-get update -q && apt-get install -y -q postgresql) >/dev/null 2>&1 || \
 	  sudo sh -c 'apt-get update -q && apt-get install -y -q postgresql' >/dev/null; }
 
+# Verdicts are published over MQTT; the tests start their own broker on loopback from Debian's package.
+mosquitto:
+	@test -x /usr/sbin/mosquitto || { echo "installing Debian mosquitto for the publishing tests"; \
+	  (apt-get update -q && apt-get install -y -q mosquitto) >/dev/null 2>&1 || \
+	  sudo sh -c 'apt-get update -q && apt-get install -y -q mosquitto' >/dev/null; }
+
 demo: setup
 	$(VENV)/bin/defectlens demo
 
-test: setup browser postgres lint docs
+test: setup browser postgres mosquitto lint docs
 	$(PY) -m pytest -q
 
 # Day-to-day lane: everything but the tests marked slow (real data sets, browsers, servers, Ray).

@@ -127,3 +127,61 @@ def postgres_url(postgres_server) -> str:
     with psycopg.connect(postgres_server.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return f"{postgres_server}/{name}"
+
+
+class Mosquitto:
+    """Debian's MQTT broker on a loopback port, with persistence, so a test can kill and restart it."""
+
+    def __init__(self, root: Path) -> None:
+        from .servers import free_port
+
+        self.root = root
+        self.port = free_port()
+        self.conf = root / "mosquitto.conf"
+        import os
+
+        # Started as root, the broker would drop to its own user, which cannot reach pytest's private
+        # temporary folders: it then keeps no persistence, and a restart forgets its subscribers.
+        user = "user root\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                             f"persistence_location {root}/\nautosave_interval 1\nlog_dest stdout\n")
+        self.proc = None
+
+    def start(self) -> Mosquitto:
+        import socket
+        import subprocess
+        import time
+
+        self.log = self.root / "mosquitto.log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(["/usr/sbin/mosquitto", "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"mosquitto did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture()
+def mosquitto(tmp_path):
+    """A broker the test may stop and start again. Skips where Debian's mosquitto is absent,
+    unless DEFECTLENS_REQUIRE_MOSQUITTO=1 (set by CI)."""
+    import os
+
+    if not Path("/usr/sbin/mosquitto").exists():
+        if os.environ.get("DEFECTLENS_REQUIRE_MOSQUITTO") == "1":
+            pytest.fail("/usr/sbin/mosquitto is missing: install Debian's mosquitto package (make test does)")
+        pytest.skip("mosquitto is not installed")
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    broker = Mosquitto(folder).start()
+    yield broker
+    broker.stop()

@@ -200,13 +200,18 @@ class BatchWriter:
                 self._parts.add(record)
             wait = len(self._pending) > IN_FLIGHT
 
+    def sync(self) -> None:
+        """Write every pending record now (waiting for its overlay): a caller that acts on a part
+        only once its record is on disk, such as moving the file away, calls this first."""
+        while self._pending:
+            self._flush(wait=True)
+
     def stats(self) -> dict:
         return {f"by_{key}": {g: score_stats(v) for g, v in sorted(groups.items())} for key, groups in self._groups.items()}
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         try:
-            while self._pending:
-                self._flush(wait=True)
+            self.sync()
         finally:
             if self._pool is not None:
                 self._pool.shutdown(cancel_futures=True)

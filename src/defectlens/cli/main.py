@@ -1,4 +1,4 @@
-"""`defectlens` command line: fit | calibrate | inspect | evaluate | export | benchmark | serve | loadtest | demo | synth.
+"""`defectlens` command line: fit | calibrate | learn | inspect | evaluate | export | benchmark | serve | loadtest | watch | demo | synth.
 
 Every user-caused failure prints one line `defectlens: error: ...` and exits with status 2.
 """
@@ -12,11 +12,11 @@ import warnings
 from collections.abc import Sequence
 
 from defectlens._version import __version__
-from defectlens.cli import benchmarking, demo, fitting, inspecting, serving
+from defectlens.cli import benchmarking, demo, fitting, inspecting, serving, watching
 from defectlens.errors import DefectLensError
 
 EXIT_USAGE = 2
-COMMAND_MODULES = (fitting, inspecting, benchmarking, demo, serving)
+COMMAND_MODULES = (fitting, inspecting, benchmarking, demo, serving, watching)
 
 
 def build_parser() -> argparse.ArgumentParser:
