@@ -77,43 +77,91 @@ def _postgres_bin() -> Path | None:
     return Path(candidates[-1]).parent if candidates else None
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A throw-away PostgreSQL server on loopback, from Debian's postgresql package (`make test`
-    installs it). Skips where it is absent, unless DEFECTLENS_REQUIRE_POSTGRES=1 (set by CI)."""
+class PostgresCluster:
+    """A throw-away PostgreSQL cluster on loopback that a test may stop and start again."""
+
+    def __init__(self, bindir: Path) -> None:
+        import os
+        import pwd
+        import subprocess
+        import tempfile
+
+        from .servers import free_port
+
+        # The server refuses to run as root; pytest's own temp folders are private to root.
+        self.root = Path(tempfile.mkdtemp(prefix="defectlens-pg-"))
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+        self.bindir = bindir
+        self.port = free_port()
+        self.data = self.root / "data"
+        subprocess.run([*self.prefix, str(bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"],
+                       check=True, capture_output=True)
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}"
+
+    def start(self) -> PostgresCluster:
+        import subprocess
+
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c full_page_writes=off"
+        subprocess.run([*self.prefix, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start"],
+                       check=True, capture_output=True)
+        return self
+
+    def stop(self, mode: str = "immediate") -> None:
+        import subprocess
+
+        subprocess.run([*self.prefix, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "stop"], capture_output=True)
+
+    def remove(self) -> None:
+        import shutil
+
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def new_database(self) -> str:
+        import uuid
+
+        import psycopg
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.url.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"{self.url}/{name}"
+
+
+def _postgres_cluster() -> PostgresCluster:
+    """Skips where the server is absent, unless DEFECTLENS_REQUIRE_POSTGRES=1 (set by CI)."""
     import os
-    import pwd
-    import shutil
-    import subprocess
-    import tempfile
 
-    from .servers import free_port
-
-    required = os.environ.get("DEFECTLENS_REQUIRE_POSTGRES") == "1"
     bindir = _postgres_bin()
     if bindir is None:
-        if required:
+        if os.environ.get("DEFECTLENS_REQUIRE_POSTGRES") == "1":
             pytest.fail("PostgreSQL server binaries are missing: install Debian's postgresql package (make test does)")
         pytest.skip("PostgreSQL server is not installed")
-    # The server refuses to run as root; pytest's own temp folders are private to root.
-    root = Path(tempfile.mkdtemp(prefix="defectlens-pg-"))
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("postgres")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    data = root / "data"
-    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
-                   check=True, capture_output=True)
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c full_page_writes=off"
-    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
-                   check=True, capture_output=True)
+    return PostgresCluster(bindir).start()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throw-away PostgreSQL server on loopback, from Debian's postgresql package (`make test` installs it)."""
+    cluster = _postgres_cluster()
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+        yield cluster.url
     finally:
-        subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.remove()
+
+
+@pytest.fixture()
+def postgres_cluster():
+    """A server of the test's own, for tests that stop and start it."""
+    cluster = _postgres_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
 
 
 @pytest.fixture()

@@ -59,3 +59,13 @@ def test_too_early_to_judge_and_bad_settings():
         DriftSettings(window=10, min_samples=20)
     with pytest.raises(DefectLensError, match="alpha"):
         DriftSettings(alpha=0)
+
+
+def test_scores_that_moved_but_stay_far_below_the_threshold_are_a_warning_not_drift():
+    rng = np.random.default_rng(4)
+    reference = rng.normal(1.0, 0.1, 200)
+    mon = DriftMonitor(reference, threshold=2.0, expected_frr=0.01)  # a threshold far above every good score
+    mon.extend(list(rng.normal(1.1, 0.1, 100)))  # moved a spread up: statistically clear, practically harmless
+    report = mon.report()
+    assert report.state == "warning" and report.ks_statistic >= 0.3 and report.implied_frr < 0.02
+    assert "threshold still holds" in report.reasons[0]

@@ -43,7 +43,7 @@ def png(size: tuple[int, int] = (64, 64), fmt: str = "PNG") -> bytes:
 
 def test_status_health_readiness_and_schema(client):
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/ready").json() == {"ready": True, "problems": []}
+    assert client.get("/ready").json() == {"ready": True, "problems": [], "degraded": []}
     status = client.get("/api/status").json()
     assert [m["name"] for m in status["models"]] == ["discs"] and status["database"]["revision"] == "0002"
     assert status["auth"] == {"keys_configured": True, "inspect_requires_key": False, "read_requires_key": False,

@@ -31,6 +31,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drift-alpha", type=float, default=1e-3, help="drift watch significance: smaller is calmer (default: 0.001)")
     p.add_argument("--drift-min-effect", type=float, default=0.3, help=(
         "drift watch: how far recent scores must have moved (KS statistic, 0-1) before 'drift' (default: 0.3)"))
+    p.add_argument("--drift-frr-factor", type=float, default=2.0, help=(
+        "drift watch: moved scores are 'drift' once parts like them would be falsely rejected this many times as often as "
+        "the calibration promised; below it they are a 'warning' (default: 2)"))
     p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body in MB (default: 16)")
     p.add_argument("--max-megapixels", type=float, default=64.0, help="largest image in megapixels (default: 64)")
     p.add_argument("--keep-images", default=None, metavar="DIR", help="keep a copy of every inspected image here")
@@ -62,7 +65,8 @@ def _service_settings(args: argparse.Namespace):
     for flag in ("protect_inspect", "protect_read"):
         if getattr(args, flag) and not keys:
             raise DefectLensError(f"--{flag.replace('_', '-')} needs an API key (--api-key or $DEFECTLENS_API_KEYS)")
-    drift = DriftSettings(window=args.drift_window, min_samples=min(30, args.drift_window), alpha=args.drift_alpha, min_effect=args.drift_min_effect)
+    drift = DriftSettings(window=args.drift_window, min_samples=min(30, args.drift_window), alpha=args.drift_alpha, min_effect=args.drift_min_effect,
+                          frr_factor=args.drift_frr_factor)
     return ServiceSettings(db_url=args.db, model_dir=model_dir, models=models, api_keys=keys, protect_inspect=args.protect_inspect,
                            protect_read=args.protect_read, drift=drift,
                            max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
@@ -85,7 +89,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print("no API key configured: loading models and changing thresholds are refused (--api-key to allow them)")
     print(f"dashboard http://{args.host}:{args.port}/  API schema http://{args.host}:{args.port}/docs", flush=True)
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level=args.log_level, access_log=args.log_level == "debug")
-    service.store.close()
+    service.close()
     return 0
 
 

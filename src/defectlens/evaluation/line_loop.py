@@ -75,6 +75,7 @@ class LineLoopResult:
     drift_warnings: int
     drift_flagged_after: int | None  # moved inspections until drift (None: never within the stream)
     notes: list[str] = field(default_factory=list)
+    scores: dict = field(default_factory=dict)  # what the drift figures came from, so another rule can be replayed on them
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -171,7 +172,8 @@ def run_line_loop(data: str | Path, detector: str = "patchcore", params: dict | 
         ds.name, detector, move.describe(), len(goods), len(defects), len(taught),
         rate(before["good"]), rate(after["good"]), rate(before["defect"]), rate(after["defect"]),
         rate(before["moved"]), rate(after["moved"]), learn_s, recheck, exact,
-        states.count("drift"), states.count("warning"), flagged, notes)
+        states.count("drift"), states.count("warning"), flagged, notes,
+        {"reference": list(cal.good_scores), "threshold": thr, "expected_frr": expected_frr_of(cal), "plain": plain.tolist(), "moved": shifted.tolist()})
 
 
 HEADER = ("| data set | detector | good / defects | taught | FRR moved good: before → after | recall: before → after | "

@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 
 from defectlens.errors import DefectLensError
 from defectlens.history.schema import audit_log, feedback, inspections, model_versions, threshold_changes
@@ -29,6 +29,13 @@ BUCKETS = ("hour", "day")
 
 class StoreError(DefectLensError):
     """The history database cannot be reached or used."""
+
+
+class StoreUnavailable(StoreError):
+    """The database server is away (down, restarting, unreachable): worth journaling and retrying."""
+
+
+UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError)
 
 
 def utcnow() -> datetime:
@@ -142,10 +149,15 @@ class HistoryStore:
             if existing is None:
                 raise
             return existing, False
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"{masked_url(self.url)}: history database unavailable ({_reason(exc)})") from None
 
     def by_request_id(self, request_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as conn:
-            found = conn.execute(inspections.select().where(inspections.c.request_id == request_id)).mappings().first()
+        try:
+            with self.engine.connect() as conn:
+                found = conn.execute(inspections.select().where(inspections.c.request_id == request_id)).mappings().first()
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"{masked_url(self.url)}: history database unavailable ({_reason(exc)})") from None
         return None if found is None else _row(found)
 
     def get(self, inspection_id: int) -> dict[str, Any] | None:
@@ -257,6 +269,8 @@ class HistoryStore:
         try:
             with self._writing(), self.engine.begin() as conn:
                 row = {**row, "id": conn.execute(table.insert().values(**row)).inserted_primary_key[0]}
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"{masked_url(self.url)}: history database unavailable ({_reason(exc)})") from None
         except SQLAlchemyError as exc:
             raise StoreError(f"{masked_url(self.url)}: cannot write to the history ({_reason(exc)})") from None
         return _row(row)

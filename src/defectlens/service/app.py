@@ -34,7 +34,8 @@ from defectlens._version import __version__
 from defectlens.calibration.drift import DriftSettings
 from defectlens.data.images import MAX_PIXELS, decode_bytes, to_rgb_float
 from defectlens.errors import DefectLensError, ImageError, ImageFormatError, ImageTooLargeError
-from defectlens.history.store import HistoryQuery, HistoryStore, StoreError, as_utc, inspection_row, masked_url
+from defectlens.history.journal import JournaledStore
+from defectlens.history.store import UNAVAILABLE, HistoryQuery, HistoryStore, StoreError, as_utc, inspection_row, masked_url
 from defectlens.inference.inspection import Inspection
 from defectlens.inference.overlay import render_heat
 from defectlens.service.line import LineLoop
@@ -61,6 +62,10 @@ class ServiceSettings:
     max_pixels: int = MAX_PIXELS
     image_dir: Path | None = None  # keep a copy of every inspected image here (content-addressed); feedback learns from it
     drift: DriftSettings = field(default_factory=DriftSettings)
+    journal_dir: Path | None = None  # where rows wait while the database is away (default: beside the models)
+
+    def journal_folder(self) -> Path:
+        return self.journal_dir or self.model_dir / ".history-journal" / hashlib.sha256(self.db_url.encode()).hexdigest()[:12]
 
 
 class InspectionService:
@@ -70,6 +75,7 @@ class InspectionService:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.store = HistoryStore(settings.db_url).upgrade()
+        self.history = JournaledStore(self.store, settings.journal_folder())
         self.registry = ModelRegistry(settings.model_dir, self.store)
         self.keys = ApiKeys(settings.api_keys)
         for path in settings.models:
@@ -110,7 +116,7 @@ class InspectionService:
                 model.inspections += 1
         inspection.source = source
         inspection.timings_ms["queue"] = waited
-        row, created = self.store.record(self._row(model.name, checksum, inspection, data, image.format, request_id))
+        row, created = self.history.record(self._row(model.name, checksum, inspection, data, image.format, request_id))
         if not created:  # the same key raced in twice: both get the one stored row
             return {**row, "replayed": True}
         self._observed(model, inspection, time.perf_counter() - t0)
@@ -152,14 +158,14 @@ class InspectionService:
                     errors.append({"index": i, "source": source, "error": f"{source}: {inspection}"})
                     continue
                 inspection.source = source
-                row, created = self.store.record(self._row(model.name, checksum, inspection, data, image.format, f"{base}-{i}"))
+                row, created = self.history.record(self._row(model.name, checksum, inspection, data, image.format, f"{base}-{i}"))
                 if created:
                     self._observed(model, inspection, per_image)
                 results[i] = self._answer(row, inspection, None, model)
         return {"results": [r for r in results if r is not None], "errors": sorted(errors, key=lambda e: e["index"])}
 
     def _replay(self, request_id: str, name: str) -> dict[str, Any] | None:
-        earlier = self.store.by_request_id(request_id)
+        earlier = self.history.by_request_id(request_id)
         if earlier is None:
             return None
         if earlier["model"] != name:
@@ -214,11 +220,22 @@ class InspectionService:
             "models": [{**m.describe(), "drift": self.line.drift_state(m)} for m in self.registry.loaded()],
             "queue": {"in_flight": self.in_flight},
             "served": self.served,
-            "database": {"url": masked_url(self.store.url), "revision": self.store.revision()},
+            "database": {"url": masked_url(self.store.url), "revision": self._revision()},
+            "history": self.history.state(),
             "limits": {"max_upload_bytes": self.settings.max_upload_bytes, "max_pixels": self.settings.max_pixels, "formats": list(FORMATS)},
             "auth": {"keys_configured": self.keys.configured, "inspect_requires_key": self.settings.protect_inspect,
                      "read_requires_key": self.settings.protect_read, "keys_per_role": self.keys.roles()},
         }
+
+    def _revision(self) -> str | None:
+        try:
+            return self.store.revision()
+        except UNAVAILABLE:
+            return None
+
+    def close(self) -> None:
+        self.history.close()
+        self.store.close()
 
     def model_details(self, name: str) -> dict[str, Any]:
         model = self.registry.get(name)
@@ -275,12 +292,14 @@ def create_app(service: InspectionService) -> FastAPI:
 
     @app.get("/ready", tags=["status"])
     def ready() -> JSONResponse:
-        problems = []
-        if not service.store.ping():
-            problems.append("history database unreachable")
+        """Ready while it can inspect: with the database away, rows wait in the journal and the
+        history is reported degraded, but the line goes on."""
+        problems, degraded = [], []
         if not service.registry.loaded():
             problems.append("no model loaded")
-        return JSONResponse({"ready": not problems, "problems": problems}, status_code=503 if problems else 200)
+        if service.history.degraded or not service.store.ping():
+            degraded.append(f"history database unreachable: {service.history.waiting} rows wait in the local journal")
+        return JSONResponse({"ready": not problems, "problems": problems, "degraded": degraded}, status_code=503 if problems else 200)
 
     @app.get("/api/status", tags=["status"])
     def status(_: Caller | None = Depends(reader)) -> dict:
@@ -455,6 +474,8 @@ def _error_handlers(app: FastAPI) -> None:
     def answer(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message, "status": status}, status_code=status)
 
+    for exc_type in UNAVAILABLE:  # reads while the database is away
+        app.add_exception_handler(exc_type, lambda _r, exc: answer(503, f"history database unavailable ({type(exc).__name__})"))
     statuses: list[tuple[type[Exception], int]] = [
         (ModelNotFound, 404), (ModelConflict, 409), (ImageTooLargeError, 413), (ImageFormatError, 415), (ImageError, 422),
         (StoreError, 503), (DefectLensError, 400),

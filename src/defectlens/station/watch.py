@@ -5,7 +5,8 @@ an RTSP URL, a camera device) sampled at a frame rate. For every part, in this o
 
 1. it is inspected: a file only once it is completely written (the close-write event, or its size
    and modification time unchanged for ``settle_s``);
-2. its history row is written (``--db``; keyed by model and file, so doing it again adds none);
+2. its history row is written (``--db``; keyed by model and file, so doing it again adds none; while
+   the database is away the row waits in a local journal and is written when it returns);
 3. its verdict is put in the outbox of every ``--publish`` destination (on disk before it leaves);
 4. its record is appended to ``results.jsonl`` in ``--out``: the journal of what is done;
 5. the file is moved to ``--done``, or an unreadable one to ``errors/`` with a one-line reason.
@@ -34,6 +35,7 @@ import numpy as np
 from defectlens.batch.outputs import BatchWriter
 from defectlens.data.images import IMAGE_SUFFIXES, PREVIEW_SIDE
 from defectlens.errors import DefectLensError, ImageError
+from defectlens.history.journal import JournaledStore
 from defectlens.history.store import HistoryStore, inspection_row
 from defectlens.inference.inspection import Inspection
 from defectlens.inference.inspector import Inspector
@@ -212,8 +214,10 @@ class Watcher:
         with contextlib.ExitStack() as stack:
             writer = stack.enter_context(BatchWriter(self.out, self.overlays, False, pixel_threshold, checksum))
             store = None
-            if self.db:
-                store = HistoryStore(self.db).upgrade()
+            if self.db:  # rows wait in a journal under --out while the database is away
+                database = HistoryStore(self.db).upgrade()
+                stack.callback(database.close)
+                store = JournaledStore(database, self.out / "history-journal")
                 stack.callback(store.close)
             publisher = None
             if self.publish_urls:
@@ -252,7 +256,7 @@ class Watcher:
 class _Steps:
     """The five steps of the module docstring, for a chunk of files or frames."""
 
-    def __init__(self, watcher: Watcher, writer: BatchWriter, store: HistoryStore | None, publisher: Publisher | None, checksum: str) -> None:
+    def __init__(self, watcher: Watcher, writer: BatchWriter, store: JournaledStore | None, publisher: Publisher | None, checksum: str) -> None:
         self.w = watcher
         self.writer = writer
         self.store = store
