@@ -164,3 +164,30 @@ def test_drift_status_and_metrics(line, tiny_dataset):
 @pytest.fixture(scope="module")
 def images_of(tiny_dataset) -> dict[str, bytes]:
     return {"scratch": sorted((tiny_dataset / "test" / "scratch").iterdir())[0].read_bytes()}
+
+
+def test_calibrate_from_history_uses_the_defects_operators_confirmed(line, tiny_dataset, tmp_path, capsys):
+    from defectlens.bundle import Bundle
+    from defectlens.cli import main
+
+    client = client_for(line)
+    marked = []
+    for kind in ("scratch", "spot"):
+        for path in sorted((tiny_dataset / "test" / kind).iterdir())[:3]:
+            row = inspect(client, path.read_bytes(), path.name)
+            answer = client.post(f"/api/history/{row['id']}/feedback", json={"label": "defect", "defect_type": kind}, headers=OPERATOR)
+            assert answer.status_code == 200 and answer.json()["feedback"]["defect_type"] == kind
+            marked.append(row["id"])
+    # an operator's later word wins: the last one is good after all
+    client.post(f"/api/history/{marked[-1]}/feedback", json={"label": "good"}, headers=OPERATOR)
+    assert client.post(f"/api/history/{marked[0]}/feedback", json={"label": "good", "defect_type": "dent"},
+                       headers=OPERATOR).status_code == 400
+    out = tmp_path / "recalibrated.dlens"
+    db = line.db_url
+    assert main(["calibrate", str(line.model_dir / "discs.dlens"), "--from-history", db, "--images", str(line.image_dir),
+                 "--strategy", "f1", "-o", str(out)]) == 0
+    assert "5 defects confirmed on the line" in capsys.readouterr().out
+    cal = Bundle.load(out).calibration
+    assert cal.n_defect == 5 and cal.strategy == "f1" and set(cal.per_type) == {"scratch", "spot"}
+    assert Bundle.load(out).typer is not None
+    assert main(["calibrate", str(out), "--from-history", f"sqlite:///{tmp_path / 'none.db'}", "--images", str(tmp_path)]) == 2

@@ -41,6 +41,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--symmetry", choices=SYMMETRY_AXES, default=None, help=(
         "for symmetric parts: try adding a left-right / top-bottom asymmetry score; kept only if it raises AUROC on the labelled images"))
     p.add_argument("--seed", type=int, default=0, help="seed for the labelled split (default: 0)")
+    p.add_argument("--from-history", default=None, metavar="DB_URL", help=(
+        "use the defects operators confirmed on the line (the service's 'mark defect', with its defect type) from this history "
+        "database, with the model's stored good scores, for the labelled rules and defect typing; needs --images"))
+    p.add_argument("--images", default=None, metavar="DIR", help="with --from-history: the folder serve --keep-images kept the images in")
+    p.add_argument("--model-name", default=None, help="with --from-history: the model's name in the history (default: the file's name)")
     add_calibration_options(p, STRATEGIES)
     p.set_defaults(run=run_calibrate)
 
@@ -95,7 +100,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     bundle = load_model(args.model)
     settings = calibration_settings(args, args.symmetry)
-    if args.data is None:
+    if args.from_history:
+        _from_history(args, bundle, settings)
+    elif args.data is None:
         recalibrate_stored(bundle, settings, args.model)
     else:
         ds = load_dataset(args.data, validation_fraction=0.0)
@@ -107,6 +114,27 @@ def run_calibrate(args: argparse.Namespace) -> int:
     path = bundle.save(args.output or args.model)
     print(f"saved {path} (checksum {bundle.checksum[:12]})")
     return 0
+
+
+def _from_history(args: argparse.Namespace, bundle, settings) -> None:
+    from pathlib import Path
+
+    from defectlens.history.store import HistoryStore
+    from defectlens.workflows.learning import split_version
+    from defectlens.workflows.recalibration import recalibrate_from_history
+
+    if args.data is not None or not args.images:
+        raise DefectLensError("--from-history takes no DATA, and needs --images (the folder serve --keep-images kept them in)")
+    name = args.model_name or split_version(Path(args.model).stem)[0]
+    store = HistoryStore(args.from_history)
+    try:
+        if store.revision() is None:
+            raise DefectLensError(f"{args.from_history}: holds no DefectLens history")
+        confirmed = store.confirmed(name, "defect")
+    finally:
+        store.close()
+    print(f"{len(confirmed)} defects confirmed on the line for model '{name}'")
+    recalibrate_from_history(bundle, confirmed, Path(args.images), settings, args.model)
 
 
 def run_learn(args: argparse.Namespace) -> int:

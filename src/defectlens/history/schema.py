@@ -67,6 +67,7 @@ feedback = sa.Table(
     sa.Column("inspection_id", Id, sa.ForeignKey("inspections.id"), nullable=False),
     sa.Column("model", sa.String(128), nullable=False),
     sa.Column("label", sa.String(16), nullable=False),  # good | defect
+    sa.Column("defect_type", sa.String(64), nullable=True),  # what kind of defect, when the operator says
     sa.Column("note", sa.String(512), nullable=False),
     sa.Column("actor", sa.String(64), nullable=False),
     # learned (into model_checksum), queued (for the next fit: the detector cannot learn, or no

@@ -219,8 +219,8 @@ class HistoryStore:
 
     # -- feedback, model versions, audit --------------------------------------------------------
     def record_feedback(self, inspection_id: int, model: str, label: str, note: str, actor: str, status: str,
-                        reason: str | None = None, model_checksum: str | None = None) -> dict[str, Any]:
-        row = {"created_at": utcnow(), "inspection_id": inspection_id, "model": model, "label": label, "note": note[:512],
+                        reason: str | None = None, model_checksum: str | None = None, defect_type: str | None = None) -> dict[str, Any]:
+        row = {"created_at": utcnow(), "inspection_id": inspection_id, "model": model, "label": label, "defect_type": defect_type, "note": note[:512],
                "actor": actor, "status": status, "reason": None if reason is None else reason[:512], "model_checksum": model_checksum}
         return self._insert(feedback, row)
 
@@ -238,6 +238,18 @@ class HistoryStore:
                                           (c.label == label, label), (c.status == status, status)) if given is not None]
         with self.engine.connect() as conn:
             return [_row(r) for r in conn.execute(feedback.select().where(*where).order_by(c.id.desc()).limit(limit)).mappings()]
+
+    def confirmed(self, model: str, label: str) -> list[dict[str, Any]]:
+        """Inspections whose latest feedback says ``label``, with that feedback's defect type: what
+        operators confirmed, an operator's later word overriding an earlier one."""
+        latest = sa.select(feedback.c.inspection_id, sa.func.max(feedback.c.id).label("last")).where(feedback.c.model == model)\
+            .group_by(feedback.c.inspection_id).subquery()
+        query = (sa.select(inspections, feedback.c.defect_type, feedback.c.id.label("feedback_id"))
+                 .join(latest, latest.c.inspection_id == inspections.c.id)
+                 .join(feedback, feedback.c.id == latest.c.last)
+                 .where(feedback.c.label == label).order_by(inspections.c.id))
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(query).mappings()]
 
     def record_version(self, model: str, action: str, version: int, file: str, checksum: str, parent_checksum: str | None,
                        root_checksum: str, feedback_ids: list[int], details: dict[str, Any], actor: str) -> dict[str, Any]:

@@ -264,6 +264,8 @@ class ReasonIn(BaseModel):
 class FeedbackIn(BaseModel):
     label: Literal["good", "defect"] = Field(description="what the part really was")
     note: str = Field("", max_length=500, description="what the operator saw, for the record")
+    defect_type: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 _-]*$",
+                                    description="for a defect: its kind (scratch, dent, ...), which teaches typing at the next calibrate")
 
 
 def create_app(service: InspectionService) -> FastAPI:
@@ -400,7 +402,7 @@ def create_app(service: InspectionService) -> FastAPI:
     def give_feedback(inspection_id: int, body: FeedbackIn, caller: Caller = Depends(operator)) -> dict:
         """An operator's word on one verdict, kept beside it (never over it). A part confirmed good
         teaches the model a new version when it can learn; otherwise the answer says why not."""
-        return service.line.feedback(inspection_id, body.label, body.note, caller)
+        return service.line.feedback(inspection_id, body.label, body.note, caller, body.defect_type)
 
     @app.get("/api/history/{inspection_id}/feedback", tags=["history"])
     def feedback_of(inspection_id: int, _: Caller | None = Depends(reader)) -> dict:

@@ -90,7 +90,7 @@ class LineLoop:
         return "ok" if mon is None else mon.report().state
 
     # -- feedback -----------------------------------------------------------------------------
-    def feedback(self, inspection_id: int, label: str, note: str, caller: Caller) -> dict[str, Any]:
+    def feedback(self, inspection_id: int, label: str, note: str, caller: Caller, defect_type: str | None = None) -> dict[str, Any]:
         if label not in LABELS:
             raise DefectLensError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
         row = self.store.get(inspection_id)
@@ -98,8 +98,11 @@ class LineLoop:
             raise ModelNotFound(f"inspection {inspection_id}: not in the history")
         name = row["model"]
         status = "recorded" if label == "defect" else "queued"
+        if label == "good" and defect_type:
+            raise DefectLensError("a defect type goes with label 'defect' only")
         fb = self.store.record_feedback(inspection_id, name, label, note, caller.actor, status,
-                                        "kept for labelled calibration and defect typing" if label == "defect" else None)
+                                        "kept for 'calibrate --from-history' (labelled rules, defect typing)" if label == "defect" else None,
+                                        defect_type=defect_type)
         self.store.audit(caller.actor, caller.role, "feedback", name, {"inspection_id": inspection_id, "label": label, "feedback_id": fb["id"]})
         self.metrics.feedback.labels(name, label).inc()
         learning = self._learn(fb, caller) if label == "good" else None

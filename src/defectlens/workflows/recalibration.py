@@ -7,6 +7,8 @@ share of its labelled test images, which are recorded so that evaluation leaves 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from defectlens.bundle import Bundle
@@ -33,6 +35,38 @@ def recalibrate_stored(bundle: Bundle, settings: CalibrationSettings, model: str
     syn = SyntheticScores(ScoredImages(np.asarray(old.synthetic_scores), *(np.zeros(n_syn),) * 3), list(old.synthetic_families)) if n_syn else None
     calibrate_bundle(bundle, good, settings, source=old.source.replace("+labelled", ""), files=[f for f in old.files if f], synthetic=syn)
     bundle.calibration.symmetry = old.symmetry  # the stored scores already include it, when it was chosen
+    return bundle
+
+
+def recalibrate_from_history(bundle: Bundle, confirmed: list[dict], images: Path, settings: CalibrationSettings,
+                             model: str = "model") -> Bundle:
+    """Thresholds from the stored good scores and the defects operators confirmed on the line
+    (``confirmed``: history rows with their feedback's defect type), whose kept copies lie under
+    ``images``: labelled rules, and defect typing when two or more types were named."""
+    old = bundle.calibration
+    if old is None or not old.good_map_max:
+        raise DatasetError(f"{model}: holds no stored good scores to calibrate from")
+    if old.symmetry and old.symmetry.get("used"):
+        raise DatasetError(f"{model}: its stored good scores include a symmetry term; re-calibrate it with DATA instead")
+    paths, types, missing = [], [], 0
+    for row in confirmed:
+        path = images / row["image_path"] if row.get("image_path") else None
+        if path is None or not path.is_file():
+            missing += 1
+            continue
+        paths.append(path)
+        types.append(row.get("defect_type") or "defect")
+    if not paths:
+        raise DatasetError(f"{model}: no confirmed defect with a kept image under {images} ({missing} confirmed without one); "
+                           "serve with --keep-images and mark defects on the dashboard first")
+    zeros = np.zeros(old.n_good)
+    good = ScoredImages(np.asarray(old.good_scores), np.asarray(old.good_map_max), zeros, zeros)
+    n_syn = len(old.synthetic_scores)
+    syn = SyntheticScores(ScoredImages(np.asarray(old.synthetic_scores), *(np.zeros(n_syn),) * 3), list(old.synthetic_families)) if n_syn else None
+    # one named type keeps the typer the model has; two or more teach a new one
+    calibrate_bundle(bundle, good, settings, paths, types, source=old.source.replace("+labelled", ""), files=[f for f in old.files if f], synthetic=syn)
+    bundle.calibration.notes.append(f"labelled rules from {len(paths)} defects confirmed on the line"
+                                    + (f" ({missing} confirmed defects had no kept image)" if missing else ""))
     return bundle
 
 

@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("inspection_id", Id, sa.ForeignKey("inspections.id"), nullable=False),
         sa.Column("model", sa.String(128), nullable=False),
         sa.Column("label", sa.String(16), nullable=False),
+        sa.Column("defect_type", sa.String(64), nullable=True),
         sa.Column("note", sa.String(512), nullable=False),
         sa.Column("actor", sa.String(64), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
