@@ -36,7 +36,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "the calibration promised; below it they are a 'warning' (default: 2)"))
     p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body in MB (default: 16)")
     p.add_argument("--max-megapixels", type=float, default=64.0, help="largest image in megapixels (default: 64)")
-    p.add_argument("--keep-images", default=None, metavar="DIR", help="keep a copy of every inspected image here")
+    p.add_argument("--keep-images", default=None, metavar="DIR", help=(
+        "keep a copy of every inspected image here; a part an operator confirms good then teaches the model"))
+    p.add_argument("--journal", default=None, metavar="DIR", help=(
+        "where inspection rows wait while the history database is away (default: .history-journal/ in the model folder)"))
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run_serve)
 
@@ -70,7 +73,8 @@ def _service_settings(args: argparse.Namespace):
     return ServiceSettings(db_url=args.db, model_dir=model_dir, models=models, api_keys=keys, protect_inspect=args.protect_inspect,
                            protect_read=args.protect_read, drift=drift,
                            max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
-                           image_dir=Path(args.keep_images) if args.keep_images else None)
+                           image_dir=Path(args.keep_images) if args.keep_images else None,
+                           journal_dir=Path(args.journal) if args.journal else None)
 
 
 def run_serve(args: argparse.Namespace) -> int:
