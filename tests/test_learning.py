@@ -135,8 +135,14 @@ def test_learn_writes_a_new_version_and_rechecks_the_threshold(model_dir, tiny_d
     assert child.calibration.image_threshold == parent.calibration.image_threshold
     assert len(child.calibration.good_scores) == len(parent.calibration.good_scores)
     assert child.detector.n_learned_patches_ > 0
+    # an image the model already knows teaches nothing: no version is written for it
+    capsys.readouterr()
+    assert main(["learn", str(tmp_path / "discs.v2.dlens"), str(folder / "0.png"), "--label", "good"]) == 2
+    assert "already knows parts like these" in capsys.readouterr().err and not (tmp_path / "discs.v3.dlens").exists()
     # learning again from either file numbers on, never overwriting
-    assert main(["learn", str(tmp_path / "discs.v2.dlens"), str(folder / "0.png"), "--label", "good"]) == 0
+    darker = folder / "darker.png"
+    Image.fromarray((moved(ds.test[0].path, gain=0.6, offset=0.0) * 255).astype(np.uint8)).save(darker)
+    assert main(["learn", str(tmp_path / "discs.v2.dlens"), str(darker), "--label", "good"]) == 0
     grandchild = Bundle.load(tmp_path / "discs.v3.dlens")
     assert grandchild.metadata["lineage"]["root_checksum"] == parent.checksum
     assert [e["version"] for e in grandchild.metadata["learned"]] == [2, 3]

@@ -127,8 +127,13 @@ def test_feedback_that_cannot_teach_is_queued_with_its_reason(line, tiny_dataset
     row = inspect(client, shifted_goods(tiny_dataset)[1])
     answer = client.post(f"/api/history/{row['id']}/feedback", json={"label": "good"}, headers=OPERATOR).json()
     assert answer["learning"]["status"] == "queued" and "cannot learn without a refit" in answer["learning"]["reason"]
+    monkeypatch.undo()
+    client = client_for(ServiceSettings(**{**vars(line), "learn": False}))  # serve --no-learn: a person approves changes
+    row = inspect(client, shifted_goods(tiny_dataset)[2])
+    answer = client.post(f"/api/history/{row['id']}/feedback", json={"label": "good"}, headers=OPERATOR).json()
+    assert answer["learning"]["status"] == "queued" and "--no-learn" in answer["learning"]["reason"]
     queued = client.get("/api/feedback?status=queued").json()["items"]
-    assert len(queued) == 2 and not list(line.model_dir.glob("discs.v*.dlens"))
+    assert len(queued) == 3 and not list(line.model_dir.glob("discs.v*.dlens"))
 
 
 def test_roles_and_the_audit_log(line):

@@ -67,7 +67,9 @@ class Bundle:
     typer: DefectTyper | None = None  # learned from labelled defects, when the user had some
     checksum: str = ""  # set on save and load: identifies exactly this model in records
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, exclusive: bool = False) -> Path:
+        """Write the bundle; ``exclusive`` refuses (FileExistsError) to replace a file already there,
+        atomically, so two writers of a new model version can never overwrite each other."""
         path = Path(path)
         state = dict(self.detector.get_state())
         typer_meta = None
@@ -106,7 +108,11 @@ class Bundle:
                 fh.write(buffer.getvalue())
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            if exclusive:
+                os.link(tmp, path)  # fails if the name exists, however close the other writer came
+                tmp.unlink()
+            else:
+                os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -90,7 +90,7 @@ class BatchWriter:
         self.fresh = fresh
         self.parquet = parquet
         self._parts: ParquetParts | None = None
-        self.done: set[str] = set()  # sources already in results.jsonl
+        self.done: set[str] = set()  # sources (or the keys callers gave) already in results.jsonl
         self._used: set[str] = set()
         self._groups: dict[str, dict[str, list[float]]] = {"verdict": defaultdict(list), "type": defaultdict(list), "folder": defaultdict(list)}
         self._pool: ThreadPoolExecutor | None = None
@@ -135,7 +135,7 @@ class BatchWriter:
                     consistent = consistent and parts.follows(n, record)
                     if n > parts.covered:
                         parts.add(record)
-                self.done.add(record["source"])
+                self.done.add(record.get("key", record["source"]))
                 if "overlay" in record or "map" in record:
                     self._used.add(Path(record.get("overlay") or record["map"]).stem)
                 if "error" not in record:
@@ -164,11 +164,15 @@ class BatchWriter:
         self._used.add(name)
         return name
 
-    def write(self, path: Path, result: Inspection | ImageError) -> dict:
+    def write(self, path: Path, result: Inspection | ImageError, key: str | None = None) -> dict:
+        """``key``: what makes this part itself when a name comes back (a camera reusing file names);
+        by default the source."""
         record = base_record(path, result)
-        if record["source"] in self.done:  # a result that arrived twice (a retried chunk) is kept once
+        if key is not None:
+            record["key"] = key
+        if (key or record["source"]) in self.done:  # a result that arrived twice (a retried chunk) is kept once
             return record
-        self.done.add(record["source"])
+        self.done.add(key or record["source"])
         drawing = None
         if not isinstance(result, ImageError):
             name = self._name(path) if (self.overlays or self.save_maps) else ""

@@ -125,12 +125,19 @@ def _from_history(args: argparse.Namespace, bundle, settings) -> None:
 
     if args.data is not None or not args.images:
         raise DefectLensError("--from-history takes no DATA, and needs --images (the folder serve --keep-images kept them in)")
+    import sqlalchemy as sa
+
     name = args.model_name or split_version(Path(args.model).stem)[0]
+    url = sa.make_url(args.from_history) if "://" in args.from_history else None
+    if url is None or (url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file()):
+        raise DefectLensError(f"{args.from_history}: no history database there")
     store = HistoryStore(args.from_history)
     try:
         if store.revision() is None:
             raise DefectLensError(f"{args.from_history}: holds no DefectLens history")
         confirmed = store.confirmed(name, "defect")
+    except sa.exc.SQLAlchemyError as exc:
+        raise DefectLensError(f"{args.from_history}: cannot read the history ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     finally:
         store.close()
     print(f"{len(confirmed)} defects confirmed on the line for model '{name}'")

@@ -38,6 +38,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-megapixels", type=float, default=64.0, help="largest image in megapixels (default: 64)")
     p.add_argument("--keep-images", default=None, metavar="DIR", help=(
         "keep a copy of every inspected image here; a part an operator confirms good then teaches the model"))
+    p.add_argument("--no-learn", action="store_true", help=(
+        "record feedback only: a part confirmed good does not change the running model (queue it for 'learn' or 'fit')"))
     p.add_argument("--journal", default=None, metavar="DIR", help=(
         "where inspection rows wait while the history database is away (default: .history-journal/ in the model folder)"))
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -74,7 +76,7 @@ def _service_settings(args: argparse.Namespace):
                            protect_read=args.protect_read, drift=drift,
                            max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
                            image_dir=Path(args.keep_images) if args.keep_images else None,
-                           journal_dir=Path(args.journal) if args.journal else None)
+                           journal_dir=Path(args.journal) if args.journal else None, learn=not args.no_learn)
 
 
 def run_serve(args: argparse.Namespace) -> int:

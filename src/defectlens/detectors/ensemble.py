@@ -90,7 +90,8 @@ class EnsembleDetector(Detector):
 
     @property
     def learns_incrementally(self) -> bool:
-        return all(m.learns_incrementally for m in getattr(self, "members_", self._members()))
+        members = getattr(self, "members_", None)
+        return members is not None and all(m.learns_incrementally for m in members)
 
     def partial_fit(self, images: Sequence[ImageInput]) -> EnsembleDetector:
         """Every member learns the images; each keeps the standardisation it was fitted with, so

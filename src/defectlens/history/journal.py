@@ -45,13 +45,19 @@ class JournaledStore:
         self._thread.start()
 
     def _adopt(self) -> None:
-        orphans = sorted((p for p in self.folder.glob("pending-*.jsonl") if p != self.path and not _alive(p)), key=lambda p: p.stat().st_mtime)
-        for orphan in orphans:
-            with open(orphan, "rb") as fh:
+        for orphan in sorted(self.folder.glob("pending-*.jsonl")):
+            if orphan == self.path or _alive(orphan):
+                continue
+            claimed = orphan.with_name(f".adopting-{uuid.uuid4().hex}")
+            try:
+                orphan.rename(claimed)  # atomic: of two processes starting together, one gets it
+            except FileNotFoundError:
+                continue
+            with open(claimed, "rb") as fh:
                 for line in fh:
                     if line.endswith(b"\n"):  # a last line cut off by a kill was never answered
                         self._append(json.loads(line))
-            orphan.unlink()
+            claimed.unlink()
         if self._waiting:
             log.warning("history journal %s: %d rows from before a restart wait for the database", self.path, len(self._waiting))
 
@@ -114,9 +120,11 @@ class JournaledStore:
                 for request_id, data in list(self._waiting.items())[:chunk]:
                     try:
                         self.store.record({**data, "created_at": as_utc(datetime.fromisoformat(data["created_at"]))})
-                    except StoreError as exc:
+                    except StoreUnavailable as exc:
                         self.last_error = str(exc)
                         return len(self._waiting)
+                    except StoreError as exc:  # the database is there but refuses this row: kept aside, the rest goes on
+                        self._set_aside(data, exc)
                     del self._waiting[request_id]
                 if not self._waiting:  # written: the journal starts empty again (a kill before this only replays rows the keys dedupe)
                     self._fh.truncate(0)
@@ -125,10 +133,20 @@ class JournaledStore:
                     log.warning("history database back: journal %s written to it", self.path)
                     return 0
 
+    def _set_aside(self, data: dict[str, Any], exc: Exception) -> None:
+        log.error("history journal: row %s refused by the database, kept in %s: %s", data["request_id"], self.folder / "refused.jsonl", exc)
+        with open(self.folder / "refused.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({**data, "refused": str(exc)}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
     def _drain_loop(self) -> None:
         while not self._stop.wait(RETRY_S):
             if self._waiting:
-                self.drain()
+                try:
+                    self.drain()
+                except Exception:  # the thread must outlive any one failure, or the history stops quietly
+                    log.exception("history journal: draining failed; retrying in %s s", RETRY_S)
 
     def close(self) -> None:
         self._stop.set()

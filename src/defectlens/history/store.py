@@ -38,6 +38,16 @@ class StoreUnavailable(StoreError):
 UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError)
 
 
+@contextlib.contextmanager
+def _available(url: str):
+    """A server that is away becomes StoreUnavailable (worth journaling and retrying); any other
+    database failure a StoreError naming the database, never a raw driver traceback."""
+    try:
+        yield
+    except UNAVAILABLE as exc:
+        raise StoreUnavailable(f"{masked_url(url)}: history database unavailable ({_reason(exc)})") from None
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -141,23 +151,22 @@ class HistoryStore:
         """Insert one inspection; returns (stored row, True), or (the earlier row, False) on a retry."""
         row = {**row, "created_at": row.get("created_at") or utcnow()}
         try:
-            with self._writing(), self.engine.begin() as conn:
+            with _available(self.url), self._writing(), self.engine.begin() as conn:
                 new_id = conn.execute(inspections.insert().values(**row)).inserted_primary_key[0]
             return _row({**dict.fromkeys(inspections.c.keys()), **row, "id": new_id}), True
-        except IntegrityError:
+        except IntegrityError as exc:
             existing = self.by_request_id(row["request_id"])
             if existing is None:
-                raise
+                raise StoreError(f"{masked_url(self.url)}: row refused ({_reason(exc)})") from None
             return existing, False
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"{masked_url(self.url)}: history database unavailable ({_reason(exc)})") from None
+        except StoreError:
+            raise
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{masked_url(self.url)}: cannot write to the history ({_reason(exc)})") from None
 
     def by_request_id(self, request_id: str) -> dict[str, Any] | None:
-        try:
-            with self.engine.connect() as conn:
-                found = conn.execute(inspections.select().where(inspections.c.request_id == request_id)).mappings().first()
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"{masked_url(self.url)}: history database unavailable ({_reason(exc)})") from None
+        with _available(self.url), self.engine.connect() as conn:
+            found = conn.execute(inspections.select().where(inspections.c.request_id == request_id)).mappings().first()
         return None if found is None else _row(found)
 
     def get(self, inspection_id: int) -> dict[str, Any] | None:
@@ -196,7 +205,7 @@ class HistoryStore:
         c = inspections.c
         where = [c.model == model] + ([c.model_checksum == checksum] if checksum else [])
         cols = [c.id, c.created_at, c.score, c.verdict] if with_rows else [c.score]
-        with self.engine.connect() as conn:
+        with _available(self.url), self.engine.connect() as conn:
             rows = conn.execute(sa.select(*cols).where(*where).order_by(c.id.desc()).limit(limit)).mappings().all()
         return [_row(r) for r in rows] if with_rows else [float(r["score"]) for r in rows]
 
@@ -279,10 +288,10 @@ class HistoryStore:
     # -- helpers ----------------------------------------------------------------------------
     def _insert(self, table: sa.Table, row: dict[str, Any]) -> dict[str, Any]:
         try:
-            with self._writing(), self.engine.begin() as conn:
+            with _available(self.url), self._writing(), self.engine.begin() as conn:
                 row = {**row, "id": conn.execute(table.insert().values(**row)).inserted_primary_key[0]}
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"{masked_url(self.url)}: history database unavailable ({_reason(exc)})") from None
+        except StoreError:
+            raise
         except SQLAlchemyError as exc:
             raise StoreError(f"{masked_url(self.url)}: cannot write to the history ({_reason(exc)})") from None
         return _row(row)

@@ -5,9 +5,9 @@ message is appended (and fsynced) to ``messages.jsonl`` under the next sequence 
 sender thread delivers messages strictly in that order and, only once the receiver has
 acknowledged one, records its number in ``sent`` (written atomically). After an outage, or a
 restart of the whole process, delivery resumes at the first unacknowledged message. A message
-whose acknowledgement was lost is sent again with the same ``message_id``, so a consumer that
-keeps the last id it saw per sender drops the repeat: delivery is at least once, and exactly
-once to a consumer that does.
+whose acknowledgement was lost is sent again with the same ``message_id``. Delivery is at least
+once; a consumer that drops repeats by the payload's ``record_id`` (the part's one id, the same
+when a part is redone after a kill and published under a new ``message_id``) sees each part once.
 """
 
 from __future__ import annotations
@@ -133,11 +133,12 @@ class Outbox:
                 message = self._pending[0]
             try:
                 self._send(message)
-            except (DeliveryError, OSError) as exc:
+            except Exception as exc:  # any failure is retried: the sender thread must never die
                 self.failures += 1
                 self.last_error = str(exc)
                 if attempt == 0:
-                    log.warning("%s: delivery failed, retrying (messages wait on disk): %s", self.name, exc)
+                    log.warning("%s: delivery failed, retrying (messages wait on disk): %s", self.name,
+                                exc if isinstance(exc, (DeliveryError, OSError)) else f"{type(exc).__name__}: {exc}")
                 wait = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
                 attempt += 1
                 with self._cond:
@@ -155,6 +156,9 @@ class Outbox:
         with self._cond:
             self.sent = message_id
             self._pending.popleft()
+            if not self._pending:  # all delivered: the file starts over (the cursor keeps the numbering)
+                self._fh.truncate(0)
+                self._fh.seek(0)
             self._cond.notify_all()
 
 

@@ -56,8 +56,8 @@ class MqttTransport:
             raise DeliveryError(f"{self.url}: no acknowledgement within {ACK_TIMEOUT_S:g} s")
 
     def close(self) -> None:
+        self.client.disconnect()  # while the loop runs, so the DISCONNECT packet goes out
         self.client.loop_stop()
-        self.client.disconnect()
 
 
 class WebhookTransport:

@@ -63,6 +63,7 @@ class ServiceSettings:
     image_dir: Path | None = None  # keep a copy of every inspected image here (content-addressed); feedback learns from it
     drift: DriftSettings = field(default_factory=DriftSettings)
     journal_dir: Path | None = None  # where rows wait while the database is away (default: beside the models)
+    learn: bool = True  # a part an operator confirms good teaches the model a new version at once
 
     def journal_folder(self) -> Path:
         return self.journal_dir or self.model_dir / ".history-journal" / hashlib.sha256(self.db_url.encode()).hexdigest()[:12]
@@ -85,7 +86,7 @@ class InspectionService:
         self.in_flight = 0
         self.served = 0
         self.metrics = ServiceMetrics(lambda: self.in_flight)
-        self.line = LineLoop(self.store, self.registry, self.metrics, settings.drift, self.saved_image)
+        self.line = LineLoop(self.store, self.registry, self.metrics, settings.drift, self.saved_image, settings.learn)
 
     def audit(self, caller: Caller, action: str, model: str | None, details: dict[str, Any]) -> None:
         self.store.audit(caller.actor, caller.role, action, model, details)

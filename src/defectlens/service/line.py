@@ -18,7 +18,7 @@ from typing import Any
 
 from defectlens.calibration.drift import DriftMonitor, DriftSettings, expected_frr_of
 from defectlens.errors import DefectLensError
-from defectlens.history.store import HistoryStore
+from defectlens.history.store import HistoryStore, StoreError
 from defectlens.service.metrics import ServiceMetrics
 from defectlens.service.models import LoadedModel, ModelNotFound, ModelRegistry
 from defectlens.service.security import Caller
@@ -31,12 +31,13 @@ SERIES = 200  # recent scores the dashboard's drift chart shows
 
 class LineLoop:
     def __init__(self, store: HistoryStore, registry: ModelRegistry, metrics: ServiceMetrics, drift: DriftSettings,
-                 saved_image: Callable[[int], Path]) -> None:
+                 saved_image: Callable[[int], Path], learn: bool = True) -> None:
         self.store = store
         self.registry = registry
         self.metrics = metrics
         self.drift_settings = drift
         self._saved_image = saved_image
+        self.learn = learn
         self._monitors: dict[str, tuple[str, DriftMonitor | None]] = {}
         self._monitor_lock = threading.Lock()
         self._learning: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)  # one new version at a time per model
@@ -54,11 +55,18 @@ class LineLoop:
                 if mon is not None and model.threshold is not None:
                     mon.threshold = model.threshold  # rejects count at the threshold in force, an operator's included
                 return mon, False
-            cal = model.inspector.calibration
-            mon = None
-            if cal is not None and cal.good_scores:
-                mon = DriftMonitor(cal.good_scores, cal.image_threshold, expected_frr_of(cal), self.drift_settings)
+        cal = model.inspector.calibration
+        mon = None
+        if cal is not None and cal.good_scores:
+            mon = DriftMonitor(cal.good_scores, cal.image_threshold, expected_frr_of(cal), self.drift_settings)
+            try:  # outside the lock: a slow or absent database holds up no inspection
                 mon.extend(self.store.recent_scores(model.name, model.checksum, self.drift_settings.window)[::-1])
+            except StoreError as exc:
+                log.warning("drift watch of %s starts empty: %s", model.name, exc)
+        with self._monitor_lock:
+            checksum, other = self._monitors.get(model.name, ("", None))
+            if checksum == model.checksum:  # another thread started it meanwhile: one window only
+                return other, False
             self._monitors[model.name] = (model.checksum, mon)
             return mon, True
 
@@ -106,11 +114,15 @@ class LineLoop:
         self.store.audit(caller.actor, caller.role, "feedback", name, {"inspection_id": inspection_id, "label": label, "feedback_id": fb["id"]})
         self.metrics.feedback.labels(name, label).inc()
         learning = self._learn(fb, caller) if label == "good" else None
-        return {"feedback": self.store.feedback(inspection_id=inspection_id, limit=1)[0] if learning is not None else fb, "learning": learning}
+        if learning is not None:  # its status changed: read this feedback back (not another operator's newer one)
+            fb = next(f for f in self.store.feedback(inspection_id=inspection_id) if f["id"] == fb["id"])
+        return {"feedback": fb, "learning": learning}
 
     def _learn(self, fb: dict[str, Any], caller: Caller) -> dict[str, Any]:
         """Teach the model the confirmed-good image now, or queue it (with the reason) for the next fit."""
         name = fb["model"]
+        if not self.learn:
+            return self._queue(fb, "this service runs with --no-learn: confirmed parts are kept for the next fit or 'defectlens learn'")
         try:
             image = self._saved_image(fb["inspection_id"])
         except ModelNotFound as exc:

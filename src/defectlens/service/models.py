@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -117,6 +118,9 @@ class ModelRegistry:
         self.store = store
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
+        # One change at a time per name: a threshold set while a new version is switched to must
+        # land on the version that runs afterwards, not on the one replaced.
+        self._changing: defaultdict[str, threading.RLock] = defaultdict(threading.RLock)
 
     def path_for(self, name: str) -> Path:
         """``<model_dir>/<name>.dlens``; a name that could leave the folder is refused."""
@@ -174,6 +178,11 @@ class ModelRegistry:
                details: dict[str, Any] | None = None, expect_checksum: str | None = None) -> LoadedModel:
         """Run ``path`` under ``name`` from the next inspection on: the new model is loaded beside
         the old one and replaces it in one assignment, so no request sees half of either."""
+        with self._changing[name]:
+            return self._switch(name, path, action, actor, feedback_ids, details, expect_checksum)
+
+    def _switch(self, name: str, path: Path, action: str, actor: str, feedback_ids: list[int] | None, details: dict[str, Any] | None,
+                expect_checksum: str | None) -> LoadedModel:
         old = self.get(name)
         new = self._open(path, name)
         if expect_checksum and new.checksum != expect_checksum:
@@ -191,6 +200,10 @@ class ModelRegistry:
 
     def rollback(self, name: str, actor: str) -> LoadedModel:
         """Back to the version this one was learned from; its scores are exactly the parent's again."""
+        with self._changing[name]:
+            return self._rollback(name, actor)
+
+    def _rollback(self, name: str, actor: str) -> LoadedModel:
         model = self.get(name)
         lineage = model.lineage
         if not lineage.get("parent"):
@@ -221,26 +234,29 @@ class ModelRegistry:
 
     # -- thresholds -------------------------------------------------------------------------
     def set_threshold(self, name: str, value: float, reason: str, actor: str) -> dict[str, Any]:
-        model = self.get(name)
-        old = model.require_threshold()
-        model.apply_threshold(value)
-        return self.store.record_threshold_change(name, model.checksum, "set", old, value, reason, actor)
+        with self._changing[name]:
+            model = self.get(name)
+            old = model.require_threshold()
+            model.apply_threshold(value)
+            return self.store.record_threshold_change(name, model.checksum, "set", old, value, reason, actor)
 
     def undo_threshold(self, name: str, actor: str) -> dict[str, Any]:
         """Step back over the last change (an undo of an undo redoes it, like any editor)."""
-        model = self.get(name)
-        changes = self.store.threshold_history(name, model.checksum)
-        if not changes:
-            raise ModelConflict(f"model '{name}' runs at its calibrated threshold: nothing to undo")
-        last = changes[-1]
-        model.apply_threshold(last["old_threshold"])
-        return self.store.record_threshold_change(name, model.checksum, "undo", last["new_threshold"], last["old_threshold"],
-                                                  f"undo of change {last['id']}", actor)
+        with self._changing[name]:
+            model = self.get(name)
+            changes = self.store.threshold_history(name, model.checksum)
+            if not changes:
+                raise ModelConflict(f"model '{name}' runs at its calibrated threshold: nothing to undo")
+            last = changes[-1]
+            model.apply_threshold(last["old_threshold"])
+            return self.store.record_threshold_change(name, model.checksum, "undo", last["new_threshold"], last["old_threshold"],
+                                                      f"undo of change {last['id']}", actor)
 
     def reset_threshold(self, name: str, reason: str, actor: str) -> dict[str, Any]:
-        model = self.get(name)
-        old = model.require_threshold()
-        calibrated = model.calibrated_threshold
-        assert calibrated is not None  # require_threshold refused an uncalibrated model
-        model.apply_threshold(calibrated)
-        return self.store.record_threshold_change(name, model.checksum, "reset", old, calibrated, reason or "back to calibration", actor)
+        with self._changing[name]:
+            model = self.get(name)
+            old = model.require_threshold()
+            calibrated = model.calibrated_threshold
+            assert calibrated is not None  # require_threshold refused an uncalibrated model
+            model.apply_threshold(calibrated)
+            return self.store.record_threshold_change(name, model.checksum, "reset", old, calibrated, reason or "back to calibration", actor)

@@ -55,10 +55,20 @@ class WatchCounts:
     skipped: int = 0  # already in the journal
 
 
-def record_key(checksum: str, source: str) -> str:
+def record_key(checksum: str, part: str) -> str:
     """The one id of a part's verdict, the same however often it is redone: history rows and
     published messages carry it, so neither the database nor a consumer ever counts a part twice."""
-    return f"watch-{checksum[:16]}-" + hashlib.sha256(source.encode()).hexdigest()[:32]
+    return f"watch-{checksum[:16]}-" + hashlib.sha256(part.encode()).hexdigest()[:32]
+
+
+def file_part(path: Path) -> str | None:
+    """A file's identity as a part: its path, size and modification time, so a camera that reuses
+    names (part.png again, a counter reset after a reboot) brings a new part, not a done one."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
 
 
 # -- sources -----------------------------------------------------------------------------------
@@ -66,12 +76,11 @@ def record_key(checksum: str, source: str) -> str:
 class FolderSource:
     """Files arriving in a folder, handed out once each is complete; oldest first."""
 
-    def __init__(self, folder: Path, settle_s: float = 0.5, rescan_s: float = 2.0, ignore: tuple[Path, ...] = ()) -> None:
+    def __init__(self, folder: Path, settle_s: float = 0.5, ignore: tuple[Path, ...] = ()) -> None:
         if not folder.is_dir():
             raise DefectLensError(f"{folder}: not a folder to watch")
         self.folder = folder.resolve()
         self.settle_s = settle_s
-        self.rescan_s = rescan_s
         self.ignore = tuple(p.resolve() for p in ignore)
         self._seen: dict[Path, tuple[tuple[int, int], float]] = {}  # path -> ((size, mtime), unchanged since)
         self._handed: set[Path] = set()
@@ -227,14 +236,16 @@ class Watcher:
             if is_video_source(self.source):
                 video = VideoSource(self.source, self.fps)
                 stack.callback(video.stop)
-                chunk: list[tuple[str, np.ndarray]] = []
+                # a file's frames are the same parts on a restart (it resumes); a live stream's are new ones
+                session = f"@{time.time_ns()}" if video.live else ""
+                chunk: list[tuple[str, str, np.ndarray]] = []
                 for name, frame in video.frames():
                     if stop.is_set() or (until and until(self.counts)):
                         break
-                    if name in writer.done:
+                    if name + session in writer.done:
                         self.counts.skipped += 1
                         continue
-                    chunk.append((name, frame))
+                    chunk.append((name, name + session, frame))
                     if len(chunk) >= BATCH:
                         steps.frames(chunk)
                         chunk = []
@@ -264,19 +275,23 @@ class _Steps:
         self.checksum = checksum
 
     def files(self, paths: list[Path]) -> None:
-        todo = []
+        todo, parts = [], []
         for path in paths:
-            if str(path) in self.writer.done:  # journalled before a kill, not yet moved on
+            part = file_part(path)
+            if part is None:
+                continue  # taken away before its turn
+            if part in self.writer.done:  # journalled before a kill, not yet moved on
                 self.w.counts.skipped += 1
                 self._move_done(path)
             else:
                 todo.append(path)
+                parts.append(part)
         if not todo:
             return
         preview = PREVIEW_SIDE if self.w.overlays else 0
         results = list(self.w.inspector.inspect_many(todo, preview_side=preview))
-        for path, result in zip(todo, results, strict=True):
-            self._one(path, str(path), result)
+        for path, part, result in zip(todo, parts, results, strict=True):
+            self._one(path, str(path), part, result)
         self.writer.sync()
         for path, result in zip(todo, results, strict=True):
             if isinstance(result, ImageError):
@@ -284,18 +299,18 @@ class _Steps:
             else:
                 self._move_done(path)
 
-    def frames(self, frames: list[tuple[str, np.ndarray]]) -> None:
+    def frames(self, frames: list[tuple[str, str, np.ndarray]]) -> None:
         preview = PREVIEW_SIDE if self.w.overlays else 0
-        results = list(self.w.inspector.inspect_many([f for _, f in frames], preview_side=preview))
-        for (name, _), result in zip(frames, results, strict=True):
+        results = list(self.w.inspector.inspect_many([f for _, _, f in frames], preview_side=preview))
+        for (name, part, _), result in zip(frames, results, strict=True):
             if isinstance(result, Inspection):
                 result.source = name
             stem = name.rsplit("#frame=", 1)
-            self._one(Path(Path(stem[0]).name) / f"frame-{stem[-1]}", name, result)
+            self._one(Path(Path(stem[0]).name) / f"frame-{stem[-1]}", name, part, result)
         self.writer.sync()
 
-    def _one(self, path: Path, source: str, result: Inspection | ImageError) -> None:
-        key = record_key(self.checksum, source)
+    def _one(self, path: Path, source: str, part: str, result: Inspection | ImageError) -> None:
+        key = record_key(self.checksum, part)
         history_id = None
         if isinstance(result, ImageError):
             self.w.counts.errors += 1
@@ -314,7 +329,7 @@ class _Steps:
                     "record_id": key, "history_id": history_id, "model": self.w.inspector.model_name, "model_checksum": self.checksum,
                     "source": source, "verdict": record["verdict"], "score": record["score"], "threshold": record["threshold"],
                     "severity": record["severity"], "regions": record["regions"], "inspected_at": time.time()})
-        self.writer.write(path, result)
+        self.writer.write(path, result, key=part)
 
     def _move_done(self, path: Path) -> None:
         if self.w.done is not None and path.exists():

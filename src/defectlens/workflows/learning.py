@@ -12,6 +12,7 @@ defects made from the same images show how recall moved.
 
 from __future__ import annotations
 
+import glob
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -34,7 +35,7 @@ VERSIONED = re.compile(r"^(?P<base>.+)\.v(?P<version>[0-9]+)$")
 
 
 class CannotLearn(DefectLensError):
-    """The model's detector cannot take new images without a refit."""
+    """The model's detector cannot take new images without a refit, or the images teach it nothing."""
 
 
 def split_version(stem: str) -> tuple[str, int]:
@@ -51,12 +52,8 @@ def version_path(path: Path, version: int) -> Path:
 def next_version(path: Path) -> int:
     """One above every version of this model in its folder, so no version is ever overwritten."""
     base, own = split_version(path.stem)
-    found = [split_version(p.stem) for p in path.parent.glob(f"{glob_escape(base)}*{SUFFIX}")]
+    found = [split_version(p.stem) for p in path.parent.glob(f"{glob.escape(base)}*{SUFFIX}")]
     return max([own] + [v for b, v in found if b == base]) + 1
-
-
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 @dataclass
@@ -130,8 +127,14 @@ def learn_good(bundle: Bundle, images: Sequence[ImageInput], parent_path: Path, 
     images = list(images)
     if not images:
         raise DefectLensError("nothing to learn: no images given")
+    # Both copies: the running detector keeps serving inspections (under its lock) while these score.
+    before_model = clone(detector).set_params(verbose=False).set_state(detector.get_state())
     learner = clone(detector).set_params(verbose=False).set_state(detector.get_state())  # a few images: no progress bars
     learner.partial_fit(images)
+    taught_before, taught_after = before_model.score(images)[0], learner.score(images)[0]
+    if np.allclose(taught_before, taught_after, rtol=0, atol=1e-7):
+        raise CannotLearn("the model already knows parts like these (learning them changes no score): if they are rejected, "
+                          "the threshold is what rejects them; no new version written")
     cal_images = list(calibration) if calibration is not None else calibration_images(bundle)
     missing = [p for p in cal_images if isinstance(p, str) and not Path(p).is_file()]
     new_cal, recheck, notes = bundle.calibration, None, []
@@ -145,17 +148,23 @@ def learn_good(bundle: Bundle, images: Sequence[ImageInput], parent_path: Path, 
     elif calibration is not None and len(cal_images) != len(bundle.calibration.good_scores):
         notes.append(f"{len(cal_images)} calibration images given for {len(bundle.calibration.good_scores)} stored scores: {unchecked}")
     else:
-        new_cal, recheck = _recheck(bundle.calibration, detector, learner, cal_images)
+        new_cal, recheck = _recheck(bundle.calibration, before_model, learner, cal_images)
     version = next_version(parent_path)
     lineage = {"version": version, "parent": parent_path.name, "parent_checksum": bundle.checksum, "feedback_ids": list(feedback_ids),
                "learned_images": len(images), "learned_at": datetime.now(timezone.utc).isoformat(),
                "root_checksum": bundle.metadata.get("lineage", {}).get("root_checksum", bundle.checksum)}
     history = [*bundle.metadata.get("learned", []), lineage]
     child = Bundle(learner, new_cal, {**bundle.metadata, "lineage": lineage, "learned": history}, bundle.typer)
-    path = version_path(parent_path, version)
-    if path.exists():
-        raise DefectLensError(f"{path}: a model version with this number exists already; not overwritten")
-    child.save(path)
+    for _ in range(100):  # another writer may take a number between looking and writing: take the next
+        path = version_path(parent_path, version)
+        try:
+            child.save(path, exclusive=True)
+            break
+        except FileExistsError:
+            version = next_version(parent_path)
+            lineage["version"] = version
+    else:
+        raise DefectLensError(f"{parent_path}: could not find a free version number to save under")
     report = LearnReport(path, version, parent_path.name, bundle.checksum, len(images), list(feedback_ids), recheck, notes, child.checksum)
     return child, report
 

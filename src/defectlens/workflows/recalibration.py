@@ -55,7 +55,7 @@ def recalibrate_from_history(bundle: Bundle, confirmed: list[dict], images: Path
             missing += 1
             continue
         paths.append(path)
-        types.append(row.get("defect_type") or "defect")
+        types.append(row.get("defect_type"))
     if not paths:
         raise DatasetError(f"{model}: no confirmed defect with a kept image under {images} ({missing} confirmed without one); "
                            "serve with --keep-images and mark defects on the dashboard first")
@@ -63,8 +63,10 @@ def recalibrate_from_history(bundle: Bundle, confirmed: list[dict], images: Path
     good = ScoredImages(np.asarray(old.good_scores), np.asarray(old.good_map_max), zeros, zeros)
     n_syn = len(old.synthetic_scores)
     syn = SyntheticScores(ScoredImages(np.asarray(old.synthetic_scores), *(np.zeros(n_syn),) * 3), list(old.synthetic_families)) if n_syn else None
-    # one named type keeps the typer the model has; two or more teach a new one
-    calibrate_bundle(bundle, good, settings, paths, types, source=old.source.replace("+labelled", ""), files=[f for f in old.files if f], synthetic=syn)
+    # Types teach only when every defect has one (an unnamed one is no class of its own); one named
+    # type keeps the typer the model has, two or more teach a new one.
+    named = types if all(types) else []
+    calibrate_bundle(bundle, good, settings, paths, named, source=old.source.replace("+labelled", ""), files=[f for f in old.files if f], synthetic=syn)
     bundle.calibration.notes.append(f"labelled rules from {len(paths)} defects confirmed on the line"
                                     + (f" ({missing} confirmed defects had no kept image)" if missing else ""))
     return bundle

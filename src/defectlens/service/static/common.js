@@ -2,7 +2,10 @@
 "use strict";
 
 async function api(path, options = {}) {
-  const response = await fetch(path, options);
+  // the page's key field (when it has one) goes with every call, so a service run with --protect-read works too
+  const key = (document.getElementById("api-key") || {}).value;
+  const headers = { ...(key ? { "X-API-Key": key } : {}), ...(options.headers || {}) };
+  const response = await fetch(path, { ...options, headers });
   const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
   if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
   return body;
@@ -24,20 +27,20 @@ function fmt(value, digits = 3) {
 async function showStatus() {
   try {
     const s = await api("/api/status");
+    const history = s.history && s.history.state === "degraded" ? ` · history degraded (${s.history.journaled} rows waiting)` : "";
     document.getElementById("status").textContent =
-      `v${s.version} · ${s.models.length} model(s) · ${s.served} served · up ${Math.round(s.uptime_s)} s`;
-    showDrift();
+      `v${s.version} · ${s.models.length} model(s) · ${s.served} served · up ${Math.round(s.uptime_s)} s${history}`;
+    showDrift(s);
   } catch (err) {
     document.getElementById("status").textContent = `service unreachable: ${err.message}`;
   }
 }
 
 // Drift banner: shown on every page while any loaded model's recent scores have moved.
-async function showDrift() {
+async function showDrift(s) {
   const banner = document.getElementById("drift-banner");
   if (!banner) return;
   try {
-    const s = await api("/api/status");
     const moved = s.models.filter((m) => m.drift && m.drift !== "ok");
     const reports = await Promise.all(moved.map((m) => api(`/api/models/${encodeURIComponent(m.name)}/drift`)));
     banner.hidden = !reports.length;
@@ -53,6 +56,10 @@ async function showDrift() {
 // A part confirmed good may teach the model a new version; the answer says which, or why not.
 function feedbackButtons(inspectionId) {
   const out = el("span", { class: "feedback-result note" });
+  if (inspectionId === null || inspectionId === undefined) {  // journaled while the database is away: no row to talk about yet
+    out.textContent = "history degraded: feedback once the row is written";
+    return out;
+  }
   const send = async (label) => {
     const key = (document.getElementById("api-key") || {}).value || "";
     out.textContent = "sending…";
