@@ -41,14 +41,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--symmetry", choices=SYMMETRY_AXES, default=None, help=(
         "for symmetric parts: try adding a left-right / top-bottom asymmetry score; kept only if it raises AUROC on the labelled images"))
     p.add_argument("--seed", type=int, default=0, help="seed for the labelled split (default: 0)")
+    _add_from_history(p)
+    add_calibration_options(p, STRATEGIES)
+    p.set_defaults(run=run_calibrate)
+
+    _add_learn(sub)
+
+
+def _add_from_history(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-history", default=None, metavar="DB_URL", help=(
         "use the defects operators confirmed on the line (the service's 'mark defect', with its defect type) from this history "
         "database, with the model's stored good scores, for the labelled rules and defect typing; needs --images"))
     p.add_argument("--images", default=None, metavar="DIR", help="with --from-history: the folder serve --keep-images kept the images in")
     p.add_argument("--model-name", default=None, help="with --from-history: the model's name in the history (default: the file's name)")
-    add_calibration_options(p, STRATEGIES)
-    p.set_defaults(run=run_calibrate)
 
+
+def _add_learn(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("learn", help="teach a model confirmed-good images without a refit (a new model version)", description=(
         "Teach MODEL images an operator confirmed as good (e.g. false rejects after a change on the line), without refitting: "
         "PatchCore adds the patches its memory bank does not cover, PaDiM updates its Gaussians. The result is a new version "

@@ -27,13 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "Without one, the service is read-and-inspect only"))
     p.add_argument("--protect-inspect", action="store_true", help="require an operator (or admin) key to inspect too")
     p.add_argument("--protect-read", action="store_true", help="require a viewer key (or higher) to read history, models and metrics")
-    p.add_argument("--drift-window", type=int, default=100, help="recent inspections the drift watch compares (default: 100)")
-    p.add_argument("--drift-alpha", type=float, default=1e-3, help="drift watch significance: smaller is calmer (default: 0.001)")
-    p.add_argument("--drift-min-effect", type=float, default=0.3, help=(
-        "drift watch: how far recent scores must have moved (KS statistic, 0-1) before 'drift' (default: 0.3)"))
-    p.add_argument("--drift-frr-factor", type=float, default=2.0, help=(
-        "drift watch: moved scores are 'drift' once parts like them would be falsely rejected this many times as often as "
-        "the calibration promised; below it they are a 'warning' (default: 2)"))
+    _add_drift_options(p)
     p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body in MB (default: 16)")
     p.add_argument("--max-megapixels", type=float, default=64.0, help="largest image in megapixels (default: 64)")
     p.add_argument("--keep-images", default=None, metavar="DIR", help=(
@@ -56,6 +50,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("DEFECTLENS_API_KEY"), help="key, when the service guards inspection")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(run=run_loadtest)
+
+
+def _add_drift_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drift-window", type=int, default=100, help="recent inspections the drift watch compares (default: 100)")
+    p.add_argument("--drift-alpha", type=float, default=1e-3, help="drift watch significance: smaller is calmer (default: 0.001)")
+    p.add_argument("--drift-min-effect", type=float, default=0.3, help=(
+        "drift watch: how far recent scores must have moved (KS statistic, 0-1) before 'drift' (default: 0.3)"))
+    p.add_argument("--drift-frr-factor", type=float, default=2.0, help=(
+        "drift watch: moved scores are 'drift' once parts like them would be falsely rejected this many times as often as "
+        "the calibration promised; below it they are a 'warning' (default: 2)"))
 
 
 def _service_settings(args: argparse.Namespace):
