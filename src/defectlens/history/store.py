@@ -39,13 +39,20 @@ UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError)
 
 
 @contextlib.contextmanager
-def _available(url: str):
-    """A server that is away becomes StoreUnavailable (worth journaling and retrying); any other
-    database failure a StoreError naming the database, never a raw driver traceback."""
+def _available(url: str, writing: bool = False):
+    """A server that is away becomes StoreUnavailable (worth journaling and retrying); with
+    ``writing``, any other failure but a duplicate key (which callers resolve) a StoreError naming
+    the database, never a raw driver traceback."""
     try:
         yield
     except UNAVAILABLE as exc:
         raise StoreUnavailable(f"{masked_url(url)}: history database unavailable ({_reason(exc)})") from None
+    except IntegrityError:
+        raise
+    except SQLAlchemyError as exc:
+        if not writing:
+            raise
+        raise StoreError(f"{masked_url(url)}: cannot write to the history ({_reason(exc)})") from None
 
 
 def utcnow() -> datetime:
@@ -151,7 +158,7 @@ class HistoryStore:
         """Insert one inspection; returns (stored row, True), or (the earlier row, False) on a retry."""
         row = {**row, "created_at": row.get("created_at") or utcnow()}
         try:
-            with _available(self.url), self._writing(), self.engine.begin() as conn:
+            with _available(self.url, writing=True), self._writing(), self.engine.begin() as conn:
                 new_id = conn.execute(inspections.insert().values(**row)).inserted_primary_key[0]
             return _row({**dict.fromkeys(inspections.c.keys()), **row, "id": new_id}), True
         except IntegrityError as exc:
@@ -159,10 +166,6 @@ class HistoryStore:
             if existing is None:
                 raise StoreError(f"{masked_url(self.url)}: row refused ({_reason(exc)})") from None
             return existing, False
-        except StoreError:
-            raise
-        except SQLAlchemyError as exc:
-            raise StoreError(f"{masked_url(self.url)}: cannot write to the history ({_reason(exc)})") from None
 
     def by_request_id(self, request_id: str) -> dict[str, Any] | None:
         with _available(self.url), self.engine.connect() as conn:
@@ -288,12 +291,10 @@ class HistoryStore:
     # -- helpers ----------------------------------------------------------------------------
     def _insert(self, table: sa.Table, row: dict[str, Any]) -> dict[str, Any]:
         try:
-            with _available(self.url), self._writing(), self.engine.begin() as conn:
+            with _available(self.url, writing=True), self._writing(), self.engine.begin() as conn:
                 row = {**row, "id": conn.execute(table.insert().values(**row)).inserted_primary_key[0]}
-        except StoreError:
-            raise
-        except SQLAlchemyError as exc:
-            raise StoreError(f"{masked_url(self.url)}: cannot write to the history ({_reason(exc)})") from None
+        except IntegrityError as exc:
+            raise StoreError(f"{masked_url(self.url)}: row refused ({_reason(exc)})") from None
         return _row(row)
 
     def _writing(self):

@@ -332,9 +332,8 @@ class _Steps:
         self.writer.write(path, result, key=part)
 
     def _move_done(self, path: Path) -> None:
-        if self.w.done is not None and path.exists():
-            _move(path, self.w.done / path.relative_to(Path(self.w.source).resolve()) if path.is_relative_to(Path(self.w.source).resolve())
-                  else self.w.done / path.name)
+        if self.w.done is not None and path.exists():  # FolderSource hands out paths under its resolved folder
+            _move(path, self.w.done / path.relative_to(Path(self.w.source).resolve()))
 
     def _move_error(self, path: Path, error: ImageError) -> None:
         if not path.exists():

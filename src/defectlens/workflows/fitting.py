@@ -58,6 +58,12 @@ class ScoredImages:
         parts = ([self.asym_lr] if "lr" in axes else []) + ([self.asym_tb] if "tb" in axes else [])
         return np.max(parts, axis=0)
 
+    def decision(self, symmetry: dict | None) -> np.ndarray:
+        """The scores thresholds apply to: appearance, plus the symmetry term when calibration chose it."""
+        if symmetry and symmetry.get("used"):
+            return self.scores + symmetry["weight"] * self.asym(symmetry["axes"])
+        return np.asarray(self.scores, dtype=np.float64)
+
     @classmethod
     def concat(cls, parts: Sequence[ScoredImages]) -> ScoredImages:
         arrays = [np.concatenate([getattr(p, f) for p in parts]) for f in ("scores", "map_max", "asym_lr", "asym_tb")]
@@ -254,10 +260,10 @@ def calibrate_bundle(
         else:
             symmetry = {"axes": settings.symmetry, **choose_weight(good.scores, good.asym(settings.symmetry), defect.scores, defect.asym(settings.symmetry))}
             if symmetry["used"]:
-                good_scores = good.scores + symmetry["weight"] * good.asym(settings.symmetry)
-                defect_scores = defect.scores + symmetry["weight"] * defect.asym(settings.symmetry)
+                good_scores = good.decision(symmetry)
+                defect_scores = defect.decision(symmetry)
                 if synthetic is not None:
-                    syn_scores = synthetic.scored.scores + symmetry["weight"] * synthetic.scored.asym(settings.symmetry)
+                    syn_scores = synthetic.scored.decision(symmetry)
     defect_files = [str(d) for d in defects if not isinstance(d, np.ndarray)]
     types = list(defect_types) if defect is not None and len(defect_types) else None
     calibration = calibrate_scores(good_scores, good.map_max, settings, defect_scores=defect_scores, defect_types=types,

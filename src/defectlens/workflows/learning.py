@@ -29,7 +29,7 @@ from defectlens.calibration.strategies import conformal_bound, estimate_frr
 from defectlens.data.images import ImageInput
 from defectlens.detectors import Detector
 from defectlens.errors import DefectLensError
-from defectlens.workflows.fitting import SYNTHETIC_DEFECTS, ScoredImages, score_images, synthetic_scores
+from defectlens.workflows.fitting import SYNTHETIC_DEFECTS, score_images, synthetic_scores
 
 VERSIONED = re.compile(r"^(?P<base>.+)\.v(?P<version>[0-9]+)$")
 
@@ -169,17 +169,10 @@ def learn_good(bundle: Bundle, images: Sequence[ImageInput], parent_path: Path, 
     return child, report
 
 
-def _decision(scored: ScoredImages, cal: Calibration) -> np.ndarray:
-    sym = cal.symmetry
-    if sym and sym.get("used"):
-        return scored.scores + sym["weight"] * scored.asym(sym["axes"])
-    return np.asarray(scored.scores, dtype=np.float64)
-
-
 def _recheck(cal: Calibration, old: Detector, new: Detector, images: list) -> tuple[Calibration, Recheck]:
     """Move each stored good score by what learning changed for that image, then re-estimate."""
-    before = _decision(score_images(old, images), cal)
-    after = _decision(score_images(new, images), cal)
+    before = score_images(old, images).decision(cal.symmetry)
+    after = score_images(new, images).decision(cal.symmetry)
     stored = np.asarray(cal.good_scores, dtype=np.float64)
     moved = stored + (after - before)
     thr = cal.image_threshold
@@ -189,8 +182,8 @@ def _recheck(cal: Calibration, old: Detector, new: Detector, images: list) -> tu
     if syn_old is not None:
         syn_new = synthetic_scores(new, images, SYNTHETIC_DEFECTS, 0)
         assert syn_new is not None
-        recheck.synthetic_recall_before = float(cal.rejects(_decision(syn_old.scored, cal)).mean())
-        recheck.synthetic_recall_after = float(cal.rejects(_decision(syn_new.scored, cal)).mean())
+        recheck.synthetic_recall_before = float(cal.rejects(syn_old.scored.decision(cal.symmetry)).mean())
+        recheck.synthetic_recall_after = float(cal.rejects(syn_new.scored.decision(cal.symmetry)).mean())
     note = (f"learned on the line: good scores moved by the new model's change on each calibration image "
             f"(expected false-reject rate {100 * recheck.expected_frr_before:.2f} % -> {100 * recheck.expected_frr_after:.2f} %)")
     updated = replace(cal, good_scores=[float(v) for v in moved], expected_frr=estimate_frr(moved, thr).to_dict(), notes=[*cal.notes, note])
