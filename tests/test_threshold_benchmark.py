@@ -42,6 +42,20 @@ def test_small_category_gives_every_rule_for_every_scheme(tiny_dataset):
     assert "**default**" in text and "recall / oracle" in text and "cross-conformal" in text
 
 
+@pytest.mark.slow
+def test_auto_calibrates_each_sizes_pick_as_fit_does(tiny_dataset):
+    from defectlens.workflows import Candidate
+
+    pool = [Candidate("patchcore", "patchcore", {"image_size": 64, "coreset_ratio": 0.1}),
+            Candidate("padim", "padim", {"image_size": 64, "n_features": 20})]
+    entry = _run_category(str(tiny_dataset), "discs", "auto", {"pool": pool, "screen_images": 6, "final_images": 8}, [12], 0)
+    assert not entry.error, entry.error
+    assert {r.scheme for r in entry.rows} == {"kfold-10"} and not entry.folds  # only what fit does
+    assert sum(r.default for r in entry.rows) == 1 and all(r.standard for r in entry.rows)
+    assert len({r.pick for r in entry.rows}) == 1 and entry.rows[0].pick.split("+")[0] in {"patchcore", "padim"}  # maybe "+global"
+    assert f"12 [{entry.rows[0].pick}]" in markdown([entry], "test machine", "auto")
+
+
 def test_extrapolation_recovers_scores_that_fall_as_one_over_training_size():
     n, a, b = 20, np.array([1.0, 2.0, 3.0]), np.array([4.0, 8.0, 2.0])
     at = lambda m: a + b / m  # noqa: E731

@@ -35,7 +35,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--thresholds", action="store_true", help=(
         "measure the threshold rules on every category: with the training images subsampled (--sizes), each rule's "
         "false-reject rate and recall on the real test split beside the best any threshold reaches (the oracle), for "
-        "holdout, k-fold and leave-one-out calibration scores (--detector, default patchcore)"))
+        "holdout, k-fold and leave-one-out calibration scores (--detector, default patchcore; auto: each size's pick, "
+        "calibrated as fit does)"))
     p.add_argument("--end-to-end", action="store_true", help=(
         "on one category: images/s of the detector's scoring, the Inspector, and inspect --out with records, overlays and a "
         "history database, in one run on the same test images"))
@@ -84,7 +85,7 @@ def _end_to_end(args: argparse.Namespace) -> int:
     from defectlens.evaluation.benchmark import machine_description
     from defectlens.evaluation.end_to_end import run_end_to_end
 
-    detector = "patchcore" if args.detector == "auto" else args.detector
+    detector = args.detector  # auto: each size's pick, chosen from its good images as `fit` chooses
     result = run_end_to_end(args.data, detector, detector_params(args, detector), machine_description())
     print(result.text())
     if args.json:
@@ -98,7 +99,7 @@ def _line_loop(args: argparse.Namespace) -> int:
     from defectlens.evaluation.comparison import find_categories
     from defectlens.evaluation.line_loop import HEADER, as_dicts, markdown, row, run_line_loop
 
-    detector = "patchcore" if args.detector == "auto" else args.detector
+    detector = args.detector  # auto: each size's pick, chosen from its good images as `fit` chooses
     machine = machine_description()
     print(f"line loop, {detector}; machine: {machine}\n{HEADER}")
     results = []
@@ -145,12 +146,13 @@ def _thresholds(args: argparse.Namespace) -> int:
     from defectlens.evaluation.benchmark import machine_description
     from defectlens.evaluation.threshold_benchmark import markdown, run_threshold_benchmark
 
-    detector = "patchcore" if args.detector == "auto" else args.detector
+    detector = args.detector  # auto: each size's pick, chosen from its good images as `fit` chooses
     try:
         sizes = [None if s.strip() == "all" else int(s) for s in args.sizes.split(",")]
     except ValueError:
         raise DefectLensError(f"--sizes takes comma-separated image counts or 'all', got {args.sizes!r}") from None
-    entries = run_threshold_benchmark(args.data, detector, detector_params(args, detector), sizes, args.seed)
+    params = {"budget_s": args.budget or 300.0} if detector == "auto" else detector_params(args, detector)
+    entries = run_threshold_benchmark(args.data, detector, params, sizes, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "thresholds.md").write_text(markdown(entries, machine_description(), detector))

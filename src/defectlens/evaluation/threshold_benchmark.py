@@ -26,7 +26,7 @@ import numpy as np
 
 from defectlens.errors import DefectLensError
 from defectlens.evaluation.comparison import KILLED, each_category
-from defectlens.workflows.selection import format_figure
+from defectlens.workflows.selection import format_figure, select_detector
 
 # the default first; the others are what it was chosen against
 RULES = {"conformal 1 %": {"strategy": "target_frr"}, "conformal 2 %": {"strategy": "target_frr", "target_frr": 0.02},
@@ -54,6 +54,7 @@ class ThresholdRow:
     oracle_5: float | None = None  # best recall at test FRR <= 5 %
     default: bool = False  # what plain `fit` does with this many images
     standard: bool = False  # the calibration scores plain `fit` would use (any rule)
+    pick: str = ""  # with --detector auto: the configuration the selection chose at this size
 
 
 @dataclass
@@ -213,18 +214,25 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
         test_paths = [s.path for s in ds.test]
         labels = np.array([s.label for s in ds.test])
         probe = _probe(labels, PROBE, seed)
-        proto = create_detector(detector, **params)
+        auto = detector == "auto"
+        proto, pick = (None, "") if auto else (create_detector(detector, **params), "")
         for size in sizes:
             train = subsample(ds.train_good, size, seed)
             n = len(train)
             fit_part, held = _split_validation(train, 0.1, seed)
             print(f"  {label}: {n} training images", flush=True)
+            start = len(out.rows)
+            if auto:  # what plain `fit` does: choose from this many good images, then calibrate the pick
+                chosen = select_detector(train, seed=seed, **params).chosen
+                proto, pick = chosen.build(verbose=False, random_state=seed), chosen.label
+                print(f"  {label}: {n} images, auto picks {pick}", flush=True)
             if resolve_scheme("auto", len(fit_part), len(held)) == "holdout":  # what fit does
                 det = clone(proto).fit(fit_part)
                 test = score_images(det, test_paths).scores
                 good = score_images(det, held)
                 syn = synthetic_scores(det, held, SYNTHETIC_DEFECTS, seed)
                 out.rows += _rows(label, n, "holdout", good, syn, test[labels == 0], test[labels == 1], True)
+                _mark_pick(out.rows[start:], pick)
                 continue
             det = clone(proto).fit(train)  # the deployed model of every k-fold variant
             test = score_images(det, test_paths).scores
@@ -236,6 +244,11 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
                 held_fold[left_out] = len(fold_probe)
                 fold_probe.append(score_images(model, [test_paths[i] for i in probe]).scores)
 
+            if auto:  # the pick, calibrated as fit does; the other sources were measured on fixed detectors
+                good, syn = kfold_scores(proto, train, standard, seed, SYNTHETIC_DEFECTS)
+                out.rows += _rows(label, n, f"kfold-{standard}", good, syn, test_good, test_defect, True)
+                _mark_pick(out.rows[start:], pick)
+                continue
             for folds in sorted({min(5, n), standard} | ({n} if n <= 20 else set())):
                 good, syn = kfold_scores(proto, train, folds, seed, SYNTHETIC_DEFECTS, on_fold=on_fold if folds == standard else None)
                 by_folds[folds] = good
@@ -260,6 +273,11 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
     return out
 
 
+def _mark_pick(rows: list[ThresholdRow], pick: str) -> None:
+    for r in rows:
+        r.pick = pick
+
+
 def run_threshold_benchmark(root: str | Path, detector: str = "patchcore", params: dict | None = None,
                             sizes: Sequence[int | None] = (10, 20, 50, 100, None), seed: int = 0, progress=print) -> list[CategoryThresholds]:
     return each_category(root, f"threshold benchmark ({detector})", _run_category, (detector, dict(params or {}), list(sizes), seed),
@@ -280,7 +298,8 @@ def markdown_category(c: CategoryThresholds) -> str:
     for r in c.rows:
         mark = " **default**" if r.default else ""
         ratio = None if r.recall is None or not r.oracle_same else r.recall / r.oracle_same
-        lines.append(f"| {r.n_train} | {r.scheme} ({r.n_calibration}) | {r.rule}{mark} | {format_figure(r.threshold, 4)} | "
+        pick = f" [{r.pick}]" if r.pick else ""
+        lines.append(f"| {r.n_train}{pick} | {r.scheme} ({r.n_calibration}) | {r.rule}{mark} | {format_figure(r.threshold, 4)} | "
                      f"{format_figure(r.largest_good, 4)} | <= {_pct(r.bound)} | {_pct(r.frr)} | {_pct(r.recall)} | {_pct(r.synthetic_recall)} | "
                      f"{_pct(r.oracle_same)} | {format_figure(ratio, 2)} | {_pct(r.oracle_5)} |")
     lines += ["", f"{format_figure(c.seconds, 0)} s."]
