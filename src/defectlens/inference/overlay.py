@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -24,20 +25,24 @@ _VERDICT_COLOURS = {"defect": (230, 40, 40), "good": (40, 180, 70), "uncalibrate
 def _jet_lut() -> np.ndarray:
     import matplotlib
 
-    return (matplotlib.colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+    return (matplotlib.colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8).reshape(256, 1, 3)
 
 
 _LUT: np.ndarray | None = None
 
 
 def colourise(anomaly_map: np.ndarray, vmax: float | None = None) -> np.ndarray:
+    """The map through the jet colour map, 0 .. ``vmax`` (or its own range), as uint8 RGB.
+    OpenCV's saturating conversion and table look-up: about a tenth of NumPy's float path."""
     global _LUT
     if _LUT is None:
         _LUT = _jet_lut()
-    lo = 0.0 if vmax is not None else float(anomaly_map.min())
-    hi = vmax if vmax is not None else float(anomaly_map.max())
-    scaled = np.clip((anomaly_map - lo) / max(hi - lo, 1e-12), 0, 1)
-    return _LUT[(scaled * 255).astype(np.uint8)]
+    amap = np.asarray(anomaly_map, dtype=np.float32)
+    lo = 0.0 if vmax is not None else float(amap.min())
+    hi = vmax if vmax is not None else float(amap.max())
+    scale = 255.0 / max(hi - lo, 1e-12)
+    index = cv2.convertScaleAbs(np.maximum(amap - lo, 0.0), alpha=scale)  # clipped to 0..255, as uint8
+    return cv2.LUT(cv2.merge([index, index, index]), _LUT)
 
 
 def as_uint8(rgb: np.ndarray) -> np.ndarray:
@@ -48,7 +53,7 @@ def _map_at(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
     """The map at the picture's size: a preview is smaller than the image the map was made for."""
     if anomaly_map.shape == (height, width):
         return anomaly_map
-    return np.asarray(Image.fromarray(anomaly_map.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+    return cv2.resize(np.asarray(anomaly_map, dtype=np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def render_heat(rgb: np.ndarray, inspection: Inspection, pixel_threshold: float | None = None, alpha: float = 0.5) -> Image.Image:
@@ -58,7 +63,7 @@ def render_heat(rgb: np.ndarray, inspection: Inspection, pixel_threshold: float 
     h, w = base.shape[:2]
     sy, sx = h / inspection.anomaly_map.shape[0], w / inspection.anomaly_map.shape[1]
     heat = colourise(_map_at(inspection.anomaly_map, h, w), None if pixel_threshold is None else 2.0 * pixel_threshold)
-    panel = Image.fromarray((base * (1 - alpha) + heat * alpha).astype(np.uint8))
+    panel = Image.fromarray(cv2.addWeighted(np.ascontiguousarray(base), 1 - alpha, heat, alpha, 0.0))
     draw = ImageDraw.Draw(panel)
     label_font = ImageFont.load_default(size=max(9, int(_band(h) * 0.5)))
     for region in inspection.regions:
