@@ -28,11 +28,13 @@ from defectlens.data.images import PREVIEW_SIDE, load_rgb, preview
 from defectlens.errors import DefectLensError, ImageError
 from defectlens.inference.inspection import Inspection
 from defectlens.inference.overlay import OVERLAY_SUFFIX, save_overlay
+from defectlens.inference.record import BATCH_FIELDS, FIELDS
 from defectlens.jsonutil import finite
 
-CSV_COLUMNS = ["source", "verdict", "score", "normalised_score", "confidence", "severity", "regions", "max_region_area_px",
-               "max_region_area_pct", "main_type", "total_ms", "decode_ms", "backbone_ms", "search_ms", "postprocess_ms",
-               "decide_ms", "error"]
+# summary.csv: the record's summary fields, what its regions and timings come to, and the error
+STAGES = ("decode", "backbone", "search", "postprocess", "decide")
+CSV_COLUMNS = [*(f.name for f in FIELDS if f.summary), "regions", "max_region_area_px", "max_region_area_pct", "main_type", "total_ms",
+               *(f"{k}_ms" for k in STAGES), *(f.name for f in BATCH_FIELDS if f.summary)]
 
 
 def score_stats(scores: list[float]) -> dict:
@@ -60,7 +62,7 @@ def csv_row(record: dict) -> dict:
         "severity": f"{record['severity']:.4f}", "regions": len(record["regions"]),
         "max_region_area_px": biggest["area_px"] if biggest else 0, "max_region_area_pct": f"{biggest['area_pct']:.4f}" if biggest else "0",
         "main_type": (biggest["type"] or "") if biggest else "", "total_ms": f"{sum(t.values()):.2f}",
-        **{f"{k}_ms": f"{t[k]:.2f}" for k in ("decode", "backbone", "search", "postprocess", "decide") if k in t}, "error": "",
+        **{f"{k}_ms": f"{t[k]:.2f}" for k in STAGES if k in t}, "error": "",
     }
 
 

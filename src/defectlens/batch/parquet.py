@@ -15,12 +15,10 @@ import sys
 from pathlib import Path
 
 from defectlens.errors import DefectLensError
+from defectlens.inference.record import BATCH_FIELDS, FIELDS, REGION_FIELDS, flat, flat_region
 
 ROWS_PER_PART = 10_000  # ~1 MB parts: few files for a million images, little lost work per crash
 FOLDER = "results.parquet"
-
-_FLOAT_FIELDS = ("score", "normalised_score", "confidence", "threshold", "severity")
-_REGION_FIELDS = ("area_pct", "mean_score", "max_score", "elongation", "severity", "type", "type_source", "type_confidence")
 
 
 def _pyarrow():
@@ -32,16 +30,17 @@ def _pyarrow():
     return pa, pq
 
 
+def _arrow_type(pa, kind: str):
+    if kind == "regions":
+        return pa.list_(pa.struct([(f.name, _arrow_type(pa, f.kind)) for f in REGION_FIELDS]))
+    kinds = {"text": pa.string(), "real": pa.float64(), "integer": pa.int32(), "count": pa.int64(), "timings": pa.map_(pa.string(), pa.float64())}
+    return kinds[kind]
+
+
 def schema():
+    """The Parquet schema: the record's fields (inference.record) and the batch fields, in order."""
     pa, _ = _pyarrow()
-    region = pa.struct([("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32()), ("area_px", pa.int64()),
-                        ("area_pct", pa.float64()), ("mean_score", pa.float64()), ("max_score", pa.float64()),
-                        ("elongation", pa.float64()), ("severity", pa.float64()), ("type", pa.string()),
-                        ("type_source", pa.string()), ("type_confidence", pa.float64())])
-    return pa.schema([("source", pa.string()), ("verdict", pa.string()), *((f, pa.float64()) for f in _FLOAT_FIELDS),
-                      ("width", pa.int32()), ("height", pa.int32()), ("regions", pa.list_(region)),
-                      ("timings_ms", pa.map_(pa.string(), pa.float64())), ("model", pa.string()),
-                      ("overlay", pa.string()), ("map", pa.string()), ("error", pa.string())])
+    return pa.schema([pa.field(f.name, _arrow_type(pa, f.kind), nullable=True) for f in (*FIELDS, *BATCH_FIELDS)])
 
 
 def parquet_row(record: dict) -> dict:
@@ -49,12 +48,10 @@ def parquet_row(record: dict) -> dict:
     error with the rest null, so one table holds every image."""
     if "error" in record:
         return {"source": record["source"], "verdict": "error", "error": record["error"]}
-    width, height = record["image_size"]
-    regions = [{"x0": r["box"][0], "y0": r["box"][1], "x1": r["box"][2], "y1": r["box"][3], "area_px": r["area_px"],
-                **{k: r[k] for k in _REGION_FIELDS}} for r in record["regions"]]
-    return {"source": record["source"], "verdict": record["verdict"], **{f: record[f] for f in _FLOAT_FIELDS},
-            "width": width, "height": height, "regions": regions, "timings_ms": list(record["timings_ms"].items()),
-            "model": record["model"], "overlay": record.get("overlay"), "map": record.get("map")}
+    row = flat(record)
+    row["regions"] = [flat_region(r) for r in record["regions"]]
+    row["timings_ms"] = list(record["timings_ms"].items())
+    return {f.name: row.get(f.name) for f in (*FIELDS, *BATCH_FIELDS)}
 
 
 class ParquetParts:

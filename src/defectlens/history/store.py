@@ -22,6 +22,7 @@ from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, O
 from defectlens.errors import DefectLensError
 from defectlens.history.schema import audit_log, feedback, inspections, model_versions, threshold_changes
 from defectlens.inference.inspection import Inspection
+from defectlens.inference.record import FIELDS, flat
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 BUCKETS = ("hour", "day")
@@ -77,26 +78,18 @@ class HistoryQuery:
     request_prefix: str | None = None  # one client's run, e.g. a load test's
 
 
+# Record fields the history does not keep: the model is the row's own column, and confidence
+# follows from score, threshold and the model's spread
+NOT_STORED = ("confidence", "model")
+
+
 def inspection_row(inspection: Inspection, model: str, checksum: str, image_sha256: str, request_id: str, image_path: str | None = None) -> dict[str, Any]:
-    """The history row of one Inspection, the same whether the service or a batch job made it."""
-    record = inspection.to_record()
-    return {
-        "request_id": request_id,
-        "model": model,
-        "model_checksum": checksum,
-        "source": inspection.source[:512],
-        "image_sha256": image_sha256,
-        "image_path": image_path,
-        "width": record["image_size"][0],
-        "height": record["image_size"][1],
-        "score": record["score"],
-        "normalised_score": record["normalised_score"],
-        "threshold": record["threshold"],
-        "verdict": record["verdict"],
-        "severity": record["severity"],
-        "regions": record["regions"],
-        "timings_ms": record["timings_ms"],
-    }
+    """The history row of one Inspection, the same whether the service or a batch job made it:
+    the record's fields (inference.record) and where the row came from."""
+    record = flat(inspection.to_record())
+    row = {f.name: record[f.name] for f in FIELDS if f.name not in NOT_STORED}
+    row["source"] = row["source"][:512]
+    return {"request_id": request_id, "model": model, "model_checksum": checksum, "image_sha256": image_sha256, "image_path": image_path, **row}
 
 
 class HistoryStore:

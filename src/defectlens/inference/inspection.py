@@ -116,7 +116,7 @@ class Inspection:
         return max((r.severity for r in self.regions), default=0.0)
 
     def to_record(self) -> dict:
-        """JSON-ready summary (no pixel arrays)."""
+        """JSON-ready summary (no pixel arrays): the fields of ``inference.record``, in order."""
         def rnd(v: float | None) -> float | None:
             return None if v is None else round(float(v), 6)
 
