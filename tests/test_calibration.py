@@ -267,3 +267,17 @@ def test_one_outlying_calibration_image_is_named():
     assert cal.image_threshold == 3.0
     assert any("set by one calibration image (good_29.png)" in n for n in cal.notes)
     assert not calibrate_scores(np.linspace(1.0, 1.2, 30), np.linspace(1.0, 1.2, 30)).notes
+
+
+def test_the_decision_rule_is_one_expression_for_numpy_and_torch():
+    import torch
+    from scipy.special import expit
+
+    from defectlens.calibration.record import DecisionRule
+
+    rule = DecisionRule(1.25, 0.1)
+    scores = np.array([-1e6, 0.0, 1.2, 1.25, 1.2500001, 1.3, 1e6])
+    assert rule.rejects(scores).tolist() == [False, False, False, False, True, True, True]  # on the threshold passes
+    assert rule.rejects(torch.tensor(scores)).tolist() == rule.rejects(scores).tolist()
+    np.testing.assert_allclose(rule.normalise(scores), expit((scores - 1.25) / 0.1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(rule.normalise(torch.tensor(scores), torch).numpy(), rule.normalise(scores), rtol=0, atol=1e-12)

@@ -19,6 +19,27 @@ from defectlens.calibration.symmetry import asymmetry
 from defectlens.errors import DefectLensError
 
 
+@dataclass(frozen=True)
+class DecisionRule:
+    """The image decision and its normalised score, written once for NumPy arrays and torch
+    tensors alike (``xp`` is the array module), so the ONNX graph runs this very rule and a
+    consumer of the graph's outputs gets the verdicts the Inspector gives.
+
+    A part is defective when its decision score lies strictly above the threshold (a score on
+    it passes); the normalised score is a logistic in units of the good scores' spread, 0.5 at
+    the threshold, written with tanh so it never overflows.
+    """
+
+    threshold: float
+    scale: float
+
+    def rejects(self, scores):
+        return scores > self.threshold
+
+    def normalise(self, scores, xp=np):
+        return 0.5 * (1.0 + xp.tanh((scores - self.threshold) / (2.0 * self.scale)))
+
+
 @dataclass
 class Calibration:
     image_threshold: float
@@ -54,13 +75,16 @@ class Calibration:
             return scores
         return scores + sym["weight"] * asymmetry(maps, sym["axes"])
 
+    def rule(self) -> DecisionRule:
+        """The decision rule at this calibration's image threshold (see ``DecisionRule``)."""
+        return DecisionRule(float(self.image_threshold), float(self.image_scale))
+
     def rejects(self, scores: float | np.ndarray) -> np.ndarray:
-        """The decision rule, in one place: a part is defective when its decision score (see
-        ``combine``) lies strictly above the image threshold; a score on it passes."""
-        return np.asarray(scores, dtype=np.float64) > self.image_threshold
+        """Which decision scores (see ``combine``) are defects."""
+        return self.rule().rejects(np.asarray(scores, dtype=np.float64))
 
     def normalise(self, score: float | np.ndarray) -> float | np.ndarray:
-        return expit((np.asarray(score, dtype=np.float64) - self.image_threshold) / self.image_scale)
+        return self.rule().normalise(np.asarray(score, dtype=np.float64))
 
     def normalise_map(self, anomaly_map: np.ndarray) -> np.ndarray:
         return expit((np.asarray(anomaly_map, dtype=np.float32) - self.pixel_threshold) / self.pixel_scale).astype(np.float32)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from defectlens.calibration.record import Calibration
+from defectlens.calibration.record import Calibration, DecisionRule
 from defectlens.calibration.symmetry import asymmetry_torch
 from defectlens.detectors.base import Detector
 from defectlens.detectors.feature_based import FeatureDetector
@@ -56,8 +56,7 @@ class ScoringGraph(nn.Module):
         sym = calibration.symmetry if calibration else None
         self.symmetry_axes = sym["axes"] if sym and sym.get("used") else ""
         self.symmetry_weight = float(sym["weight"]) if self.symmetry_axes else 0.0
-        self.threshold = float(calibration.image_threshold) if calibration else 0.0
-        self.scale = float(calibration.image_scale) if calibration else 1.0
+        self.rule = calibration.rule() if calibration else DecisionRule(0.0, 1.0)  # the Inspector's rule, traced
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         patch = self.patches(self.embedder(images))
@@ -65,4 +64,4 @@ class ScoringGraph(nn.Module):
         maps = self.head(patch)
         if self.symmetry_axes:  # Calibration.combine, in the graph
             score = score + self.symmetry_weight * asymmetry_torch(maps, self.symmetry_axes)
-        return score, maps, torch.sigmoid((score - self.threshold) / self.scale)
+        return score, maps, self.rule.normalise(score, torch)
