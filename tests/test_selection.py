@@ -143,3 +143,19 @@ def test_global_term_is_not_tried_on_wrappers(monkeypatch):
     pool = [Candidate("patchcore+padim", "ensemble", {"detector": "patchcore,padim"})]
     ranked, _ = selection._try_global_term([best], pool, [], None, 0, 0.0, 1e9, [], lambda _m: None, None)
     assert ranked == [best]
+
+
+def test_the_budget_counts_work_not_waiting():
+    """A process waiting for the cores (another job on the machine) spends none of its budget,
+    so a loaded machine tries the same finalists as a quiet one."""
+    import time
+
+    from defectlens.workflows.selection import work_clock
+
+    t0 = work_clock()
+    time.sleep(0.3)
+    assert work_clock() - t0 < 0.05
+    x, t0 = 0, work_clock()
+    while work_clock() - t0 < 0.05:  # busy: the clock moves
+        x += 1
+    assert x > 0
