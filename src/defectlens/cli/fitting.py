@@ -23,7 +23,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "single-image (one image, augmented); auto picks holdout with 10+ held-out images, else kfold (default: auto)"))
     p.add_argument("--folds", type=int, default=10, help="folds for kfold calibration (default: 10)")
     p.add_argument("--budget", type=float, default=300.0, metavar="SECONDS", help=(
-        "--detector auto: time for trying candidates before the chosen one is fitted, counted in CPU work so other jobs on the machine do not change the choice (default: 300)"))
+        "--detector auto: time for trying candidates before the chosen one is fitted, counted in CPU work so other jobs "
+        "on the machine do not change the choice (default: 300)"))
     add_calibration_options(p, GOOD_ONLY)
     add_detector_options(p, default_detector="auto")
     p.set_defaults(run=run_fit)
