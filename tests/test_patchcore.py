@@ -62,6 +62,26 @@ def test_approximate_search_scores_like_exact_search(tiny_dataset):
     assert np.abs(m_approx - m_exact).mean() < 1e-3
 
 
+def test_patches_the_ivf_index_misses_are_answered_exactly(tiny_dataset):
+    """faiss IVF returns -1 where the probed lists hold no patch; that must not pick the bank's last patch."""
+    ds = load_dataset(tiny_dataset, validation_fraction=0.0)
+    images = [s.path for s in ds.test]
+    exact = create_detector("patchcore", image_size=64, coreset_ratio=0.2, reweight=True).fit(ds.train_good)
+    expected = exact.score(images)[0]
+
+    class Missing:  # an index that misses every other query
+        def __init__(self, index):
+            self.index = index
+
+        def search(self, queries, k):
+            dist, idx = self.index.search(queries, k)
+            dist[::2], idx[::2] = np.inf, -1
+            return dist, idx
+
+    exact._index = Missing(exact._index)
+    np.testing.assert_allclose(exact.score(images)[0], expected, rtol=1e-6)
+
+
 def test_unknown_search_and_exporting_an_approximate_model_are_refused(tiny_dataset, tmp_path):
     from defectlens import Bundle
     from defectlens.export import export_onnx

@@ -178,8 +178,20 @@ class PatchCore(FeatureDetector):
         return float(np.linalg.norm(sample - nearest, axis=1).max())
 
     def _nearest(self, queries: np.ndarray) -> np.ndarray:
-        _, idx = self._index.search(queries, 1)
+        _, idx = self._search(queries, 1)
         return np.asarray(self.memory_bank_[idx[:, 0]], dtype=np.float32)
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's k nearest bank patches, with its misses answered exactly: an IVF index
+        returns -1 where the lists it probed hold fewer than k patches, and -1 would silently
+        pick the bank's last patch."""
+        dist, idx = self._index.search(queries, k)
+        missed = (idx < 0).any(axis=1)
+        if missed.any():
+            exact = faiss.IndexFlatL2(self.memory_bank_.shape[1])
+            exact.add(np.asarray(self.memory_bank_, dtype=np.float32))
+            dist[missed], idx[missed] = exact.search(np.ascontiguousarray(queries[missed]), k)
+        return dist, idx
 
     @property
     def learns_incrementally(self) -> bool:
@@ -269,7 +281,7 @@ class PatchCore(FeatureDetector):
         watch.lap("backbone")
         n, d, h, w = emb.shape
         queries = np.ascontiguousarray(emb.permute(0, 2, 3, 1).reshape(-1, d).numpy())
-        _, nn_idx = self._index.search(queries, 1)
+        _, nn_idx = self._search(queries, 1)
         # The search finds the neighbour; its distance is measured again directly, because BLAS
         # search computes |q|^2 - 2q.m + |m|^2, whose rounding is large next to small distances.
         # Exact distances also make the ONNX graph (matrix products, then the same gather) agree.
@@ -287,7 +299,7 @@ class PatchCore(FeatureDetector):
         """Paper eq. 7: trust a high score less when its nearest good patch sits in a dense
         neighbourhood of the memory bank that the test patch is also close to."""
         k = min(self.num_neighbors, len(self.memory_bank_))
-        _, support = self._index.search(self.memory_bank_[nearest].astype(np.float32), k)
+        _, support = self._search(self.memory_bank_[nearest].astype(np.float32), k)
         diffs = self.memory_bank_[support] - worst_patches[:, None, :]
         dists = np.linalg.norm(diffs.astype(np.float64), axis=2)
         softmax0 = 1.0 / np.exp(dists - dists[:, :1]).sum(axis=1)
@@ -332,7 +344,7 @@ class PatchCore(FeatureDetector):
         bank = np.asarray(self.memory_bank_, dtype=np.float32)
         if len(bank) < 2:
             return 0.0
-        dist, _ = self._index.search(bank, 2)
+        dist, _ = self._search(bank, 2)
         spacing = np.sqrt(np.maximum(dist[:, 1], 0.0))
         return float(spacing[spacing > 0].min()) if (spacing > 0).any() else 0.0
 
