@@ -222,7 +222,8 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
             fit_part, held = _split_validation(train, 0.1, seed)
             print(f"  {label}: {n} training images", flush=True)
             start = len(out.rows)
-            if auto:  # what plain `fit` does: choose from this many good images, then calibrate the pick
+            if auto:  # choose from this many good images, then calibrate the pick as fit does. Unlike fit, the
+                # choice sees the holdout images too (as its own held-out images: they never fit the pick)
                 chosen = select_detector(train, seed=seed, **params).chosen
                 proto, pick = chosen.build(verbose=False, random_state=seed), chosen.label
                 print(f"  {label}: {n} images, auto picks {pick}", flush=True)
