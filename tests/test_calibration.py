@@ -281,3 +281,8 @@ def test_the_decision_rule_is_one_expression_for_numpy_and_torch():
     assert rule.rejects(torch.tensor(scores)).tolist() == rule.rejects(scores).tolist()
     np.testing.assert_allclose(rule.normalise(scores), expit((scores - 1.25) / 0.1), rtol=0, atol=1e-12)
     np.testing.assert_allclose(rule.normalise(torch.tensor(scores), torch).numpy(), rule.normalise(scores), rtol=0, atol=1e-12)
+    maps = np.random.default_rng(0).random((3, 8, 8))
+    sym = DecisionRule(1.25, 0.1, 0.5, "lr")
+    np.testing.assert_allclose(sym.combine(np.ones(3), maps), 1 + 0.5 * np.abs(maps - maps[:, :, ::-1]).max(axis=(1, 2)))
+    np.testing.assert_allclose(sym.combine(torch.ones(3, dtype=torch.float64), torch.tensor(maps)).numpy(), sym.combine(np.ones(3), maps))
+    assert rule.combine(scores, maps) is scores  # no symmetry term chosen: the appearance score

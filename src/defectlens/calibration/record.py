@@ -12,26 +12,37 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
+import torch
 from scipy.special import expit
 
 from defectlens.calibration.strategies import robust_std
-from defectlens.calibration.symmetry import asymmetry
+from defectlens.calibration.symmetry import asymmetry, asymmetry_torch
 from defectlens.errors import DefectLensError
 
 
 @dataclass(frozen=True)
 class DecisionRule:
-    """The image decision and its normalised score, written once for NumPy arrays and torch
-    tensors alike (``xp`` is the array module), so the ONNX graph runs this very rule and a
-    consumer of the graph's outputs gets the verdicts the Inspector gives.
+    """The image decision, written once for NumPy arrays and torch tensors alike (``xp`` is the
+    array module), so the ONNX graph runs this very rule and a consumer of the graph's outputs
+    gets the verdicts the Inspector gives.
 
-    A part is defective when its decision score lies strictly above the threshold (a score on
-    it passes); the normalised score is a logistic in units of the good scores' spread, 0.5 at
-    the threshold, written with tanh so it never overflows.
+    The decision score is the appearance score, plus the symmetry term when calibration chose it
+    (``symmetry_weight`` x the map's largest mirror difference). A part is defective when its
+    decision score lies strictly above the threshold (a score on it passes). The normalised score
+    is a logistic in units of the good scores' spread, 0.5 at the threshold, written with tanh so
+    it never overflows.
     """
 
     threshold: float
     scale: float
+    symmetry_weight: float = 0.0
+    symmetry_axes: str = ""
+
+    def combine(self, scores, maps):
+        if not self.symmetry_axes:
+            return scores
+        term = asymmetry_torch(maps, self.symmetry_axes) if isinstance(maps, torch.Tensor) else asymmetry(maps, self.symmetry_axes)
+        return scores + self.symmetry_weight * term
 
     def rejects(self, scores):
         return scores > self.threshold
@@ -69,15 +80,12 @@ class Calibration:
     # -- scores --------------------------------------------------------------------------------
     def combine(self, scores: np.ndarray, maps: np.ndarray) -> np.ndarray:
         """The score thresholds apply to: appearance, plus symmetry break when calibration chose it."""
-        scores = np.asarray(scores, dtype=np.float64)
-        sym = self.symmetry
-        if not sym or not sym.get("used"):
-            return scores
-        return scores + sym["weight"] * asymmetry(maps, sym["axes"])
+        return self.rule().combine(np.asarray(scores, dtype=np.float64), maps)
 
     def rule(self) -> DecisionRule:
         """The decision rule at this calibration's image threshold (see ``DecisionRule``)."""
-        return DecisionRule(float(self.image_threshold), float(self.image_scale))
+        sym = self.symmetry if self.symmetry and self.symmetry.get("used") else None
+        return DecisionRule(float(self.image_threshold), float(self.image_scale), float(sym["weight"]) if sym else 0.0, sym["axes"] if sym else "")
 
     def rejects(self, scores: float | np.ndarray) -> np.ndarray:
         """Which decision scores (see ``combine``) are defects."""

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from defectlens.calibration.record import Calibration, DecisionRule
-from defectlens.calibration.symmetry import asymmetry_torch
 from defectlens.detectors.base import Detector
 from defectlens.detectors.feature_based import FeatureDetector
 from defectlens.detectors.padim import PaDiM
@@ -53,15 +52,11 @@ class ScoringGraph(nn.Module):
             assert isinstance(detector, PaDiM)
             self.patches = detector.scorer()  # the very module PyTorch scoring runs
         self.head = detector._map_head
-        sym = calibration.symmetry if calibration else None
-        self.symmetry_axes = sym["axes"] if sym and sym.get("used") else ""
-        self.symmetry_weight = float(sym["weight"]) if self.symmetry_axes else 0.0
         self.rule = calibration.rule() if calibration else DecisionRule(0.0, 1.0)  # the Inspector's rule, traced
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         patch = self.patches(self.embedder(images))
         score = patch.flatten(1).max(dim=1).values
         maps = self.head(patch)
-        if self.symmetry_axes:  # Calibration.combine, in the graph
-            score = score + self.symmetry_weight * asymmetry_torch(maps, self.symmetry_axes)
+        score = self.rule.combine(score, maps)  # the symmetry term, when calibration chose it
         return score, maps, self.rule.normalise(score, torch)
