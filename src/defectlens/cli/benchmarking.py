@@ -85,7 +85,7 @@ def _end_to_end(args: argparse.Namespace) -> int:
     from defectlens.evaluation.benchmark import machine_description
     from defectlens.evaluation.end_to_end import run_end_to_end
 
-    detector = args.detector  # auto: each size's pick, chosen from its good images as `fit` chooses
+    detector = "patchcore" if args.detector == "auto" else args.detector
     result = run_end_to_end(args.data, detector, detector_params(args, detector), machine_description())
     print(result.text())
     if args.json:
@@ -99,7 +99,7 @@ def _line_loop(args: argparse.Namespace) -> int:
     from defectlens.evaluation.comparison import find_categories
     from defectlens.evaluation.line_loop import HEADER, as_dicts, markdown, row, run_line_loop
 
-    detector = args.detector  # auto: each size's pick, chosen from its good images as `fit` chooses
+    detector = "patchcore" if args.detector == "auto" else args.detector
     machine = machine_description()
     print(f"line loop, {detector}; machine: {machine}\n{HEADER}")
     results = []
