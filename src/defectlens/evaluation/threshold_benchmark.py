@@ -112,7 +112,7 @@ def subsample(paths: Sequence[Path], n: int | None, seed: int) -> list[Path]:
 
 
 def _rows(label: str, n_train: int, scheme: str, calibration_scores, synthetic, test_good: np.ndarray, test_defect: np.ndarray,
-          default: bool) -> list[ThresholdRow]:
+          default: bool, pick: str = "") -> list[ThresholdRow]:
     from defectlens.calibration.calibrate import calibrate_scores
     from defectlens.calibration.settings import CalibrationSettings
 
@@ -121,7 +121,7 @@ def _rows(label: str, n_train: int, scheme: str, calibration_scores, synthetic, 
     for rule, settings in RULES.items():
         if syn is None and settings["strategy"] == "cost":
             continue  # the cost rule weighs synthetic recall: not made for this source of scores
-        row = ThresholdRow(label, n_train, scheme, rule, int(calibration_scores.scores.size), default=default and rule == DEFAULT_RULE)
+        row = ThresholdRow(label, n_train, scheme, rule, int(calibration_scores.scores.size), default=default and rule == DEFAULT_RULE, pick=pick)
         try:
             cal = calibrate_scores(calibration_scores.scores, calibration_scores.map_max, CalibrationSettings(**settings), synthetic_scores=syn)
         except DefectLensError as exc:
@@ -215,13 +215,12 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
         labels = np.array([s.label for s in ds.test])
         probe = _probe(labels, PROBE, seed)
         auto = detector == "auto"
-        proto, pick = (None, "") if auto else (create_detector(detector, **params), "")
+        proto, pick = None if auto else create_detector(detector, **params), ""
         for size in sizes:
             train = subsample(ds.train_good, size, seed)
             n = len(train)
             fit_part, held = _split_validation(train, 0.1, seed)
             print(f"  {label}: {n} training images", flush=True)
-            start = len(out.rows)
             if auto:  # choose from this many good images, then calibrate the pick as fit does. Unlike fit, the
                 # choice sees the holdout images too (as its own held-out images: they never fit the pick)
                 chosen = select_detector(train, seed=seed, **params).chosen
@@ -232,8 +231,7 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
                 test = score_images(det, test_paths).scores
                 good = score_images(det, held)
                 syn = synthetic_scores(det, held, SYNTHETIC_DEFECTS, seed)
-                out.rows += _rows(label, n, "holdout", good, syn, test[labels == 0], test[labels == 1], True)
-                _mark_pick(out.rows[start:], pick)
+                out.rows += _rows(label, n, "holdout", good, syn, test[labels == 0], test[labels == 1], True, pick)
                 continue
             det = clone(proto).fit(train)  # the deployed model of every k-fold variant
             test = score_images(det, test_paths).scores
@@ -247,8 +245,7 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
 
             if auto:  # the pick, calibrated as fit does; the other sources were measured on fixed detectors
                 good, syn = kfold_scores(proto, train, standard, seed, SYNTHETIC_DEFECTS)
-                out.rows += _rows(label, n, f"kfold-{standard}", good, syn, test_good, test_defect, True)
-                _mark_pick(out.rows[start:], pick)
+                out.rows += _rows(label, n, f"kfold-{standard}", good, syn, test_good, test_defect, True, pick)
                 continue
             for folds in sorted({min(5, n), standard} | ({n} if n <= 20 else set())):
                 good, syn = kfold_scores(proto, train, folds, seed, SYNTHETIC_DEFECTS, on_fold=on_fold if folds == standard else None)
@@ -272,11 +269,6 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
         out.error = f"{type(exc).__name__}: {exc}".splitlines()[0]
     out.seconds = time.perf_counter() - t0
     return out
-
-
-def _mark_pick(rows: list[ThresholdRow], pick: str) -> None:
-    for r in rows:
-        r.pick = pick
 
 
 def run_threshold_benchmark(root: str | Path, detector: str = "patchcore", params: dict | None = None,

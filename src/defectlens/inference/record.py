@@ -75,10 +75,12 @@ def flat(record: dict) -> dict:
     return out
 
 
+BOX = ("x0", "y0", "x1", "y1")  # the region fields JSON holds as one "box" list
+
+
 def flat_region(region: dict) -> dict:
     """A JSON region with its box split into the tables' x0, y0, x1, y1."""
-    x0, y0, x1, y1 = region["box"]
-    return {"x0": x0, "y0": y0, "x1": x1, "y1": y1, **{f.name: region[f.name] for f in REGION_FIELDS[4:]}}
+    return {**dict(zip(BOX, region["box"], strict=True)), **{f.name: region[f.name] for f in REGION_FIELDS if f.name not in BOX}}
 
 
 def json_keys() -> list[str]:
