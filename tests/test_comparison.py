@@ -92,10 +92,14 @@ def test_single_category_benchmark_prints_stages_settings_and_onnx(root, tmp_pat
     out = tmp_path / "bench.json"
     assert main(["benchmark", category, "--image-size", "64", "--coreset-ratio", "0.1", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "images/s" in printed and "stages (ms/image):" in printed and "ONNX Runtime:" in printed
+    assert "images/s" in printed and "stages (ms/image):" in printed and "exported ONNX graph:" in printed
+    assert "default runtime:" in printed and "x PyTorch" in printed  # each runtime beside PyTorch, from the same run
     figures = json.loads(out.read_text())
-    assert figures["onnx"]["max_score_diff"] <= 1e-4 and figures["onnx"]["max_map_diff"] <= 1e-4
+    for path in ("onnx", "runtime"):
+        assert figures[path]["max_score_diff"] <= 1e-4 and figures[path]["max_map_diff"] <= 1e-4
+    assert figures["runtime"]["runtime"].startswith("ONNX Runtime (1 whole graph")
     assert figures["settings"] == {"image_size": 64, "coreset_ratio": 0.1}
     assert main(["benchmark", category, "--image-size", "64", "--coreset-ratio", "0.1", "--search", "ivf"]) == 0
     printed = capsys.readouterr().out
-    assert "search=ivf" in printed and "ONNX Runtime:" not in printed  # approximate search is not exported
+    assert "search=ivf" in printed and "exported ONNX graph:" not in printed  # approximate search is not exported
+    assert "default runtime:" in printed and "1 backbone graph" in printed  # but its backbone runs in ONNX Runtime

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from defectlens import Bundle, DefectLensError, Inspector, available_detectors, create_detector
+from defectlens import Bundle, DefectLensError, Inspector, available_detectors, create_detector, load_model
 from defectlens.data import load_dataset
 from defectlens.detectors.base import GOOD_ONLY, SUPERVISED, PixelScores
 from defectlens.errors import ImageError
@@ -117,6 +117,30 @@ def test_bundle_round_trip_scores_identically(fitted, tmp_path):
     # against the image scored alone: a batch's matrix products round differently in the last bits,
     # which an ensemble's standardisation by a small spread makes visible
     assert insp.score == pytest.approx(float(det.score(paths[:1])[0][0]))
+
+
+SCORED_IN_PYTORCH = {"autoencoder", "supervised"}  # no graph for ONNX Runtime: their own networks, not a patch embedder
+
+
+def test_the_default_runtime_scores_like_pytorch_or_says_why(fitted, tmp_path):
+    """Every detector fit can make runs in ONNX Runtime with PyTorch's scores, or says in one line why not."""
+    det, ds = fitted
+    path = calibrate_detector(det, ds.validation).save(tmp_path / "m.dlens")
+    default, reference = load_model(path), load_model(path, "torch")
+    paths = [s.path for s in ds.test]
+    if det.name in SCORED_IN_PYTORCH:
+        assert default.runtime.runtime == "torch" and "no graph" in default.runtime.line() and "\n" not in default.runtime.line()
+        with pytest.raises(DefectLensError, match="--runtime onnx: .*no graph"):
+            load_model(path, "onnx")
+        return
+    assert default.runtime.runtime == "onnx", default.runtime.line()
+    assert default.runtime.graphs == (2 if det.name == "ensemble" else 1)  # one graph per feature detector inside
+    s0, m0 = reference.detector.score(paths)
+    s1, m1 = default.detector.score(paths)
+    d0, d1 = (b.detector.decision_scores(s, m, b.calibration) for b, s, m in ((reference, s0, m0), (default, s1, m1)))
+    assert np.abs(d0 - d1).max() <= 1e-4 * max(1.0, np.abs(d0).max())
+    assert np.abs(m0 - m1).max() <= 1e-4 * max(1.0, np.abs(m0).max())
+    assert [i.is_defective for i in Inspector(default).inspect_many(paths)] == [i.is_defective for i in Inspector(reference).inspect_many(paths)]
 
 
 def test_refuses_bad_input(fitted, tmp_path):

@@ -20,9 +20,11 @@ _PUBLIC = {
     "available_detectors": "defectlens.detectors",
     "create_detector": "defectlens.detectors",
     "load_dataset": "defectlens.data",
+    "load_model": "defectlens.inference.loading",
 }
 
-__all__ = ["Bundle", "DefectLensError", "Inspection", "Inspector", "Region", "__version__", "available_detectors", "create_detector", "load_dataset"]
+__all__ = ["Bundle", "DefectLensError", "Inspection", "Inspector", "Region", "__version__", "available_detectors", "create_detector", "load_dataset",
+           "load_model"]
 
 if TYPE_CHECKING:
     from defectlens.bundle import Bundle
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from defectlens.errors import DefectLensError
     from defectlens.inference.inspection import Inspection, Region
     from defectlens.inference.inspector import Inspector
+    from defectlens.inference.loading import load_model
 
 
 def __getattr__(name: str) -> Any:

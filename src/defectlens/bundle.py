@@ -66,6 +66,9 @@ class Bundle:
     metadata: dict[str, Any] = field(default_factory=dict)
     typer: DefectTyper | None = None  # learned from labelled defects, when the user had some
     checksum: str = ""  # set on save and load: identifies exactly this model in records
+    # how it scores once loaded: inference.load_model sets an export.runtime.RuntimeChoice (typed
+    # loosely because the runtime is built from bundles, a layer above this one); not saved
+    runtime: Any = field(default=None, compare=False)
 
     def save(self, path: str | os.PathLike, exclusive: bool = False) -> Path:
         """Write the bundle; ``exclusive`` refuses (FileExistsError) to replace a file already there,

@@ -32,7 +32,10 @@ def inspect_stream(inspector: Inspector, model_path: Path | None, paths: Sequenc
     elif engine == "ray":
         if model_path is None:
             raise DefectLensError("the ray engine needs the model file's path (workers load it themselves)")
-        yield from _ray_stream(model_path, inspector.mask_method, paths, address, workers, chunk, progress, preview_side)
+        # workers run the driver's runtime, so a model that fell back to PyTorch here does there too
+        choice = inspector.bundle.runtime
+        runtime = "torch" if choice is not None and choice.runtime == "torch" else "auto"
+        yield from _ray_stream(model_path, inspector.mask_method, paths, address, workers, chunk, progress, preview_side, runtime)
     else:
         raise DefectLensError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
 
@@ -40,24 +43,24 @@ def inspect_stream(inspector: Inspector, model_path: Path | None, paths: Sequenc
 class InspectWorker:
     """One Ray actor: the model loaded once, then chunk after chunk of paths."""
 
-    def __init__(self, model: str | bytes, suffix: str, mask_method: str, threads: int) -> None:
+    def __init__(self, model: str | bytes, suffix: str, mask_method: str, threads: int, runtime: str = "auto") -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))  # workers share the machine's cores, not each all of them
         if isinstance(model, str):  # a path: workers on the driver's machine
-            self.inspector = Inspector.load(model, mask_method)
+            self.inspector = Inspector.load(model, mask_method, runtime)
             return
         with tempfile.TemporaryDirectory() as tmp:  # the file's bytes: a cluster node may not see the driver's files
             path = Path(tmp) / f"model{suffix}"
             path.write_bytes(model)
-            self.inspector = Inspector.load(path, mask_method)
+            self.inspector = Inspector.load(path, mask_method, runtime)
 
     def inspect(self, paths: list[str], preview_side: int = 0) -> list[tuple[str, Inspection | ImageError]]:
         return list(zip(paths, self.inspector.inspect_many(paths, preview_side=preview_side), strict=True))
 
 
 def _ray_stream(model_path: Path, mask_method: str, paths: Sequence[Path], address: str | None, workers: int, chunk: int,
-                progress: bool, preview_side: int = 0) -> Iterator[Result]:
+                progress: bool, preview_side: int = 0, runtime: str = "auto") -> Iterator[Result]:
     try:
         import ray
     except ImportError:
@@ -76,7 +79,7 @@ def _ray_stream(model_path: Path, mask_method: str, paths: Sequence[Path], addre
         threads = max(1, (os.cpu_count() or 1) // n_workers) if not address else 1
         model = str(Path(model_path).resolve()) if not address else Path(model_path).read_bytes()
         actor = ray.remote(max_restarts=-1, max_task_retries=-1)(InspectWorker)
-        pool = [actor.options(num_cpus=1).remote(model, Path(model_path).suffix, mask_method, threads) for _ in range(n_workers)]
+        pool = [actor.options(num_cpus=1).remote(model, Path(model_path).suffix, mask_method, threads, runtime) for _ in range(n_workers)]
         chunks = [[str(p) for p in paths[i : i + chunk]] for i in range(0, len(paths), chunk)]
         bar = tqdm(total=len(paths), desc=f"inspecting on {n_workers} Ray workers", unit="img", disable=not progress, leave=False)
         pending: dict = {}

@@ -32,7 +32,7 @@ from defectlens.inference.record import BATCH_FIELDS, FIELDS
 from defectlens.jsonutil import finite
 
 # summary.csv: the record's summary fields, what its regions and timings come to, and the error
-STAGES = ("decode", "backbone", "search", "postprocess", "decide")
+STAGES = ("decode", "backbone", "search", "postprocess", "graph", "decide")  # graph: a whole ONNX scoring graph (backbone to map)
 CSV_COLUMNS = [*(f.name for f in FIELDS if f.summary), "regions", "max_region_area_px", "max_region_area_pct", "main_type", "total_ms",
                *(f"{k}_ms" for k in STAGES), *(f.name for f in BATCH_FIELDS if f.summary)]
 

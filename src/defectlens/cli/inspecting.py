@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from defectlens.batch import ENGINES
+from defectlens.cli.options import add_runtime_option
 from defectlens.errors import DefectLensError
 
 
@@ -29,6 +30,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parquet", action="store_true", help=(
         "also write the records as a Parquet data set, results.parquet/ under --out (one table for pandas, DuckDB, Spark)"))
     p.add_argument("--db", default=None, help="also record every inspection in this history database (SQLAlchemy URL, as for serve)")
+    add_runtime_option(p)
     p.set_defaults(run=run_inspect)
 
     p = sub.add_parser("evaluate", help="measure a model on a labelled test split", description=(
@@ -37,6 +39,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="data set or category folder with test images")
     p.add_argument("--out", default=None, help="JSON file for metrics and per-image records (default: evaluation_<name>.json)")
     p.add_argument("--report", default=None, metavar="DIR", help="also write report.html (self-contained) and report.md with figures here")
+    add_runtime_option(p)
     p.set_defaults(run=run_evaluate)
 
     p = sub.add_parser("export", help="export a model to ONNX that scores exactly like PyTorch", description=(
@@ -55,8 +58,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     from defectlens.data.images import flatten_inputs
     from defectlens.inference.inspector import Inspector
 
-    inspector = Inspector.load(args.model, mask_method=args.mask)
+    inspector = Inspector.load(args.model, mask_method=args.mask, runtime=args.runtime)
     paths = flatten_inputs(args.inputs)
+    print(inspector.bundle.runtime.line(), file=sys.stderr)  # once the inputs are known to exist: an error stays one line
     out = Path(args.out) if args.out else None
     if out is None and (args.save_maps or args.parquet or args.engine != "local"):
         raise DefectLensError("--save-maps, --parquet and --engine ray need --out (results are streamed to files there)")
@@ -72,9 +76,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from defectlens.evaluation.evaluate import evaluate
     from defectlens.inference.loading import load_model
 
-    bundle = load_model(args.model)
+    bundle = load_model(args.model, args.runtime)
     ds = load_dataset(args.data, validation_fraction=0.0)
     print(ds.summary())
+    print(bundle.runtime.line())
     result = evaluate(bundle, ds, progress=True)
     print(result.table())
     out = Path(args.out or f"evaluation_{ds.name}.json")

@@ -224,3 +224,12 @@ def calibration_settings(args: argparse.Namespace, symmetry: str | None = None) 
     return CalibrationSettings(strategy=args.strategy, target_frr=args.target_frr, confidence=args.confidence, k_sigma=args.k_sigma,
                                escape_cost=args.escape_cost, defect_rate=args.defect_rate, target_recall=args.target_recall,
                                symmetry=symmetry, seed=getattr(args, "seed", 0))
+
+
+RUNTIMES = ("auto", "onnx", "torch")  # export.runtime.RUNTIMES, written out so --help never imports torch (tests check they agree)
+
+
+def add_runtime_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help=(
+        "what scores a .dlens model: auto runs it in ONNX Runtime when its graphs match PyTorch there (checked at load, "
+        "graphs cached beside the model), else PyTorch, and says which; onnx insists; torch keeps PyTorch (default: auto)"))

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from defectlens.cli.options import add_runtime_option
 from defectlens.errors import DefectLensError
 
 
@@ -27,15 +28,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "Without one, the service is read-and-inspect only"))
     p.add_argument("--protect-inspect", action="store_true", help="require an operator (or admin) key to inspect too")
     p.add_argument("--protect-read", action="store_true", help="require a viewer key (or higher) to read history, models and metrics")
-    _add_drift_options(p)
+    _add_line_options(p)
+    add_runtime_option(p)
     p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body in MB (default: 16)")
     p.add_argument("--max-megapixels", type=float, default=64.0, help="largest image in megapixels (default: 64)")
-    p.add_argument("--keep-images", default=None, metavar="DIR", help=(
-        "keep a copy of every inspected image here; a part an operator confirms good then teaches the model"))
-    p.add_argument("--no-learn", action="store_true", help=(
-        "record feedback only: a part confirmed good does not change the running model (queue it for 'learn' or 'fit')"))
-    p.add_argument("--journal", default=None, metavar="DIR", help=(
-        "where inspection rows wait while the history database is away (default: .history-journal/ in the model folder)"))
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run_serve)
 
@@ -52,7 +48,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_loadtest)
 
 
-def _add_drift_options(p: argparse.ArgumentParser) -> None:
+def _add_line_options(p: argparse.ArgumentParser) -> None:
+    """What a service on a production line adds: learning from operators, the journal, the drift watch."""
+    p.add_argument("--keep-images", default=None, metavar="DIR", help=(
+        "keep a copy of every inspected image here; a part an operator confirms good then teaches the model"))
+    p.add_argument("--no-learn", action="store_true", help=(
+        "record feedback only: a part confirmed good does not change the running model (queue it for 'learn' or 'fit')"))
+    p.add_argument("--journal", default=None, metavar="DIR", help=(
+        "where inspection rows wait while the history database is away (default: .history-journal/ in the model folder)"))
     p.add_argument("--drift-window", type=int, default=100, help="recent inspections the drift watch compares (default: 100)")
     p.add_argument("--drift-alpha", type=float, default=1e-3, help="drift watch significance: smaller is calmer (default: 0.001)")
     p.add_argument("--drift-min-effect", type=float, default=0.3, help=(
@@ -80,7 +83,8 @@ def _service_settings(args: argparse.Namespace):
                            protect_read=args.protect_read, drift=drift,
                            max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
                            image_dir=Path(args.keep_images) if args.keep_images else None,
-                           journal_dir=Path(args.journal) if args.journal else None, learn=not args.no_learn)
+                           journal_dir=Path(args.journal) if args.journal else None, learn=not args.no_learn,
+                           runtime=args.runtime)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -95,6 +99,8 @@ def run_serve(args: argparse.Namespace) -> int:
     loaded = ", ".join(m.name for m in service.registry.loaded()) or "none"
     print(f"defectlens {__version__} on {machine_description()}")
     print(f"models: {loaded} (model folder {settings.model_dir.resolve()}); history: {service.status()['database']['url']}")
+    for model in service.registry.loaded():
+        print(f"  {model.name}: {model.bundle.runtime.line()}")
     if not settings.api_keys:
         print("no API key configured: loading models and changing thresholds are refused (--api-key to allow them)")
     print(f"dashboard http://{args.host}:{args.port}/  API schema http://{args.host}:{args.port}/docs", flush=True)

@@ -7,6 +7,8 @@ import signal
 import threading
 from pathlib import Path
 
+from defectlens.cli.options import add_runtime_option
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("watch", help="inspect images as they arrive in a folder, or frames of a camera or video", description=(
@@ -27,6 +29,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--settle", type=float, default=0.5, metavar="SECONDS", help=(
         "a file is complete when closed after writing, or unchanged this long (default: 0.5)"))
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay images")
+    add_runtime_option(p)
     p.set_defaults(run=run_watch)
 
 
@@ -35,10 +38,12 @@ def run_watch(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path(f"watch_{Path(args.model).stem}")
     watcher = Watcher(Path(args.model), args.source, out, db=args.db, publish=args.publish, done=Path(args.done) if args.done else None,
-                      errors=Path(args.errors) if args.errors else None, fps=args.fps, settle_s=args.settle, overlays=not args.no_overlay)
+                      errors=Path(args.errors) if args.errors else None, fps=args.fps, settle_s=args.settle, overlays=not args.no_overlay,
+                      runtime=args.runtime)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    print(watcher.inspector.bundle.runtime.line(), flush=True)
     print(f"watching {args.source} with {args.model}; records in {out}" + (f"; publishing to {', '.join(args.publish)}" if args.publish else ""),
           flush=True)
     counts = watcher.run(stop)

@@ -3,7 +3,8 @@ inference copy, streaming embedding of image sets, and saving the backbone in th
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 from defectlens.backbones import FEATURE_KINDS, FeatureExtractor, create_backbone, get_spec
 from defectlens.data.images import Batch, ImageInput, iter_batches
 from defectlens.detectors.anomaly_map import AnomalyMapHead
-from defectlens.detectors.base import Detector
+from defectlens.detectors.base import Detector, PixelScores, Stopwatch
 from defectlens.detectors.features import PatchEmbedder
 from defectlens.errors import DefectLensError
 
@@ -61,6 +62,18 @@ class FeatureDetector(Detector):
     def _prepare_inference(self) -> None:
         self._fast_embedder = self.embedder_.for_inference()
         self._map_head = AnomalyMapHead(self.image_size, self.smoothing_sigma)
+
+    # set by export.runtime to score in an ONNX graph of this very detector; None: PyTorch
+    _graph_scorer: Callable[[torch.Tensor, Stopwatch | None], PixelScores] | None = None
+
+    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+        if self._graph_scorer is not None:
+            return self._graph_scorer(pixels, watch)
+        return self._score_pixels(pixels, watch)
+
+    @abstractmethod
+    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+        """score_pixels in PyTorch: what fit calibrates, and what every runtime is checked against."""
 
     def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._fast_embedder(pixels.contiguous(memory_format=torch.channels_last)).contiguous()
@@ -128,7 +141,7 @@ class FeatureDetector(Detector):
         self.backbone_sha256_ = bytes(state["backbone_sha256"]).decode()
         return extractor
 
-    _TRANSIENT = ("_fast_embedder", "_map_head")
+    _TRANSIENT = ("_fast_embedder", "_map_head", "_graph_scorer")
 
     def __getstate__(self) -> dict:
         # derived objects (fused copies, search indexes) are rebuilt, not pickled (e.g. for Ray workers)

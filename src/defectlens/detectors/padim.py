@@ -194,7 +194,7 @@ class PaDiM(FeatureDetector):
         return np.linalg.inv(shrunk)
 
     @torch.inference_mode()
-    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
         watch = watch or Stopwatch()
         emb = self._embed(pixels)
         watch.lap("backbone")

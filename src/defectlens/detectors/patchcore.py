@@ -275,7 +275,7 @@ class PatchCore(FeatureDetector):
         self._index = index
 
     @torch.inference_mode()
-    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
         watch = watch or Stopwatch()
         emb = self._embed(pixels)
         watch.lap("backbone")

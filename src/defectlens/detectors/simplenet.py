@@ -487,7 +487,7 @@ class SimpleNet(FeatureDetector):
 
     # -- scoring -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
         watch = watch or Stopwatch()
         emb = self._embed(pixels)
         watch.lap("backbone")

@@ -129,7 +129,7 @@ class SupervisedClassifier(FeatureDetector):
         return self
 
     @torch.inference_mode()
-    def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
+    def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
         watch = watch or Stopwatch()
         logits, act = self._forward(pixels)
         watch.lap("backbone")

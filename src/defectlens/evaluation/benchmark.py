@@ -23,6 +23,8 @@ from defectlens.detectors import Detector, create_detector
 from defectlens.evaluation.evaluate import load_mask
 from defectlens.metrics import image_auroc, pixel_auroc
 
+ROUNDS = 3  # passes over the test images per scorer; the median is reported
+
 
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
@@ -55,7 +57,8 @@ class BenchmarkResult:
     peak_rss_mib: float
     image_auroc: float
     pixel_auroc: float
-    onnx: dict | None = None  # ONNX Runtime on the same images: speed, largest score and map differences
+    runtime: dict | None = None  # the default runtime (backbones in ONNX Runtime) on the same images
+    onnx: dict | None = None  # the exported whole-model graph in ONNX Runtime: speed, largest score and map differences
     settings: dict | None = None  # the detector's settings that differ from its defaults
 
     def text(self) -> str:
@@ -65,18 +68,28 @@ class BenchmarkResult:
             f"  machine:               {self.machine}",
             *([f"  settings:              {', '.join(f'{k}={v}' for k, v in self.settings.items())}"] if self.settings else []),
             f"  fit:                   {self.fit_s:.1f} s for {self.train_images} images (learned state {self.state_mib:.1f} MiB)",
-            f"  inspect (batched):     {self.inspect_images_per_s:.1f} images/s over {self.test_images} images",
-            f"  inspect (one image):   {self.latency_ms_median:.1f} ms median latency",
+            f"  inspect (batched):     {self.inspect_images_per_s:.1f} images/s over {self.test_images} images (PyTorch)",
+            f"  inspect (one image):   {self.latency_ms_median:.1f} ms median latency (PyTorch)",
             f"  stages (ms/image):     {stages}",
             f"  peak memory (RSS):     {self.peak_rss_mib:.0f} MiB",
             f"  image AUROC:           {self.image_auroc:.4f}",
             f"  pixel AUROC:           {self.pixel_auroc:.4f}",
-            *([f"  ONNX Runtime:          {self.onnx['images_per_s']:.1f} images/s batched, {self.onnx['latency_ms_median']:.1f} ms one image; "
-               f"largest difference from PyTorch: score {self.onnx['max_score_diff']:.1e}, map {self.onnx['max_map_diff']:.1e}"] if self.onnx else []),
+            *([_line("default runtime", self.runtime, self.inspect_images_per_s, self.latency_ms_median)] if self.runtime else []),
+            *([_line("exported ONNX graph", self.onnx, self.inspect_images_per_s, self.latency_ms_median)] if self.onnx else []),
         ])
 
 
-def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 20, onnx: bool = True, **params) -> BenchmarkResult:
+def _line(label: str, figures: dict, torch_images_per_s: float, torch_latency_ms: float) -> str:
+    """One runtime beside the PyTorch path measured in the same run: speed, ratio and agreement."""
+    name = f"{label}:".ljust(22)
+    where = f"; {figures['runtime'].split(';')[0]}" if "runtime" in figures else ""
+    return (f"  {name} {figures['images_per_s']:.1f} images/s batched ({figures['images_per_s'] / torch_images_per_s:.2f}x PyTorch), "
+            f"{figures['latency_ms_median']:.1f} ms one image ({figures['latency_ms_median'] / torch_latency_ms:.2f}x){where}; "
+            f"largest difference from PyTorch: score {figures['max_score_diff']:.1e}, map {figures['max_map_diff']:.1e}")
+
+
+def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 20, onnx: bool = True, rounds: int = ROUNDS,
+                  **params) -> BenchmarkResult:
     ds = load_dataset(data, validation_fraction=0.0)
     det = create_detector(detector, **params)
     t0 = time.perf_counter()
@@ -84,7 +97,10 @@ def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 
     fit_s = time.perf_counter() - t0
 
     paths = [s.path for s in ds.test] or ds.train_good
-    run = _measure(det, paths, latency_images)
+    with tempfile.TemporaryDirectory() as tmp:
+        scorers, runtime_name = _scorers(det, Path(tmp)) if onnx else ({"torch": det}, "")
+        runs = _measure_interleaved(scorers, paths, latency_images, rounds)
+    run = runs["torch"]
     labels = np.array([s.label for s in ds.test])
     img_auc = pix_auc = float("nan")
     if ds.test:
@@ -107,7 +123,8 @@ def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         image_auroc=img_auc,
         pixel_auroc=pix_auc,
-        onnx=_onnx_figures(det, paths, latency_images, run) if onnx else None,
+        runtime={**_agreement(runs["runtime"], run), "runtime": runtime_name} if "runtime" in runs else None,
+        onnx=_agreement(runs["export"], run) if "export" in runs else None,
         settings=_changed_settings(det),
     )
 
@@ -131,9 +148,25 @@ class _Run:
     stage_ms: dict[str, float]
 
 
+def _measure_interleaved(scorers: dict[str, Detector], paths: list, latency_images: int, rounds: int) -> dict[str, _Run]:
+    """Each scorer's median throughput over ``rounds`` passes, taken in turn, so a machine that
+    slows down or speeds up during the run (shared cores, heat) favours none of them."""
+    passes: dict[str, list[_Run]] = {name: [] for name in scorers}
+    for scorer in scorers.values():
+        scorer.score(paths[: scorer.batch_size])  # warm-up: first-call allocations are not throughput
+    for _ in range(max(1, rounds)):
+        for name, scorer in scorers.items():
+            passes[name].append(_measure(scorer, paths, latency_images))
+    return {name: _median_run(runs) for name, runs in passes.items()}
+
+
+def _median_run(runs: list[_Run]) -> _Run:
+    middle = sorted(runs, key=lambda r: r.images_per_s)[len(runs) // 2]
+    return _Run(runs[0].scores, runs[0].maps, middle.images_per_s, statistics.median(r.latency_ms for r in runs), middle.stage_ms)
+
+
 def _measure(scorer: Detector, paths: list, latency_images: int) -> _Run:
     """Batched throughput with per-stage times, then single-image latency, of one scorer."""
-    scorer.score(paths[: scorer.batch_size])  # warm-up: first-call allocations are not throughput
     scores, maps, stage_totals = [], [], {}
     t0 = time.perf_counter()
     for out in scorer.score_batches(paths):
@@ -151,21 +184,30 @@ def _measure(scorer: Detector, paths: list, latency_images: int) -> _Run:
                 {k: v / len(paths) for k, v in stage_totals.items()})
 
 
-def _onnx_figures(det: Detector, paths: list, latency_images: int, torch_run: _Run) -> dict | None:
-    """The same images through the exported ONNX graph in ONNX Runtime: speed and agreement."""
+def _scorers(det: Detector, folder: Path) -> tuple[dict[str, Detector], str]:
+    """PyTorch; the runtime ``inspect`` and ``serve`` choose by default (``--runtime auto``), on a
+    copy loaded as they load it; and the exported whole-model graph where export takes the model."""
     from defectlens.bundle import Bundle
     from defectlens.errors import DefectLensError
     from defectlens.export import export_onnx, exportable, load_onnx
+    from defectlens.export.runtime import accelerate
 
+    scorers = {"torch": det}
+    model = Bundle(det).save(folder / "model.dlens")
+    loaded = Bundle.load(model)
+    choice = accelerate(loaded)
+    scorers["runtime"] = loaded.detector
     try:
         exportable(det)
     except DefectLensError:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(Bundle(det), Path(tmp) / "model.onnx")
-        onnx_det = load_onnx(path, batch_size=det.batch_size).detector
-        run = _measure(onnx_det, paths, latency_images)
-    return {"images_per_s": run.images_per_s, "latency_ms_median": run.latency_ms,
+        pass
+    else:
+        scorers["export"] = load_onnx(export_onnx(Bundle(det), folder / "model.onnx"), batch_size=det.batch_size).detector
+    return scorers, choice.line().removeprefix("runtime: ")
+
+
+def _agreement(run: _Run, torch_run: _Run) -> dict:
+    return {"images_per_s": run.images_per_s, "latency_ms_median": run.latency_ms, "stage_ms": run.stage_ms,
             "max_score_diff": float(np.abs(run.scores - torch_run.scores).max()), "max_map_diff": float(np.abs(run.maps - torch_run.maps).max())}
 
 

@@ -39,8 +39,9 @@ def exportable(detector: Detector) -> None:
 class ScoringGraph(nn.Module):
     """(n, 3, size, size) float RGB in [0, 1] -> score (n,), anomaly_map (n, size, size), normalised_score (n,)."""
 
-    def __init__(self, detector: FeatureDetector, calibration: Calibration | None) -> None:
+    def __init__(self, detector: FeatureDetector, calibration: Calibration | None, with_features: bool = False) -> None:
         super().__init__()
+        self.with_features = with_features  # a fourth output, the patch embeddings (n, d, h, w): for region typing and the global term
         exportable(detector)
         detector._require_fitted()
         self.embedder = detector._fast_embedder
@@ -54,9 +55,10 @@ class ScoringGraph(nn.Module):
         self.head = detector._map_head
         self.rule = calibration.rule() if calibration else DecisionRule(0.0, 1.0)  # the Inspector's rule, traced
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        patch = self.patches(self.embedder(images))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        emb = self.embedder(images)
+        patch = self.patches(emb)
         score = patch.flatten(1).max(dim=1).values
         maps = self.head(patch)
         score = self.rule.combine(score, maps)  # the symmetry term, when calibration chose it
-        return score, maps, self.rule.normalise(score, torch)
+        return (score, maps, self.rule.normalise(score, torch), *((emb,) if self.with_features else ()))

@@ -52,7 +52,7 @@ class OnnxDetector(Detector):
     def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
         watch = watch or Stopwatch()
         score, maps, _ = self.session_.run(None, {"images": np.ascontiguousarray(pixels.numpy(), dtype=np.float32)})
-        watch.lap("onnx")
+        watch.lap("graph")
         return PixelScores(score, maps, None)
 
     def get_state(self) -> dict[str, np.ndarray]:

@@ -35,8 +35,8 @@ class Inspector:
         self.model_name = bundle.metadata.get("name", self.detector.name)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mask_method: str = "threshold") -> Inspector:
-        return cls(load_model(path), mask_method)
+    def load(cls, path: str | os.PathLike, mask_method: str = "threshold", runtime: str = "auto") -> Inspector:
+        return cls(load_model(path, runtime), mask_method)
 
     def inspect(self, image: ImageInput) -> Inspection:
         (result,) = self.inspect_many([image])

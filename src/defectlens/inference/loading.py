@@ -8,11 +8,27 @@ import os
 from pathlib import Path
 
 from defectlens.bundle import Bundle
+from defectlens.errors import DefectLensError
 from defectlens.export import load_onnx
+from defectlens.export.runtime import CACHE_DIR, RUNTIMES, RuntimeChoice, accelerate
 
 
-def load_model(path: str | os.PathLike) -> Bundle:
+def load_model(path: str | os.PathLike, runtime: str = "auto") -> Bundle:
+    """The model at ``path``, ready to score. ``runtime``: ``auto`` puts a .dlens model's backbones in
+    ONNX Runtime when they match PyTorch there (the faster path), else keeps PyTorch; ``onnx``
+    insists on ONNX Runtime; ``torch`` keeps PyTorch. ``bundle.runtime`` says which it got and why."""
+    if runtime not in RUNTIMES:
+        raise DefectLensError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        return load_onnx(path)
-    return Bundle.load(path)
+        if runtime == "torch":
+            raise DefectLensError(f"{path}: an ONNX export runs in ONNX Runtime only; give the .dlens model for --runtime torch")
+        bundle = load_onnx(path)
+        bundle.runtime = RuntimeChoice("onnx", "an exported graph", 1, 0.0, 0.0)
+        return bundle
+    bundle = Bundle.load(path)
+    if runtime == "torch":
+        bundle.runtime = RuntimeChoice("torch", "asked for with --runtime torch")
+    else:
+        bundle.runtime = accelerate(bundle, path.parent / CACHE_DIR, required=runtime == "onnx")
+    return bundle

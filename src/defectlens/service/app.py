@@ -64,6 +64,7 @@ class ServiceSettings:
     drift: DriftSettings = field(default_factory=DriftSettings)
     journal_dir: Path | None = None  # where rows wait while the database is away (default: beside the models)
     learn: bool = True  # a part an operator confirms good teaches the model a new version at once
+    runtime: str = "auto"  # what scores the models: inference.load_model's runtime
 
     def journal_folder(self) -> Path:
         return self.journal_dir or self.model_dir / ".history-journal" / hashlib.sha256(self.db_url.encode()).hexdigest()[:12]
@@ -77,7 +78,7 @@ class InspectionService:
         self.settings = settings
         self.store = HistoryStore(settings.db_url).upgrade()
         self.history = JournaledStore(self.store, settings.journal_folder())
-        self.registry = ModelRegistry(settings.model_dir, self.store)
+        self.registry = ModelRegistry(settings.model_dir, self.store, settings.runtime)
         self.keys = ApiKeys(settings.api_keys)
         for path in settings.models:
             self.registry.load_file(Path(path))

@@ -107,15 +107,17 @@ class LoadedModel:
             "version": self.version,
             "parent": self.lineage.get("parent"),
             "learns_incrementally": det.learns_incrementally,
+            "runtime": self.bundle.runtime.to_dict() if self.bundle.runtime is not None else None,
         }
 
 
 class ModelRegistry:
     """The models a service has loaded, by name."""
 
-    def __init__(self, model_dir: Path, store: HistoryStore) -> None:
+    def __init__(self, model_dir: Path, store: HistoryStore, runtime: str = "auto") -> None:
         self.model_dir = model_dir.resolve()
         self.store = store
+        self.runtime = runtime  # what scores each model loaded (inference.load_model)
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
         # One change at a time per name: a threshold set while a new version is switched to must
@@ -151,7 +153,8 @@ class ModelRegistry:
         return model
 
     def _open(self, path: Path, name: str) -> LoadedModel:
-        model = LoadedModel(name, path, (bundle := load_model(path)), Inspector(bundle))
+        model = LoadedModel(name, path, (bundle := load_model(path, self.runtime)), Inspector(bundle))
+        log.info("model %s: %s", name, bundle.runtime.line())
         changes = self.store.threshold_history(name, model.checksum)
         if changes and model.calibrated_threshold is not None:
             model.apply_threshold(changes[-1]["new_threshold"])

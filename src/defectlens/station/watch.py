@@ -201,9 +201,9 @@ def is_video_source(source: str) -> bool:
 class Watcher:
     def __init__(self, model: Path, source: str, out: Path, db: str | None = None, publish: list[str] | None = None,
                  done: Path | None = None, errors: Path | None = None, fps: float = 0.0, settle_s: float = 0.5,
-                 overlays: bool = True) -> None:
+                 overlays: bool = True, runtime: str = "auto") -> None:
         self.model = Path(model)
-        self.inspector = Inspector.load(model)
+        self.inspector = Inspector.load(model, runtime=runtime)
         self.source = source
         self.out = Path(out)
         self.db = db
