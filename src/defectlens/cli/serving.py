@@ -29,6 +29,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protect-inspect", action="store_true", help="require an operator (or admin) key to inspect too")
     p.add_argument("--protect-read", action="store_true", help="require a viewer key (or higher) to read history, models and metrics")
     _add_line_options(p)
+    _add_batching_options(p)
     add_runtime_option(p)
     p.add_argument("--max-upload-mb", type=float, default=16.0, help="largest request body in MB (default: 16)")
     p.add_argument("--max-megapixels", type=float, default=64.0, help="largest image in megapixels (default: 64)")
@@ -46,6 +47,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("DEFECTLENS_API_KEY"), help="key, when the service guards inspection")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(run=run_loadtest)
+
+
+def _add_batching_options(p: argparse.ArgumentParser) -> None:
+    """Dynamic batching: concurrent single-image requests to one model share a forward pass."""
+    p.add_argument("--batch-max", type=int, default=8, help="most images in one forward pass (default: 8; 1 turns batching off)")
+    p.add_argument("--batch-wait-ms", type=float, default=3.0, help=(
+        "how long the first request waits for others to share its pass (default: 3 ms)"))
+    p.add_argument("--queue-max", type=int, default=64, help=(
+        "requests waiting per model; beyond it the service answers 503 with Retry-After (default: 64)"))
+    p.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS", help=(
+        "a request waiting longer for its model is answered 503, and nothing is recorded for it (default: 30)"))
 
 
 def _add_line_options(p: argparse.ArgumentParser) -> None:
@@ -68,6 +80,7 @@ def _add_line_options(p: argparse.ArgumentParser) -> None:
 def _service_settings(args: argparse.Namespace):
     from defectlens.calibration.drift import DriftSettings
     from defectlens.service.app import ServiceSettings
+    from defectlens.service.batching import BatchSettings
 
     models = [Path(m) for m in args.models]
     model_dir = Path(args.model_dir) if args.model_dir else models[0].parent if models else Path("models")
@@ -84,7 +97,7 @@ def _service_settings(args: argparse.Namespace):
                            max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
                            image_dir=Path(args.keep_images) if args.keep_images else None,
                            journal_dir=Path(args.journal) if args.journal else None, learn=not args.no_learn,
-                           runtime=args.runtime)
+                           runtime=args.runtime, batching=BatchSettings(args.batch_max, args.batch_wait_ms, args.queue_max, args.request_timeout))
 
 
 def run_serve(args: argparse.Namespace) -> int:

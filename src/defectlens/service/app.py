@@ -38,6 +38,7 @@ from defectlens.history.journal import JournaledStore
 from defectlens.history.store import UNAVAILABLE, HistoryQuery, HistoryStore, StoreError, as_utc, inspection_row, masked_url
 from defectlens.inference.inspection import Inspection
 from defectlens.inference.overlay import render_heat
+from defectlens.service.batching import BatchSettings, Busy
 from defectlens.service.line import LineLoop
 from defectlens.service.metrics import ServiceMetrics
 from defectlens.service.models import LoadedModel, ModelConflict, ModelNotFound, ModelRegistry
@@ -65,6 +66,7 @@ class ServiceSettings:
     journal_dir: Path | None = None  # where rows wait while the database is away (default: beside the models)
     learn: bool = True  # a part an operator confirms good teaches the model a new version at once
     runtime: str = "auto"  # what scores the models: inference.load_model's runtime
+    batching: BatchSettings = field(default_factory=BatchSettings)  # how concurrent requests share forward passes
 
     def journal_folder(self) -> Path:
         return self.journal_dir or self.model_dir / ".history-journal" / hashlib.sha256(self.db_url.encode()).hexdigest()[:12]
@@ -78,7 +80,7 @@ class InspectionService:
         self.settings = settings
         self.store = HistoryStore(settings.db_url).upgrade()
         self.history = JournaledStore(self.store, settings.journal_folder())
-        self.registry = ModelRegistry(settings.model_dir, self.store, settings.runtime)
+        self.registry = ModelRegistry(settings.model_dir, self.store, settings.runtime, settings.batching)
         self.keys = ApiKeys(settings.api_keys)
         for path in settings.models:
             self.registry.load_file(Path(path))
@@ -111,13 +113,14 @@ class InspectionService:
         image = decode_bytes(data, source, self.settings.max_pixels, FORMATS)
         with self._counted():
             t0 = time.perf_counter()
-            with model.lock:
-                waited = (time.perf_counter() - t0) * 1000.0
-                inspection = model.inspector.inspect(image)
-                checksum = model.checksum
-                model.inspections += 1
+            try:
+                inspection, checksum, waited, batch = model.inspect(image)
+            except Busy:
+                self.metrics.refused.labels(model.name).inc()
+                raise
         inspection.source = source
         inspection.timings_ms["queue"] = waited
+        self.metrics.batched(model.name, batch)
         row, created = self.history.record(self._row(model.name, checksum, inspection, data, image.format, request_id))
         if not created:  # the same key raced in twice: both get the one stored row
             return {**row, "replayed": True}
@@ -486,6 +489,12 @@ def _error_handlers(app: FastAPI) -> None:
     ]
     for exc_type, code in statuses:
         app.add_exception_handler(exc_type, lambda _r, exc, code=code: answer(code, str(exc)))
+
+    @app.exception_handler(Busy)
+    async def busy(_request: Request, exc: Busy) -> JSONResponse:
+        response = answer(503, str(exc))
+        response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))  # whole seconds, as HTTP asks
+        return response
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:

@@ -32,12 +32,19 @@ class ServiceMetrics:
                                      ["model"], registry=r)
         self.drift_state = Gauge("defectlens_drift_state", f"Drift state: {', '.join(f'{i} {s}' for i, s in enumerate(STATES))}",
                                  ["model"], registry=r)
+        self.batch_size = Histogram("defectlens_batch_size", "Images in the forward pass each single-image request went through",
+                                    ["model"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
+        self.refused = Counter("defectlens_refused", "Requests refused with 503 because the model's queue was full or they timed out",
+                               ["model"], registry=r)
         queue = Gauge("defectlens_queue_in_flight", "Inspections being worked on or waiting for their model", registry=r)
         queue.set_function(lambda: float(in_flight()))
 
     def inspected(self, model: str, verdict: str, seconds: float) -> None:
         self.inspections.labels(model, verdict).inc()
         self.latency.labels(model).observe(seconds)
+
+    def batched(self, model: str, size: int) -> None:
+        self.batch_size.labels(model).observe(size)
 
     def drift(self, model: str, state: str, statistic: float | None) -> None:
         self.drift_state.labels(model).set(STATES.index(state))

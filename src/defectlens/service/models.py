@@ -19,11 +19,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from defectlens.bundle import Bundle
-from defectlens.errors import DefectLensError
+from defectlens.errors import DefectLensError, ImageError
 from defectlens.history.store import HistoryStore, utcnow
+from defectlens.inference.inspection import Inspection
 from defectlens.inference.inspector import Inspector
 from defectlens.inference.loading import load_model
+from defectlens.service.batching import Batcher, BatchSettings
 
 log = logging.getLogger("defectlens.service")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -45,10 +49,28 @@ class LoadedModel:
     bundle: Bundle
     inspector: Inspector
     loaded_at: datetime = field(default_factory=utcnow)
-    # One inspection at a time per model: torch already spreads one batch over every core, and
-    # the threshold must not change half-way through a verdict.
+    # One batch at a time per model: one pass already spreads over every core, and the threshold
+    # must not change half-way through a verdict.
     lock: threading.Lock = field(default_factory=threading.Lock)
     inspections: int = 0
+    batching: BatchSettings = field(default_factory=BatchSettings)
+
+    def __post_init__(self) -> None:
+        self.batcher = Batcher(self._inspect_batch, self.batching)
+
+    def _inspect_batch(self, images: list[Image.Image]) -> list[tuple[Inspection | ImageError, str]]:
+        with self.lock:
+            found = list(self.inspector.inspect_many(images))
+            self.inspections += len(images)
+            return [(inspection, self.checksum) for inspection in found]
+
+    def inspect(self, image: Image.Image) -> tuple[Inspection, str, float, int]:
+        """Inspect one image in a batch with whatever other requests arrive with it: the inspection,
+        the checksum of the model that judged it, milliseconds queued and the batch's size."""
+        (inspection, checksum), waited_ms, batch = self.batcher.submit(image)
+        if isinstance(inspection, ImageError):
+            raise inspection
+        return inspection, checksum, waited_ms, batch
 
     @property
     def checksum(self) -> str:
@@ -114,10 +136,11 @@ class LoadedModel:
 class ModelRegistry:
     """The models a service has loaded, by name."""
 
-    def __init__(self, model_dir: Path, store: HistoryStore, runtime: str = "auto") -> None:
+    def __init__(self, model_dir: Path, store: HistoryStore, runtime: str = "auto", batching: BatchSettings | None = None) -> None:
         self.model_dir = model_dir.resolve()
         self.store = store
         self.runtime = runtime  # what scores each model loaded (inference.load_model)
+        self.batching = batching or BatchSettings()
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
         # One change at a time per name: a threshold set while a new version is switched to must
@@ -153,7 +176,7 @@ class ModelRegistry:
         return model
 
     def _open(self, path: Path, name: str) -> LoadedModel:
-        model = LoadedModel(name, path, (bundle := load_model(path, self.runtime)), Inspector(bundle))
+        model = LoadedModel(name, path, (bundle := load_model(path, self.runtime)), Inspector(bundle), batching=self.batching)
         log.info("model %s: %s", name, bundle.runtime.line())
         changes = self.store.threshold_history(name, model.checksum)
         if changes and model.calibrated_threshold is not None:
