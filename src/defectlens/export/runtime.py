@@ -38,6 +38,7 @@ from defectlens.detectors.feature_based import FeatureDetector
 from defectlens.errors import DefectLensError
 from defectlens.export.graph import OUTPUTS, ScoringGraph, exportable
 from defectlens.export.onnx_export import OPSET
+from defectlens.export.onnx_runtime import session
 from defectlens.export.parity import PARITY
 
 RUNTIMES = ("auto", "onnx", "torch")
@@ -152,19 +153,6 @@ def _graph(leaf: FeatureDetector, whole: bool, cached: Path | None, use_cache: b
     return data, False
 
 
-def _session(data: bytes):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # ONNX Runtime's threads spin while they wait for work by default: beside the decoding
-    # threads and the scoring that follows each graph, spinning took the cores from both and
-    # made a model slower than in PyTorch
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-
-
 def _check_images(detector: Detector) -> list[np.ndarray]:
     size = detector.image_size
     return list(np.random.default_rng(0).random((CHECK_IMAGES, size, size, 3), dtype=np.float32))
@@ -238,7 +226,7 @@ def _install(leaves: list[FeatureDetector], paths: list[Path | None], use_cache:
         data, hit = _graph(leaf, whole, path, use_cache)
         hits += hit
         if whole:
-            leaf._graph_scorer = GraphScorer(_session(data))
+            leaf._graph_scorer = GraphScorer(session(data))
         else:
-            leaf._fast_embedder = OnnxEmbedder(_session(data), leaf._fast_embedder)
+            leaf._fast_embedder = OnnxEmbedder(session(data), leaf._fast_embedder)
     return hits
