@@ -89,5 +89,7 @@ def test_the_cli_runs_the_runtime_it_is_asked_for(model_dir, tiny_dataset, tmp_p
     exported = tmp_path / "discs.onnx"
     assert main(["export", str(model), "-o", str(exported)]) == 0
     capsys.readouterr()
+    assert main(["inspect", str(exported), images]) == 0
+    assert "runtime: ONNX Runtime (1 whole graph, an exported file); checked against PyTorch when it was exported" in capsys.readouterr().err
     assert main(["inspect", str(exported), images, "--runtime", "torch"]) == 2
     assert "ONNX export runs in ONNX Runtime only" in capsys.readouterr().err

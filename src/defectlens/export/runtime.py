@@ -62,8 +62,10 @@ class RuntimeChoice:
         if self.runtime == "torch":
             return f"runtime: PyTorch ({self.reason})"
         graphs = ", ".join(f"{n} {kind}" for kind in ("whole", "backbone") if (n := self.kinds.count(kind)))
-        return (f"runtime: ONNX Runtime ({graphs} graph{'s' * (self.graphs != 1)}, {self.reason}); "
-                f"largest difference from PyTorch {self.score_diff:.1e} in score, {self.map_diff:.1e} in the map")
+        head = f"runtime: ONNX Runtime ({graphs} graph{'s' * (self.graphs != 1)}, {self.reason})"
+        if self.score_diff is None or self.map_diff is None:
+            return f"{head}; checked against PyTorch when it was exported"
+        return f"{head}; largest difference from PyTorch {self.score_diff:.1e} in score, {self.map_diff:.1e} in the map"
 
     def to_dict(self) -> dict:
         return {"runtime": self.runtime, "reason": self.reason, "graphs": self.graphs, "kinds": self.kinds, "score_diff": self.score_diff,

@@ -24,7 +24,7 @@ def load_model(path: str | os.PathLike, runtime: str = "auto") -> Bundle:
         if runtime == "torch":
             raise DefectLensError(f"{path}: an ONNX export runs in ONNX Runtime only; give the .dlens model for --runtime torch")
         bundle = load_onnx(path)
-        bundle.runtime = RuntimeChoice("onnx", "an exported graph", 1, 0.0, 0.0)
+        bundle.runtime = RuntimeChoice("onnx", "an exported file", 1, kinds=["whole"])
         return bundle
     bundle = Bundle.load(path)
     if runtime == "torch":
