@@ -126,3 +126,16 @@ def test_the_service_answers_503_with_retry_after_when_the_queue_is_full(model_d
     assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1 and "busy" in refused.json()["error"]
     assert answered == [200, 200]
     assert client.get("/api/history", params={"limit": 10}).json()["total"] == 2  # the refused request left no row
+
+
+def test_requests_beyond_what_the_queue_can_hold_are_refused_before_they_take_a_thread():
+    batcher = Batcher(lambda items: items, BatchSettings(max_batch=2, max_queue=3))
+    releases = [batcher.admit() for _ in range(batcher.capacity)]
+    with pytest.raises(Busy, match="5 requests are in hand"):
+        batcher.admit()
+    releases[0]()
+    releases[0]()  # giving a place back twice frees it once
+    again = batcher.admit()
+    with pytest.raises(Busy):
+        batcher.admit()
+    again()

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from defectlens._version import __version__
 from defectlens.bundle import Bundle
 from defectlens.detectors.base import Detector, PixelScores, Stopwatch
 from defectlens.detectors.feature_based import FeatureDetector
@@ -197,17 +198,22 @@ def accelerate(bundle: Bundle, cache: Path | None = None, required: bool = False
     images = _check_images(det)
     ref_scores, ref_maps = det.score(images)
     reference = det.decision_scores(ref_scores, ref_maps, bundle.calibration), ref_maps
-    names = [f"{bundle.checksum[:16]}.{'scoring' if _whole(leaf) else 'embedder'}{i}.onnx" for i, leaf in enumerate(leaves)]
+    # the cached graph is what this version of the exporter makes of this very model
+    names = [f"{bundle.checksum[:16]}.{__version__}.opset{OPSET}.{'scoring' if _whole(leaf) else 'embedder'}{i}.onnx"
+             for i, leaf in enumerate(leaves)]
     paths = [cache / name if cache is not None and bundle.checksum else None for name in names]
     failure = ""
     for use_cache in (True, False):
         restore(det)
+        cached = use_cache and any(path is not None and path.is_file() for path in paths)
         try:
             hits = _install(leaves, paths, use_cache)
+            scores, maps = det.score(images)
         except Exception as exc:  # noqa: BLE001 -- the exporter and ONNX Runtime raise many types; any of them means PyTorch
-            failure = f"its graph could not be built ({type(exc).__name__}: {exc})".splitlines()[0]
+            failure = f"its graph could not be built or run ({type(exc).__name__}: {exc})".splitlines()[0]
+            if not cached:
+                break  # built now and still failing: building again would fail alike
             continue
-        scores, maps = det.score(images)
         score_diff = _relative_diff(reference[0], det.decision_scores(scores, maps, bundle.calibration))
         map_diff = _relative_diff(reference[1], maps)
         if max(score_diff, map_diff) <= PARITY:
@@ -215,7 +221,7 @@ def accelerate(bundle: Bundle, cache: Path | None = None, required: bool = False
             source = "from the cache" if hits == len(leaves) else "built now" if not hits else "built now and from the cache"
             return RuntimeChoice("onnx", source, len(leaves), score_diff, map_diff, time.perf_counter() - t0, kinds)
         failure = f"ONNX Runtime differs from PyTorch by {max(score_diff, map_diff):.1e} (relative), above {PARITY:g}"
-        if not hits:
+        if not cached:
             break  # freshly built and still apart: building again would give the same graph
     return torch_because(failure)
 

@@ -14,13 +14,14 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -106,6 +107,20 @@ class InspectionService:
                 self.served += 1
 
     # -- inspection -------------------------------------------------------------------------
+    def admit(self, name: str) -> Callable[[], None]:
+        """A place in ``name``'s queue, taken before a worker thread is: see ``Batcher.admit``."""
+        model = self.registry.get(name)
+        try:
+            return model.batcher.admit()
+        except Busy:
+            self.metrics.refused.labels(model.name).inc()
+            raise
+
+    def thread_tokens(self) -> int:
+        """Worker threads the server needs: every admitted request can hold one while it waits for
+        its pass, and reads (/health, /metrics, history) must still find one free."""
+        return max(40, self.settings.batching.max_queue + self.settings.batching.max_batch + 16)
+
     def inspect(self, name: str, data: bytes, source: str, request_id: str | None, overlay: bool) -> dict[str, Any]:
         model = self.registry.get(name)
         if request_id and (earlier := self._replay(request_id, name)) is not None:
@@ -274,7 +289,12 @@ class FeedbackIn(BaseModel):
 
 
 def create_app(service: InspectionService) -> FastAPI:
-    app = FastAPI(title="DefectLens inspection service", version=__version__,
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = service.thread_tokens()
+        yield
+
+    app = FastAPI(title="DefectLens inspection service", version=__version__, lifespan=lifespan,
                   description="Inspect images against fitted DefectLens models; every inspection is kept in the history.")
     app.add_middleware(BodyLimit, max_bytes=service.settings.max_upload_bytes)
     app.state.service = service
@@ -378,7 +398,11 @@ def create_app(service: InspectionService) -> FastAPI:
                       _: str | None = Depends(inspect_key)) -> dict:
         """One image, as a multipart field ``file`` or as the raw request body."""
         filename, data = await _one_upload(request)
-        return await run_in_threadpool(service.inspect, name, data, source or filename, _request_id(request), overlay)
+        release = service.admit(name)
+        try:
+            return await run_in_threadpool(service.inspect, name, data, source or filename, _request_id(request), overlay)
+        finally:
+            release()
 
     @app.post("/api/models/{name}/inspect-batch", tags=["inspect"])
     async def inspect_batch(request: Request, name: str, _: str | None = Depends(inspect_key)) -> dict:

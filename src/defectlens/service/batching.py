@@ -68,10 +68,33 @@ class Batcher:
         self.batches = 0
         self.items = 0
         self.running = 0  # requests in the pass now running
+        self._admitted = 0  # requests between admit() and their release
 
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def capacity(self) -> int:
+        """Requests admitted at once: a full queue plus a pass."""
+        return self.settings.max_queue + self.settings.max_batch
+
+    def admit(self) -> Callable[[], None]:
+        """Take a place before the request takes a worker thread (so a flood is refused at once
+        instead of waiting, unbounded, for threads); returns the call that gives it back."""
+        with self._cond:
+            if self._admitted >= self.capacity:
+                raise Busy(f"the model is busy: {self._admitted} requests are in hand; try again shortly", self._retry_after())
+            self._admitted += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._cond:
+                if not released:
+                    released, self._admitted = True, self._admitted - 1
+
+        return release
 
     def submit(self, item: Any) -> tuple[Any, float, int]:
         """The item's result, the milliseconds it waited before its batch started, and the batch's size."""
