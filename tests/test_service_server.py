@@ -58,7 +58,9 @@ def test_killing_the_server_mid_load_loses_no_confirmed_row(served, model_dir, t
     server.kill()  # SIGKILL: no shutdown handler runs
     load.join(120)
     first = results["first"]
-    assert 100 <= first.ok < 600 and first.lost > 0, "the kill should land mid-load"
+    # rows are committed a moment before their answers leave (a batch's eight at once), so the
+    # client may have heard of fewer than the 100 rows the kill waited for
+    assert 50 <= first.ok < 600 and first.lost > 0, "the kill should land mid-load"
 
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
