@@ -56,14 +56,14 @@ def test_a_request_still_queued_at_its_timeout_is_given_up_unscored():
 
     def run(items):
         seen.append(list(items))
-        time.sleep(0.5)
+        time.sleep(1.5)
         return items
 
-    batcher = Batcher(run, BatchSettings(max_batch=1, max_wait_ms=0, timeout_s=0.2))
+    batcher = Batcher(run, BatchSettings(max_batch=1, max_wait_ms=0, timeout_s=0.6))
     with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(batcher.submit, 1)  # holds the model 0.5 s: past its own timeout, but in a pass, so answered
-        time.sleep(0.05)
-        with pytest.raises(Busy, match="within 0.2 s"):
+        first = pool.submit(batcher.submit, 1)  # holds the model 1.5 s: past its own timeout, but in a pass, so answered
+        time.sleep(0.2)
+        with pytest.raises(Busy, match="within 0.6 s"):
             batcher.submit(2)  # queued behind it past the timeout
         assert first.result()[0] == 1
     time.sleep(0.1)
