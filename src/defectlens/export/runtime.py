@@ -161,7 +161,17 @@ def _check_images(detector: Detector) -> list[np.ndarray]:
     return list(np.random.default_rng(0).random((CHECK_IMAGES, size, size, 3), dtype=np.float32))
 
 
+def _score(det: Detector, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Scores, maps and (where the model gives them) patch embeddings of the check images."""
+    outs = list(det.score_batches(images))
+    features = [o.features for o in outs]
+    return (np.concatenate([o.scores for o in outs]), np.concatenate([o.maps for o in outs]),
+            np.concatenate(features) if all(f is not None for f in features) else None)
+
+
 def _relative_diff(reference: np.ndarray, other: np.ndarray) -> float:
+    if np.shape(reference) != np.shape(other):  # a graph of another model: other embeddings, other maps
+        return float("inf")
     return float(np.abs(reference - other).max() / max(1.0, float(np.abs(reference).max())))
 
 
@@ -196,7 +206,7 @@ def accelerate(bundle: Bundle, cache: Path | None = None, required: bool = False
     except ImportError:
         return torch_because("onnxruntime is not installed")
     images = _check_images(det)
-    ref_scores, ref_maps = det.score(images)
+    ref_scores, ref_maps, ref_features = _score(det, images)
     reference = det.decision_scores(ref_scores, ref_maps, bundle.calibration), ref_maps
     # the cached graph is what this version of the exporter makes of this very model
     names = [f"{bundle.checksum[:16]}.{__version__}.opset{OPSET}.{'scoring' if _whole(leaf) else 'embedder'}{i}.onnx"
@@ -208,7 +218,7 @@ def accelerate(bundle: Bundle, cache: Path | None = None, required: bool = False
         cached = use_cache and any(path is not None and path.is_file() for path in paths)
         try:
             hits = _install(leaves, paths, use_cache)
-            scores, maps = det.score(images)
+            scores, maps, features = _score(det, images)
         except Exception as exc:  # noqa: BLE001 -- the exporter and ONNX Runtime raise many types; any of them means PyTorch
             failure = f"its graph could not be built or run ({type(exc).__name__}: {exc})".splitlines()[0]
             if not cached:
@@ -216,11 +226,13 @@ def accelerate(bundle: Bundle, cache: Path | None = None, required: bool = False
             continue
         score_diff = _relative_diff(reference[0], det.decision_scores(scores, maps, bundle.calibration))
         map_diff = _relative_diff(reference[1], maps)
-        if max(score_diff, map_diff) <= PARITY:
+        # the patch embeddings too, where the model gives them: region typing reads them
+        feature_diff = _relative_diff(ref_features, features) if ref_features is not None and features is not None else 0.0
+        if max(score_diff, map_diff, feature_diff) <= PARITY:
             kinds = ["whole" if _whole(leaf) else "backbone" for leaf in leaves]
             source = "from the cache" if hits == len(leaves) else "built now" if not hits else "built now and from the cache"
             return RuntimeChoice("onnx", source, len(leaves), score_diff, map_diff, time.perf_counter() - t0, kinds)
-        failure = f"ONNX Runtime differs from PyTorch by {max(score_diff, map_diff):.1e} (relative), above {PARITY:g}"
+        failure = f"ONNX Runtime differs from PyTorch by {max(score_diff, map_diff, feature_diff):.1e} (relative), above {PARITY:g}"
         if not cached:
             break  # freshly built and still apart: building again would give the same graph
     return torch_because(failure)
