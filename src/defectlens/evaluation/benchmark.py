@@ -57,7 +57,7 @@ class BenchmarkResult:
     peak_rss_mib: float
     image_auroc: float
     pixel_auroc: float
-    runtime: dict | None = None  # the default runtime (backbones in ONNX Runtime) on the same images
+    runtime: dict | None = None  # the default runtime (--runtime auto, as inspect and serve load a model) on the same images
     onnx: dict | None = None  # the exported whole-model graph in ONNX Runtime: speed, largest score and map differences
     settings: dict | None = None  # the detector's settings that differ from its defaults
 

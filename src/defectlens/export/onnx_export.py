@@ -7,10 +7,12 @@ and ONNX Runtime, not the bundle or PyTorch.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,21 +28,26 @@ FORMAT_VERSION = 1
 OPSET = 17
 
 
+def trace(module: torch.nn.Module, size: int, outputs: Sequence[str], target: str | io.BytesIO, opset: int = OPSET) -> None:
+    """``module`` as an ONNX graph with input ``images`` (n, 3, size, size) and the named outputs,
+    the batch axis free: what `export` writes and what the default runtime runs."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module, (torch.rand(2, 3, size, size),), target, input_names=["images"], output_names=list(outputs),
+                          dynamic_axes={"images": {0: "n"}, **{name: {0: "n"} for name in outputs}},
+                          opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
 def export_onnx(bundle: Bundle, path: str | os.PathLike, opset: int = OPSET) -> Path:
     import onnx
 
     path = Path(path)
     det = bundle.detector
     graph = ScoringGraph(det, bundle.calibration).eval()
-    example = torch.rand(2, 3, det.image_size, det.image_size)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(graph, (example,), str(tmp), input_names=["images"], output_names=list(OUTPUTS),
-                              dynamic_axes={"images": {0: "n"}, **{name: {0: "n"} for name in OUTPUTS}},
-                              opset_version=opset, dynamo=False, do_constant_folding=True)
+        trace(graph, det.image_size, OUTPUTS, str(tmp), opset)
         model = onnx.load(str(tmp))
         meta = {
             "format": FORMAT,

@@ -18,6 +18,11 @@ from defectlens.export.onnx_runtime import load_onnx
 PARITY = 1e-4  # largest difference from PyTorch, in score and in map, an export may show
 
 
+def check_images(size: int, n: int = 4) -> list[np.ndarray]:
+    """Seeded noise images (size x size RGB) to compare a graph with PyTorch on, when no real ones are given."""
+    return list(np.random.default_rng(0).random((n, size, size, 3), dtype=np.float32))
+
+
 @dataclass
 class Parity:
     path: Path
@@ -33,7 +38,7 @@ def export_checked(bundle: Bundle, path: str | os.PathLike, images: Sequence[Ima
     export_onnx(bundle, path)
     exported = load_onnx(path)
     size = bundle.detector.image_size
-    images = list(images) or list(np.random.default_rng(0).random((4, size, size, 3), dtype=np.float32))
+    images = list(images) or check_images(size)
     cal = bundle.calibration
     s_ref, m_ref = bundle.detector.score(images)
     s_onnx, m_onnx = exported.detector.score(images)

@@ -24,7 +24,6 @@ import io
 import os
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +37,9 @@ from defectlens.detectors.base import Detector, PixelScores, Stopwatch
 from defectlens.detectors.feature_based import FeatureDetector
 from defectlens.errors import DefectLensError
 from defectlens.export.graph import OUTPUTS, ScoringGraph, exportable
-from defectlens.export.onnx_export import OPSET
+from defectlens.export.onnx_export import OPSET, trace
 from defectlens.export.onnx_runtime import session
-from defectlens.export.parity import PARITY
+from defectlens.export.parity import PARITY, check_images
 
 RUNTIMES = ("auto", "onnx", "torch")
 CACHE_DIR = ".defectlens-cache"  # beside the model file: one folder serves every model in it
@@ -100,16 +99,6 @@ def feature_leaves(detector: Detector) -> Iterator[FeatureDetector]:
                 yield from feature_leaves(item)
 
 
-def _export(module: torch.nn.Module, size: int, outputs: list[str]) -> bytes:
-    buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(module, (torch.rand(2, 3, size, size),), buffer, input_names=["images"], output_names=outputs,
-                          dynamic_axes={"images": {0: "n"}, **{name: {0: "n"} for name in outputs}}, opset_version=OPSET,
-                          dynamo=False, do_constant_folding=True)
-    return buffer.getvalue()
-
-
 def _whole(leaf: FeatureDetector) -> bool:
     try:
         exportable(leaf)
@@ -133,9 +122,12 @@ class GraphScorer:
 
 
 def _build(leaf: FeatureDetector, whole: bool) -> bytes:
+    buffer = io.BytesIO()
     if whole:
-        return _export(ScoringGraph(leaf, None, with_features=True).eval(), leaf.image_size, [*OUTPUTS, "features"])
-    return _export(leaf._fast_embedder, leaf.image_size, ["embeddings"])
+        trace(ScoringGraph(leaf, None, with_features=True).eval(), leaf.image_size, [*OUTPUTS, "features"], buffer)
+    else:
+        trace(leaf._fast_embedder, leaf.image_size, ["embeddings"], buffer)
+    return buffer.getvalue()
 
 
 def _graph(leaf: FeatureDetector, whole: bool, cached: Path | None, use_cache: bool = True) -> tuple[bytes, bool]:
@@ -148,17 +140,11 @@ def _graph(leaf: FeatureDetector, whole: bool, cached: Path | None, use_cache: b
         tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.tmp")
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.tmp")
             tmp.write_bytes(data)
             os.replace(tmp, cached)  # two processes building the same graph both write it whole
         except OSError:
             tmp.unlink(missing_ok=True)
     return data, False
-
-
-def _check_images(detector: Detector) -> list[np.ndarray]:
-    size = detector.image_size
-    return list(np.random.default_rng(0).random((CHECK_IMAGES, size, size, 3), dtype=np.float32))
 
 
 def _score(det: Detector, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -205,19 +191,20 @@ def accelerate(bundle: Bundle, cache: Path | None = None, required: bool = False
         import onnxruntime  # noqa: F401 -- a missing runtime is a reason, not a crash
     except ImportError:
         return torch_because("onnxruntime is not installed")
-    images = _check_images(det)
+    images = check_images(det.image_size, CHECK_IMAGES)
     ref_scores, ref_maps, ref_features = _score(det, images)
     reference = det.decision_scores(ref_scores, ref_maps, bundle.calibration), ref_maps
     # the cached graph is what this version of the exporter makes of this very model
-    names = [f"{bundle.checksum[:16]}.{__version__}.opset{OPSET}.{'scoring' if _whole(leaf) else 'embedder'}{i}.onnx"
-             for i, leaf in enumerate(leaves)]
+    wholes = [_whole(leaf) for leaf in leaves]
+    names = [f"{bundle.checksum[:16]}.{__version__}.opset{OPSET}.{'scoring' if whole else 'embedder'}{i}.onnx"
+             for i, whole in enumerate(wholes)]
     paths = [cache / name if cache is not None and bundle.checksum else None for name in names]
     failure = ""
     for use_cache in (True, False):
         restore(det)
         cached = use_cache and any(path is not None and path.is_file() for path in paths)
         try:
-            hits = _install(leaves, paths, use_cache)
+            hits = _install(leaves, wholes, paths, use_cache)
             scores, maps, features = _score(det, images)
         except Exception as exc:  # noqa: BLE001 -- the exporter and ONNX Runtime raise many types; any of them means PyTorch
             failure = f"its graph could not be built or run ({type(exc).__name__}: {exc})".splitlines()[0]
@@ -229,7 +216,7 @@ def accelerate(bundle: Bundle, cache: Path | None = None, required: bool = False
         # the patch embeddings too, where the model gives them: region typing reads them
         feature_diff = _relative_diff(ref_features, features) if ref_features is not None and features is not None else 0.0
         if max(score_diff, map_diff, feature_diff) <= PARITY:
-            kinds = ["whole" if _whole(leaf) else "backbone" for leaf in leaves]
+            kinds = ["whole" if whole else "backbone" for whole in wholes]
             source = "from the cache" if hits == len(leaves) else "built now" if not hits else "built now and from the cache"
             return RuntimeChoice("onnx", source, len(leaves), score_diff, map_diff, time.perf_counter() - t0, kinds)
         failure = f"ONNX Runtime differs from PyTorch by {max(score_diff, map_diff, feature_diff):.1e} (relative), above {PARITY:g}"
@@ -238,11 +225,10 @@ def accelerate(bundle: Bundle, cache: Path | None = None, required: bool = False
     return torch_because(failure)
 
 
-def _install(leaves: list[FeatureDetector], paths: list[Path | None], use_cache: bool) -> int:
-    """Put each leaf's graph in place; how many came from the cache."""
+def _install(leaves: list[FeatureDetector], wholes: list[bool], paths: list[Path | None], use_cache: bool) -> int:
+    """Put each leaf's graph in place (its whole scoring, or its embedder); how many came from the cache."""
     hits = 0
-    for leaf, path in zip(leaves, paths, strict=True):
-        whole = _whole(leaf)
+    for leaf, whole, path in zip(leaves, wholes, paths, strict=True):
         data, hit = _graph(leaf, whole, path, use_cache)
         hits += hit
         if whole:
