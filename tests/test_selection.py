@@ -46,7 +46,7 @@ def test_validation_set_pairs_held_out_goods_with_their_synthetic_defects(tiny_d
     assert not any(m.any() for m, label in zip(v.masks, v.labels, strict=True) if not label)
     again = ValidationSet.make(ds.train_good[:4], seed=3, target_defects=12)
     assert all(np.array_equal(a, b) for a, b in zip(v.images, again.images, strict=True))
-    assert v.masks_at(32).shape == (16, 32, 32)
+    assert v.masks_at((32, 32)).shape == (16, 32, 32) and v.masks_at((16, 48)).shape == (16, 16, 48)
 
 
 @pytest.mark.slow

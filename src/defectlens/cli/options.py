@@ -45,7 +45,7 @@ class Parameter:
 
     @property
     def kind(self) -> str:
-        return next((t for t in ("bool", "int", "float", "str") if re.search(rf"\b{t}\b", self.annotation)), "str")
+        return next((t for t in ("size", "bool", "int", "float", "str") if re.search(rf"\b{t}\b", self.annotation)), "str")
 
 
 def _doc_entries(doc: str) -> dict[str, str]:
@@ -114,13 +114,16 @@ def parameters() -> list[Parameter]:
     for detector, (params, docs) in _declared().items():
         for name, (annotation, default) in params.items():
             p = merged.setdefault(name, Parameter(name, annotation))
+            if "ModelSize" in annotation:  # some detectors take (height, width) where others take a side: the flag takes both
+                p.annotation = annotation.replace("ModelSize", "size")
+                p.doc = docs.get(name) or p.doc
             p.defaults[detector] = default
             p.doc = p.doc or docs.get(name, "")
     return [p for p in merged.values() if p.name not in NOT_FLAGS]
 
 
 def _converter(p: Parameter) -> Callable[[str], Any]:
-    base = {"int": int, "float": float, "str": str}[p.kind]
+    base = {"int": int, "float": float, "str": str, "size": _size}[p.kind]
 
     def convert(text: str) -> Any:
         if p.optional and text.lower() in ("none", "0"):
@@ -132,6 +135,15 @@ def _converter(p: Parameter) -> Callable[[str], Any]:
 
     convert.__name__ = p.kind  # argparse names the type in its error message
     return convert
+
+
+def _size(text: str) -> Any:
+    from defectlens.data.images import parse_size  # numpy and Pillow, not torch: --help stays quick
+
+    try:
+        return parse_size(text)
+    except DefectLensError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _defaults_text(p: Parameter) -> str:

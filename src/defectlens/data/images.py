@@ -20,9 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from defectlens.errors import ImageError, ImageFormatError, ImageTooLargeError
+from defectlens.errors import DefectLensError, ImageError, ImageFormatError, ImageTooLargeError
 
 ImageInput = str | os.PathLike | np.ndarray | Image.Image
+# A model's input size: one side (square), or (height, width) so that tall or wide parts are not
+# squashed. Height first, as in array shapes; the CLI writes it WIDTHxHEIGHT, as image sizes are said.
+ModelSize = int | tuple[int, int]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -171,11 +174,43 @@ def preview(rgb: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:
     return _preview8(Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8)), side)
 
 
-def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Resize to size x size with antialiasing (PIL), per channel in float for 16-bit safety."""
-    if rgb.shape[0] == size and rgb.shape[1] == size:
+def size_hw(size: ModelSize | list[int]) -> tuple[int, int]:
+    """(height, width) of a model size; a bundle's JSON gives back a list where a tuple was saved."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        return int(size), int(size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size):
+        return int(size[0]), int(size[1])
+    raise DefectLensError(f"image size must be a side in pixels or (height, width), got {size!r}")
+
+
+def normalise_size(size: ModelSize | list[int]) -> ModelSize:
+    """A side for a square size, else a (height, width) tuple: the form settings are kept in."""
+    h, w = size_hw(size)
+    return h if h == w else (h, w)
+
+
+def parse_size(text: str) -> ModelSize:
+    """``256`` (square) or ``WIDTHxHEIGHT`` such as ``256x640`` (a tall part) -> a model size."""
+    parts = text.lower().replace(" ", "").split("x")
+    if not all(p.isdigit() for p in parts) or len(parts) not in (1, 2):
+        raise DefectLensError(f"image size must be a side such as 256 or WIDTHxHEIGHT such as 256x640, got {text!r}")
+    if len(parts) == 1:
+        return int(parts[0])
+    return normalise_size((int(parts[1]), int(parts[0])))
+
+
+def format_size(size: ModelSize | list[int]) -> str:
+    """A model size as the CLI writes it: ``256`` or ``WIDTHxHEIGHT``."""
+    h, w = size_hw(size)
+    return str(h) if h == w else f"{w}x{h}"
+
+
+def resize_rgb(rgb: np.ndarray, size: ModelSize) -> np.ndarray:
+    """Resize to the model size with antialiasing (PIL), per channel in float for 16-bit safety."""
+    h, w = size_hw(size)
+    if rgb.shape[0] == h and rgb.shape[1] == w:
         return rgb
-    channels = [np.asarray(Image.fromarray(rgb[..., c], mode="F").resize((size, size), Image.BILINEAR)) for c in range(3)]
+    channels = [np.asarray(Image.fromarray(rgb[..., c], mode="F").resize((w, h), Image.BILINEAR)) for c in range(3)]
     return np.stack(channels, axis=2)
 
 
@@ -183,13 +218,13 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
 class Loaded:
     """One image as the model needs it, with what else was learned in the same read."""
 
-    pixels: np.ndarray  # (3, size, size) float32
+    pixels: np.ndarray  # (3, height, width) float32 at the model size
     size: tuple[int, int]  # original (height, width)
     digest: str | None = None  # sha256 of the file's bytes
     preview: np.ndarray | None = None  # uint8 copy for overlays, when asked for
 
 
-def load_for_model(image: ImageInput, size: int, preview_side: int = 0) -> Loaded:
+def load_for_model(image: ImageInput, size: ModelSize, preview_side: int = 0) -> Loaded:
     """Image resized for the model as CHW float32, its original size and digest, and with
     ``preview_side`` a small copy to draw overlays on.
 
@@ -201,7 +236,8 @@ def load_for_model(image: ImageInput, size: int, preview_side: int = 0) -> Loade
     if isinstance(source, np.ndarray):
         return Loaded(np.ascontiguousarray(resize_rgb(source, size).transpose(2, 0, 1)), (source.shape[0], source.shape[1]), digest,
                       preview(source, preview_side) if preview_side else None)
-    small = source if source.size == (size, size) else source.resize((size, size), Image.BILINEAR)
+    h, w = size_hw(size)
+    small = source if source.size == (w, h) else source.resize((w, h), Image.BILINEAR)
     pixels = np.asarray(small, dtype=np.float32).transpose(2, 0, 1) / 255.0
     return Loaded(np.ascontiguousarray(pixels), (source.height, source.width), digest, _preview8(source, preview_side) if preview_side else None)
 
@@ -218,7 +254,7 @@ class Batch:
     """Images decoded for the model, with what failed to load kept beside them."""
 
     indices: list[int]  # positions in the input sequence of the images in ``pixels``
-    pixels: np.ndarray  # (n, 3, size, size) float32 in [0, 1]; n may be 0 if all failed
+    pixels: np.ndarray  # (n, 3, height, width) float32 in [0, 1]; n may be 0 if all failed
     sizes: list[tuple[int, int]]  # original (height, width) of each image
     errors: list[tuple[int, ImageError]] = field(default_factory=list)
     digests: list[str | None] = field(default_factory=list)  # sha256 of each file's bytes (None for arrays)
@@ -226,7 +262,7 @@ class Batch:
 
 
 def iter_batches(
-    images: Sequence[ImageInput], size: int, batch_size: int, workers: int = 2, skip_errors: bool = False, preview_side: int = 0
+    images: Sequence[ImageInput], size: ModelSize, batch_size: int, workers: int = 2, skip_errors: bool = False, preview_side: int = 0
 ) -> Iterator[Batch]:
     """Decode ahead in threads and yield batches in input order.
 
@@ -260,7 +296,7 @@ def iter_batches(
                     errors.append((i, exc))
                     continue
                 indices.append(i)
-            pixels = np.stack([x.pixels for x in loaded]) if loaded else np.zeros((0, 3, size, size), np.float32)
+            pixels = np.stack([x.pixels for x in loaded]) if loaded else np.zeros((0, 3, *size_hw(size)), np.float32)
             yield Batch(indices, pixels, [x.size for x in loaded], errors, [x.digest for x in loaded], [x.preview for x in loaded])
 
 

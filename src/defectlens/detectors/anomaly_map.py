@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectlens.data.images import ModelSize, size_hw
+
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     radius = int(4.0 * sigma + 0.5)
@@ -20,28 +22,34 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
 
 
 class AnomalyMapHead(nn.Module):
-    """Patch-score grid (N, h, w) -> smoothed map (N, size, size) at the model input size."""
+    """Patch-score grid (N, h, w) -> smoothed map (N, height, width) at the model input size."""
 
-    def __init__(self, size: int, sigma: float) -> None:
+    def __init__(self, size: ModelSize, sigma: float) -> None:
         super().__init__()
-        self.size = size
+        self.size = size_hw(size)
         self.sigma = sigma
         kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
         self.register_buffer("kernel", kernel)
 
     def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(patch_scores.unsqueeze(1), size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = F.interpolate(patch_scores.unsqueeze(1), size=self.size, mode="bilinear", align_corners=False)
         if self.sigma > 0:
-            r = self.kernel.numel() // 2
-            # reflect padding cannot exceed the map, so clamp for tiny test sizes
-            r_pad = min(r, self.size - 1)
-            k = self.kernel[r - r_pad : r + r_pad + 1] if r_pad < r else self.kernel
-            k = k / k.sum()
-            x = F.pad(x, (r_pad, r_pad, 0, 0), mode="reflect")
-            x = F.conv2d(x, k.view(1, 1, 1, -1))
-            x = F.pad(x, (0, 0, r_pad, r_pad), mode="reflect")
-            x = F.conv2d(x, k.view(1, 1, -1, 1))
+            height, width = self.size
+            k, r = self._kernel(width)
+            x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+            k, r = self._kernel(height)
+            x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
         return x.squeeze(1)
+
+    def _kernel(self, side: int) -> tuple[torch.Tensor, int]:
+        """The kernel and its radius along a side: reflect padding cannot exceed the map, so the
+        kernel is cut (and renormalised) for tiny sizes."""
+        r = self.kernel.numel() // 2
+        r_pad = min(r, side - 1)
+        if r_pad == r:
+            return self.kernel, r
+        k = self.kernel[r - r_pad : r + r_pad + 1]
+        return k / k.sum(), r_pad
 
 
 def resize_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:

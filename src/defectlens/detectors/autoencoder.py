@@ -136,7 +136,7 @@ class Autoencoder(Detector):
         if self.architecture not in ARCHITECTURES:
             raise DefectLensError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
         if not (isinstance(self.image_size, int) and 32 <= self.image_size <= 1024 and self.image_size % 16 == 0):
-            raise DefectLensError(f"image_size must be a multiple of 16 between 32 and 1024, got {self.image_size}")
+            raise DefectLensError(f"image_size must be one side (the autoencoder is square), a multiple of 16 between 32 and 1024, got {self.image_size}")
         if self.max_epochs < 1 or self.batch_size < 1 or self.latent < 1:
             raise DefectLensError("max_epochs, batch_size and latent must be at least 1")
 

@@ -18,7 +18,7 @@ import torch
 from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
-from defectlens.data.images import Batch, ImageInput, iter_batches
+from defectlens.data.images import Batch, ImageInput, ModelSize, format_size, iter_batches, size_hw
 from defectlens.errors import DefectLensError
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class PixelScores(NamedTuple):
-    """What a detector gives for preprocessed images (n, 3, size, size)."""
+    """What a detector gives for preprocessed images (n, 3, height, width)."""
 
     scores: np.ndarray  # (n,) image scores
     maps: np.ndarray  # (n, size, size) anomaly maps at the model input size
@@ -67,6 +67,12 @@ class Stopwatch:
         self._t = now
 
 
+def check_size(size: ModelSize, low: int, high: int) -> None:
+    """A model size both of whose sides the backbones' strides divide, within what fits in memory."""
+    if not all(low <= side <= high and side % 16 == 0 for side in size_hw(size)):
+        raise DefectLensError(f"image_size: each side must be a multiple of 16 between {low} and {high}, got {format_size(size)}")
+
+
 class Detector(BaseEstimator, ABC):
     """Base class: subclasses set ``name`` and implement fit, score_pixels, get/set_state.
 
@@ -77,7 +83,7 @@ class Detector(BaseEstimator, ABC):
     name: str = ""
     learning: str = GOOD_ONLY
     scores_include_calibration: bool = False  # an export's graph already adds the symmetry term
-    image_size: int
+    image_size: ModelSize  # a side, or (height, width)
     batch_size: int
     verbose: bool
 
@@ -88,7 +94,7 @@ class Detector(BaseEstimator, ABC):
     @abstractmethod
     def score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
         """Scores, maps and (where the detector has them) patch embeddings of preprocessed images
-        (n, 3, size, size) in [0, 1]; ``watch`` collects time per stage."""
+        (n, 3, height, width) in [0, 1]; ``watch`` collects time per stage."""
 
     @abstractmethod
     def get_state(self) -> dict[str, np.ndarray]:
@@ -126,7 +132,7 @@ class Detector(BaseEstimator, ABC):
         for batch in iter_batches(images, self.image_size, self.batch_size, skip_errors=skip_errors, preview_side=preview_side):
             watch.lap("decode")
             if len(batch.indices) == 0:
-                scores, maps, features = np.zeros(0, np.float32), np.zeros((0, self.image_size, self.image_size), np.float32), None
+                scores, maps, features = np.zeros(0, np.float32), np.zeros((0, *size_hw(self.image_size)), np.float32), None
             else:
                 with torch.inference_mode():
                     scores, maps, features = self.score_pixels(torch.from_numpy(batch.pixels), watch)
@@ -148,5 +154,5 @@ class Detector(BaseEstimator, ABC):
             scores.append(out.scores)
             maps.append(out.maps)
         if not scores:
-            return np.zeros(0, np.float32), np.zeros((0, self.image_size, self.image_size), np.float32)
+            return np.zeros(0, np.float32), np.zeros((0, *size_hw(self.image_size)), np.float32)
         return np.concatenate(scores), np.concatenate(maps)

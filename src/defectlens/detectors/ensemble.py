@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from defectlens.data.images import ImageInput
+from defectlens.data.images import ImageInput, ModelSize
 from defectlens.detectors.base import Detector, PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.registry import create_detector, detector_class, register_detector
 from defectlens.errors import DefectLensError
@@ -37,7 +37,7 @@ class EnsembleDetector(Detector):
     name = "ensemble"
 
     def __init__(self, detector: str = "patchcore", backbones: str = "mobilenet_v2,efficientnet_lite0", detector_params: dict | None = None,
-                 image_size: int = 256, batch_size: int = 2, norm_images: int = 32, verbose: bool = False) -> None:
+                 image_size: ModelSize = 256, batch_size: int = 2, norm_images: int = 32, verbose: bool = False) -> None:
         self.detector = detector
         self.backbones = backbones
         self.detector_params = detector_params

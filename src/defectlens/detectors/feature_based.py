@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from defectlens.backbones import FEATURE_KINDS, FeatureExtractor, create_backbone, get_spec
 from defectlens.data.images import Batch, ImageInput, iter_batches
 from defectlens.detectors.anomaly_map import AnomalyMapHead
-from defectlens.detectors.base import Detector, PixelScores, Stopwatch
+from defectlens.detectors.base import Detector, PixelScores, Stopwatch, check_size
 from defectlens.detectors.features import PatchEmbedder
 from defectlens.errors import DefectLensError
 
@@ -40,8 +40,7 @@ class FeatureDetector(Detector):
         get_spec(self.backbone)
         if self.features not in FEATURE_KINDS:
             raise DefectLensError(f"features must be one of {', '.join(FEATURE_KINDS)}, got {self.features!r}")
-        if not (isinstance(self.image_size, int) and 32 <= self.image_size <= 4096 and self.image_size % 16 == 0):
-            raise DefectLensError(f"image_size must be a multiple of 16 between 32 and 4096, got {self.image_size}")
+        check_size(self.image_size, 32, 4096)
         if self.batch_size < 1:
             raise DefectLensError(f"batch_size must be at least 1, got {self.batch_size}")
 

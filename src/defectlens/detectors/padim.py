@@ -21,7 +21,7 @@ from sklearn.covariance import ledoit_wolf_shrinkage
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from defectlens.data.images import ImageInput
+from defectlens.data.images import ImageInput, ModelSize
 from defectlens.detectors.base import PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.feature_based import FeatureDetector
 from defectlens.detectors.registry import register_detector
@@ -83,7 +83,7 @@ class PaDiM(FeatureDetector):
         self,
         backbone: str = "mobilenet_v2",
         weights: str | None = None,
-        image_size: int = 256,
+        image_size: ModelSize = 256,
         features: str = "expanded",
         n_features: int = 160,
         channel_selection: str = "pool",

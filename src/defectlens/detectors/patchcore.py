@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from defectlens.data.images import ImageInput
+from defectlens.data.images import ImageInput, ModelSize
 from defectlens.detectors.base import PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.coreset import extend_coreset, greedy_coreset
 from defectlens.detectors.feature_based import PCA_IMAGES, FeatureDetector
@@ -58,7 +58,8 @@ class PatchCore(FeatureDetector):
     ----------
     backbone : registered backbone name.
     weights : optional local weights file for the backbone (otherwise the installed package's).
-    image_size : images are resized to image_size x image_size.
+    image_size : the model input: a side (a square) or (height, width), on the command line
+        WIDTHxHEIGHT (256x640 for a tall part), so that tall or wide parts keep their proportions.
     features : what the backbone taps give: ``expanded``, the tap blocks' widest (expanded)
         activations (768 channels on MobileNetV2), or ``blocks``, the block outputs before them
         (32 + 96 = 128 channels, what anomalib's PatchCore embeds). Neither wins on every part,
@@ -99,7 +100,7 @@ class PatchCore(FeatureDetector):
         self,
         backbone: str = "mobilenet_v2",
         weights: str | None = None,
-        image_size: int = 256,
+        image_size: ModelSize = 256,
         features: str = "expanded",
         embed_dim: int | None = 64,
         reduction: str = "pca",

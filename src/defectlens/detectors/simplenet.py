@@ -41,7 +41,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from defectlens.data.images import ImageInput, iter_batches
+from defectlens.data.images import ImageInput, ModelSize, iter_batches
 from defectlens.detectors.base import PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.feature_based import FeatureDetector
 from defectlens.detectors.registry import register_detector
@@ -259,7 +259,7 @@ class SimpleNet(FeatureDetector):
         self,
         backbone: str = "mobilenet_v2",
         weights: str | None = None,
-        image_size: int = 256,
+        image_size: ModelSize = 256,
         features: str = "expanded",
         embed_dim: int = 64,
         hidden: int = 128,

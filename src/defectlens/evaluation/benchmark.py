@@ -19,6 +19,7 @@ import numpy as np
 
 from defectlens.bundle import library_versions
 from defectlens.data.datasets import load_dataset
+from defectlens.data.images import ModelSize, format_size
 from defectlens.detectors import Detector, create_detector
 from defectlens.evaluation.evaluate import load_mask
 from defectlens.metrics import image_auroc, pixel_auroc
@@ -46,7 +47,7 @@ class BenchmarkResult:
     machine: str
     detector: str
     backbone: str
-    image_size: int
+    image_size: ModelSize
     train_images: int
     test_images: int
     state_mib: float  # learned state without the backbone: memory bank, Gaussians, ...
@@ -64,7 +65,7 @@ class BenchmarkResult:
     def text(self) -> str:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in self.stage_ms.items())
         return "\n".join([
-            f"benchmark: {self.detector} / {self.backbone} @ {self.image_size}px on '{self.dataset}'",
+            f"benchmark: {self.detector} / {self.backbone} @ {format_size(self.image_size)}px on '{self.dataset}'",
             f"  machine:               {self.machine}",
             *([f"  settings:              {', '.join(f'{k}={v}' for k, v in self.settings.items())}"] if self.settings else []),
             f"  fit:                   {self.fit_s:.1f} s for {self.train_images} images (learned state {self.state_mib:.1f} MiB)",

@@ -19,6 +19,7 @@ from PIL import Image
 from defectlens import metrics
 from defectlens.bundle import Bundle
 from defectlens.data.datasets import GOOD, Dataset, Sample
+from defectlens.data.images import ModelSize, size_hw
 from defectlens.errors import DatasetError
 from defectlens.inference.inspection import make_mask
 from defectlens.jsonutil import finite
@@ -93,11 +94,12 @@ def fmt(value: float | int | None) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def load_mask(path: Path | None, size: int) -> np.ndarray:
+def load_mask(path: Path | None, size: ModelSize) -> np.ndarray:
+    h, w = size_hw(size)
     if path is None:
-        return np.zeros((size, size), dtype=bool)
+        return np.zeros((h, w), dtype=bool)
     with Image.open(path) as im:
-        return np.asarray(im.convert("L").resize((size, size), Image.NEAREST)) > 127
+        return np.asarray(im.convert("L").resize((w, h), Image.NEAREST)) > 127
 
 
 def overlap_scores(masks: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:

@@ -37,7 +37,7 @@ def exportable(detector: Detector) -> None:
 
 
 class ScoringGraph(nn.Module):
-    """(n, 3, size, size) float RGB in [0, 1] -> score (n,), anomaly_map (n, size, size), normalised_score (n,)."""
+    """(n, 3, height, width) float RGB in [0, 1] -> score (n,), anomaly_map (n, height, width), normalised_score (n,)."""
 
     def __init__(self, detector: FeatureDetector, calibration: Calibration | None, with_features: bool = False) -> None:
         super().__init__()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from defectlens.bundle import Bundle
+from defectlens.data.images import ModelSize, size_hw
 from defectlens.errors import DefectLensError
 from defectlens.export.graph import OUTPUTS, ScoringGraph
 from defectlens.jsonutil import finite
@@ -28,12 +29,12 @@ FORMAT_VERSION = 1
 OPSET = 17
 
 
-def trace(module: torch.nn.Module, size: int, outputs: Sequence[str], target: str | io.BytesIO, opset: int = OPSET) -> None:
-    """``module`` as an ONNX graph with input ``images`` (n, 3, size, size) and the named outputs,
+def trace(module: torch.nn.Module, size: ModelSize, outputs: Sequence[str], target: str | io.BytesIO, opset: int = OPSET) -> None:
+    """``module`` as an ONNX graph with input ``images`` (n, 3, height, width) and the named outputs,
     the batch axis free: what `export` writes and what the default runtime runs."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(module, (torch.rand(2, 3, size, size),), target, input_names=["images"], output_names=list(outputs),
+        torch.onnx.export(module, (torch.rand(2, 3, *size_hw(size)),), target, input_names=["images"], output_names=list(outputs),
                           dynamic_axes={"images": {0: "n"}, **{name: {0: "n"} for name in outputs}},
                           opset_version=opset, dynamo=False, do_constant_folding=True)
 

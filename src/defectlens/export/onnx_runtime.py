@@ -13,7 +13,7 @@ import torch
 
 from defectlens.bundle import Bundle
 from defectlens.calibration.record import Calibration
-from defectlens.data.images import ImageInput
+from defectlens.data.images import ImageInput, ModelSize, normalise_size
 from defectlens.detectors.base import Detector, PixelScores, Stopwatch, good_images_only
 from defectlens.errors import BundleError, DefectLensError
 from defectlens.export.onnx_export import FORMAT, META_KEY
@@ -40,7 +40,7 @@ class OnnxDetector(Detector):
     name = "onnx"
     scores_include_calibration = True
 
-    def __init__(self, path: str = "", image_size: int = 256, batch_size: int = 8, threads: int = 0, verbose: bool = False) -> None:
+    def __init__(self, path: str = "", image_size: ModelSize = 256, batch_size: int = 8, threads: int = 0, verbose: bool = False) -> None:
         self.path = path
         self.image_size = image_size
         self.batch_size = batch_size
@@ -89,6 +89,6 @@ def load_onnx(path: str | os.PathLike, batch_size: int = 8, threads: int = 0) ->
         assert meta["format"] == FORMAT
     except (KeyError, ValueError, AssertionError, TypeError):
         raise BundleError(f"{path}: an ONNX model, but not one exported by DefectLens") from None
-    det = OnnxDetector(str(path), int(meta["image_size"]), batch_size, threads).load()
+    det = OnnxDetector(str(path), normalise_size(meta["image_size"]), batch_size, threads).load()
     calibration = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
     return Bundle(det, calibration, {**meta.get("metadata", {}), "exported_from": meta["detector"]}, None, meta["source_checksum"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from defectlens.bundle import Bundle
-from defectlens.data.images import ImageInput
+from defectlens.data.images import ImageInput, ModelSize, size_hw
 from defectlens.errors import DefectLensError
 from defectlens.export.onnx_export import export_onnx
 from defectlens.export.onnx_runtime import load_onnx
@@ -18,9 +18,9 @@ from defectlens.export.onnx_runtime import load_onnx
 PARITY = 1e-4  # largest difference from PyTorch, in score and in map, an export may show
 
 
-def check_images(size: int, n: int = 4) -> list[np.ndarray]:
-    """Seeded noise images (size x size RGB) to compare a graph with PyTorch on, when no real ones are given."""
-    return list(np.random.default_rng(0).random((n, size, size, 3), dtype=np.float32))
+def check_images(size: ModelSize, n: int = 4) -> list[np.ndarray]:
+    """Seeded noise images at the model size (RGB) to compare a graph with PyTorch on, when no real ones are given."""
+    return list(np.random.default_rng(0).random((n, *size_hw(size), 3), dtype=np.float32))
 
 
 @dataclass

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from defectlens.data.defects import defects_from
-from defectlens.data.images import ImageInput
+from defectlens.data.images import ImageInput, ModelSize, format_size, size_hw
 from defectlens.detectors import Detector, available_detectors, create_from_spec, detector_class
 from defectlens.detectors.feature_based import FeatureDetector
 from defectlens.errors import DefectLensError
@@ -37,6 +37,8 @@ from defectlens.metrics import aupro, image_auroc
 
 MIN_IMAGES = 8  # below this, a held-out share is too small to rank candidates on
 MAX_SIDE = 1024  # synthetic defects are made at native resolution, capped here (tiling sees them too)
+ELONGATED = 1.5  # images this much taller than wide (or wider than tall) also get candidates in their proportions
+MAX_ASPECT = 4.0  # the most elongated input tried: at 256, 128 x 512
 SCORE_TIE = 0.005  # candidates this close in selection score are tied: the fastest wins
 
 
@@ -125,10 +127,26 @@ def native_sizes(images: Sequence[ImageInput], sample: int = 16) -> list[tuple[i
     return sizes
 
 
-def tiling_for(sizes: Sequence[tuple[int, int]], image_size: int) -> dict[str, Any] | None:
+def geometry_for(sizes: Sequence[tuple[int, int]], image_size: ModelSize) -> tuple[int, int] | None:
+    """A (height, width) input with the proportions of elongated images and the pixels of the
+    square one, so a tall or wide part is not squashed at no extra cost; None for images near
+    square, and where a (height, width) was given. Proportions past MAX_ASPECT are capped: the
+    short side keeps enough rows of features (128 px at 256) and a line scan is left to tiling."""
+    if not isinstance(image_size, int):
+        return None
+    aspect = float(np.median([h / w for h, w in sizes]))  # above 1: tall
+    if max(aspect, 1.0 / aspect) < ELONGATED:
+        return None
+    aspect = float(np.clip(aspect, 1.0 / MAX_ASPECT, MAX_ASPECT))
+    side = lambda v: max(64, int(round(v / 16)) * 16)  # noqa: E731 -- both sides divisible by the backbone strides
+    return side(image_size * np.sqrt(aspect)), side(image_size / np.sqrt(aspect))
+
+
+def tiling_for(sizes: Sequence[tuple[int, int]], image_size: ModelSize) -> dict[str, Any] | None:
     """Tile settings when resizing to ``image_size`` would shrink small defects away: images whose
     long side is at least twice the model input, or elongated ones (squashed into a square);
     None when the images are small and square enough that resizing loses little."""
+    image_size = max(size_hw(image_size))
     short = float(np.median([min(s) for s in sizes]))
     long = float(np.median([max(s) for s in sizes]))
     if long < 2 * image_size and long < 2 * short:
@@ -138,12 +156,14 @@ def tiling_for(sizes: Sequence[tuple[int, int]], image_size: int) -> dict[str, A
     return {"tile_size": max(64, tile), "scale": round(scale, 3), "overlap": 0.25, "map_size": image_size}
 
 
-def candidates(images: Sequence[ImageInput], backbone: str = "mobilenet_v2", image_size: int = 256, weights: str | None = None) -> list[Candidate]:
+def candidates(images: Sequence[ImageInput], backbone: str = "mobilenet_v2", image_size: ModelSize = 256,
+               weights: str | None = None) -> list[Candidate]:
     """The configurations worth trying on these images.
 
     Two detector families (memory bank, per-position Gaussian), their combination, the
     discriminative detector when registered, each on the wide (expanded) and the narrow (block
-    output) taps of the backbone, and tiling at native resolution when the images call for it.
+    output) taps of the backbone, and where the images call for it, both families on an input
+    with the images' proportions and tiling at native resolution.
     """
     base: dict[str, Any] = {"backbone": backbone, "image_size": image_size, **({"weights": weights} if weights else {})}
     out = [
@@ -156,7 +176,13 @@ def candidates(images: Sequence[ImageInput], backbone: str = "mobilenet_v2", ima
     ]
     if "simplenet" in available_detectors():
         out.append(Candidate("simplenet", "simplenet", dict(base)))
-    tiles = tiling_for(native_sizes(images), image_size)
+    sizes = native_sizes(images)
+    geometry = geometry_for(sizes, image_size)
+    if geometry is not None:
+        tag = format_size(geometry)
+        out += [Candidate(f"padim@{tag}", "padim", {**base, "image_size": geometry}),
+                Candidate(f"patchcore@{tag}", "patchcore", {**base, "image_size": geometry})]
+    tiles = tiling_for(sizes, image_size)
     if tiles is not None:
         out.append(Candidate(f"tiled:padim/{tiles['tile_size']}px", "tiled:padim", {**base, **tiles}))
     return out
@@ -186,9 +212,10 @@ class ValidationSet:
         labels = np.r_[np.zeros(len(goods)), np.ones(len(defects))].astype(int)
         return cls(images, labels, masks, ["good"] * len(goods) + [d.family for d in defects])
 
-    def masks_at(self, size: int) -> np.ndarray:
-        """Masks resized as the detectors resize images: to a square of the map size."""
-        return np.stack([np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+    def masks_at(self, shape: tuple[int, int]) -> np.ndarray:
+        """Masks resized as the detectors resize images: to the map's (height, width)."""
+        h, w = shape
+        return np.stack([np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
                          for m in self.masks])
 
 
@@ -231,7 +258,7 @@ def measure(candidate: Candidate, fit_images: Sequence[ImageInput], validation: 
     result.fit_s = t1 - t0
     result.ms_per_image = 1000.0 * (t2 - t1) / len(validation.images)
     result.image_auroc = image_auroc(validation.labels, scores)
-    result.aupro = aupro(validation.masks_at(maps.shape[-1]), maps)
+    result.aupro = aupro(validation.masks_at(maps.shape[1:]), maps)
     if test is not None:
         result.test_auroc = image_auroc(test.labels, det.score(test.images)[0])
     return result
@@ -300,7 +327,7 @@ def select_detector(
     *,
     backbone: str = "mobilenet_v2",
     weights: str | None = None,
-    image_size: int = 256,
+    image_size: ModelSize = 256,
     budget_s: float = 300.0,
     screen_images: int = 40,
     final_images: int = 120,
@@ -375,4 +402,4 @@ def select_detector(
     return Selection(chosen, results, len(fit_pool), n_held, n_syn, seed, budget_s, work_clock() - start, reason)
 
 
-__all__ = ["Candidate", "CandidateResult", "Selection", "TestSet", "ValidationSet", "candidates", "rank", "select_detector", "format_figure", "tiling_for"]
+__all__ = ["Candidate", "CandidateResult", "Selection", "TestSet", "ValidationSet", "candidates", "rank", "select_detector", "format_figure", "geometry_for", "tiling_for"]
