@@ -402,4 +402,16 @@ def select_detector(
     return Selection(chosen, results, len(fit_pool), n_held, n_syn, seed, budget_s, work_clock() - start, reason)
 
 
-__all__ = ["Candidate", "CandidateResult", "Selection", "TestSet", "ValidationSet", "candidates", "rank", "select_detector", "format_figure", "geometry_for", "tiling_for"]
+__all__ = [
+    "Candidate",
+    "CandidateResult",
+    "Selection",
+    "TestSet",
+    "ValidationSet",
+    "candidates",
+    "rank",
+    "select_detector",
+    "format_figure",
+    "geometry_for",
+    "tiling_for",
+]
