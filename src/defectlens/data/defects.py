@@ -4,6 +4,12 @@ A detector trained on good parts only still has to be chosen and checked, and re
 are usually scarce or absent when a line starts. Like CutPaste, DRAEM and SWSA, we make stand-in
 defects out of the good images themselves, in families that cover the ways parts really fail:
 foreign material pasted in, foreign texture, scratches, spots, missing material and deformation.
+Those are local: every one changes the look of the patches it covers. A seventh family, ``logical``,
+is made for the defects that are not (MVTec LOCO's: a component missing, one too many, one moved,
+one the wrong colour): a whole region of the part moved elsewhere in it, removed, or recoloured,
+at 4-25 % of the image, where each patch may still look like a good one and only the whole is
+wrong. It is what lets ``fit --detector auto`` judge the image-level global term
+(``detectors.global_term``), which local defects never reward.
 
 Each defect comes with the mask of the pixels that really changed (a change below ``VISIBLE`` is
 not a defect a person or a detector could see; pinholes inside are filled, as a person outlines a
@@ -25,7 +31,10 @@ from scipy import ndimage
 
 from defectlens.data.images import load_rgb
 
-FAMILIES: tuple[str, ...] = ("cutpaste", "texture", "scratch", "spot", "missing", "warp")
+FAMILIES: tuple[str, ...] = ("cutpaste", "texture", "scratch", "spot", "missing", "warp")  # local, 0.05-10 % of the image
+LOGICAL = "logical"
+ALL_FAMILIES: tuple[str, ...] = (*FAMILIES, LOGICAL)
+LOGICAL_AREA = (0.04, 0.25)  # a component, not a blemish: a tenth of a part's area is typical
 
 VISIBLE = 0.02  # smallest change (largest over channels) counted as part of a defect
 MAX_TRIES = 6  # places tried before settling for the attempt closest to the asked area
@@ -414,8 +423,64 @@ def _warp(img: np.ndarray, donor: np.ndarray, rng: np.random.Generator, cy: floa
     return win, _sample(img, sy + centre_y, sx + centre_x)
 
 
+def _hue_turn(local: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Colours turned about the grey axis (a red part made green), or for grey images a brightness
+    change strong enough to see: the wrong colour of a component, or a tile fired unevenly."""
+    if local.shape[2] == 1:
+        k = rng.uniform(0.15, 0.35)
+        return local * (1 - k) if rng.random() < 0.5 or local.mean() > 0.6 else local + (1 - local) * k
+    a = rng.choice([-1, 1]) * rng.uniform(np.pi / 4, np.pi * 3 / 4)
+    n = np.full(3, 1 / math.sqrt(3))
+    cross = np.array([[0, -n[2], n[1]], [n[2], 0, -n[0]], [-n[1], n[0], 0]])
+    turn = math.cos(a) * np.eye(3) + math.sin(a) * cross + (1 - math.cos(a)) * np.outer(n, n)  # Rodrigues
+    grey = local.mean(axis=2, keepdims=True)
+    chroma = local - grey
+    if float(np.abs(chroma).mean()) < 0.04:  # a colourless part has no hue to turn: give it one
+        chroma = chroma + rng.uniform(-0.15, 0.15, 3).astype(np.float32)
+    return grey + (chroma @ turn.T.astype(np.float32))
+
+
+def _logical(img: np.ndarray, donor: np.ndarray, rng: np.random.Generator, cy: float, cx: float, n_px: float) -> tuple[Window, np.ndarray]:
+    """A large region of the part itself moved (an extra or misplaced component), removed, or recoloured.
+
+    Moved content comes from the same image, never the donor, and is feathered in, so its patches
+    are the part's own: only where it is, and what is no longer where it was, are wrong.
+    """
+    kind = rng.choice(["moved", "removed", "recoloured"])
+    if kind == "removed":
+        return _missing(img, donor, rng, cy, cx, n_px)
+    H, W = img.shape[:2]
+    aspect = math.exp(rng.uniform(-0.7, 0.7))
+    ph = min(math.sqrt(n_px / aspect), 0.7 * H)
+    pw = min(n_px / ph, 0.7 * W)
+    win = _window((H, W), cy, cx, ph, pw)
+    h, w = win[0].stop - win[0].start, win[1].stop - win[1].start
+    dy, dx = _offsets(win)
+    feather = max(1.5, 0.12 * min(h, w))
+    edge = np.minimum((h - 1) / 2 - np.abs(dy), (w - 1) / 2 - np.abs(dx)) + 0.5
+    alpha = np.clip(edge / feather, 0, 1)
+    local = img[win]
+    if kind == "moved":
+        # The source is as far from the destination as the image allows, so the copy is not onto itself.
+        far = [(y, x) for y, x in rng.uniform(0, 1, (8, 2)) * (H - h, W - w)]
+        y0, x0 = max(far, key=lambda p: abs(p[0] - win[0].start) / max(h, 1) + abs(p[1] - win[1].start) / max(w, 1))
+        source = img[int(y0):int(y0) + h, int(x0):int(x0) + w]
+        if abs(y0 - win[0].start) < h / 2 and abs(x0 - win[1].start) < w / 2:  # no room to move it: it is turned over instead
+            source = source[::-1, ::-1]
+        # On a uniform texture a moved region is more of the same texture, which is no defect: only a
+        # move that changes the picture at the region's own scale counts; else it is recoloured.
+        sigma = (max(2.0, min(h, w) / 8), max(2.0, min(h, w) / 8), 0)
+        coarse = np.abs(ndimage.gaussian_filter(source, sigma) - ndimage.gaussian_filter(local, sigma)).max(axis=2)
+        if (coarse[alpha >= 1] >= 2 * VISIBLE).mean() >= 0.25:
+            return win, local * (1 - alpha[..., None]) + source * alpha[..., None]
+    blob = ndimage.gaussian_filter(_blob((h, w), 0.8 * h * w, rng, rng.uniform(0.3, 0.8), 2).astype(np.float32), feather / 2)
+    alpha = (alpha * blob)[..., None]
+    return win, local * (1 - alpha) + _hue_turn(local, rng) * alpha
+
+
 _MAKERS: dict[str, Callable[[np.ndarray, np.ndarray, np.random.Generator, float, float, float], tuple[Window, np.ndarray]]] = {
-    "cutpaste": _cutpaste, "texture": _texture, "scratch": _scratch, "spot": _spot, "missing": _missing, "warp": _warp}
+    "cutpaste": _cutpaste, "texture": _texture, "scratch": _scratch, "spot": _spot, "missing": _missing, "warp": _warp,
+    LOGICAL: _logical}
 
 
 def _centre_sampler(img: np.ndarray, rng: np.random.Generator) -> Callable[[], tuple[float, float]]:
@@ -463,14 +528,15 @@ def _as_image(image: np.ndarray, name: str) -> np.ndarray:
 def make_defect(image: np.ndarray, rng: np.random.Generator, family: str, area: float, donor: np.ndarray | None = None) -> SyntheticDefect:
     """One synthetic defect of ``family`` covering about ``area`` of the image.
 
-    ``image`` is float32 (H, W, 3) in [0, 1]; ``area`` a fraction of the image (0.0005 .. 0.1 is the useful range);
+    ``image`` is float32 (H, W, 3) in [0, 1]; ``area`` a fraction of the image (0.0005 .. 0.1 is the useful range
+    for the local families, LOGICAL_AREA for the logical one);
     ``donor`` another good image (any size) that cutpaste and texture take material from (default: the image
     itself). A defect that comes out invisible or far from the asked size (pasted onto an identical
     background, warped in a plain region) is tried again elsewhere; after MAX_TRIES the closest is kept.
     Grayscale images (three equal channels) are worked on as one channel, so they stay grayscale.
     """
     if family not in _MAKERS:
-        raise ValueError(f"unknown defect family {family!r}; expected one of {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown defect family {family!r}; expected one of {', '.join(ALL_FAMILIES)}")
     if not 0 < area < 1:
         raise ValueError(f"area must be a fraction of the image between 0 and 1, got {area}")
     rgb = _as_image(image, "image")
@@ -508,9 +574,10 @@ def make_defect(image: np.ndarray, rng: np.random.Generator, family: str, area: 
     return SyntheticDefect(out, mask, family, float(mask.mean()))
 
 
-def synthesize(images: Sequence[np.ndarray], n: int, seed: int = 0, families: Sequence[str] = FAMILIES,
+def synthesize(images: Sequence[np.ndarray], n: int, seed: int = 0, families: Sequence[str] = ALL_FAMILIES,
                min_area: float = 0.0005, max_area: float = 0.1) -> list[SyntheticDefect]:
-    """``n`` defects cycling through ``families``, areas log-uniform in [min_area, max_area], the i-th on images[i % len(images)].
+    """``n`` defects cycling through ``families``, areas log-uniform in [min_area, max_area] (LOGICAL_AREA for
+    the logical family, whose defects are components), the i-th on images[i % len(images)].
 
     Each defect has its own generator seeded by (seed, i), so defect i is the same whatever ``n`` is;
     its donor is one of the other images, so pasted material is foreign to the image it lands on.
@@ -519,16 +586,18 @@ def synthesize(images: Sequence[np.ndarray], n: int, seed: int = 0, families: Se
         raise ValueError("synthesize needs at least one good image")
     unknown = [f for f in families if f not in _MAKERS]
     if unknown or not len(families):
-        raise ValueError(f"unknown or no defect families {unknown}; expected some of {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown or no defect families {unknown}; expected some of {', '.join(ALL_FAMILIES)}")
     if not 0 < min_area <= max_area < 1:
         raise ValueError(f"need 0 < min_area <= max_area < 1, got {min_area} and {max_area}")
     defects = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        area = math.exp(rng.uniform(math.log(min_area), math.log(max_area)))
+        family = families[i % len(families)]
+        lo, hi = LOGICAL_AREA if family == LOGICAL else (min_area, max_area)
+        area = math.exp(rng.uniform(math.log(lo), math.log(hi)))
         k = i % len(images)
         donor = images[(k + int(rng.integers(1, len(images)))) % len(images)] if len(images) > 1 else None
-        defects.append(make_defect(images[k], rng, families[i % len(families)], area, donor))
+        defects.append(make_defect(images[k], rng, family, area, donor))
     return defects
 
 
