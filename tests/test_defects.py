@@ -45,18 +45,18 @@ def test_every_family_changes_about_the_asked_area_and_only_inside_its_mask(fami
 
 def test_same_seed_same_defects_and_another_seed_others():
     images = [textured(i) for i in range(3)]
-    a, b = synthesize(images, 14, seed=5), synthesize(images, 14, seed=5)
-    assert [d.family for d in a] == list(ALL_FAMILIES) * 2
+    a, b = synthesize(images, 12, seed=5), synthesize(images, 12, seed=5)
+    assert [d.family for d in a] == list(FAMILIES) * 2  # the local ones unless asked: the logical family is judged apart
     for x, y in zip(a, b, strict=True):
         assert np.array_equal(x.image, y.image) and np.array_equal(x.mask, y.mask)
-    c = synthesize(images, 14, seed=6)
+    c = synthesize(images, 12, seed=6)
     assert any(not np.array_equal(x.mask, y.mask) for x, y in zip(a, c, strict=True))
     # a defect depends on its seed and position only, not on how many are made
     assert np.array_equal(synthesize(images, 3, seed=5)[2].image, a[2].image)
 
 
 def test_areas_stay_within_the_asked_range():
-    defects = synthesize([textured(i) for i in range(2)], 24, seed=1, families=FAMILIES, min_area=0.002, max_area=0.05)
+    defects = synthesize([textured(i) for i in range(2)], 24, seed=1, min_area=0.002, max_area=0.05)
     areas = np.array([d.area for d in defects])
     assert (areas > 0).all() and areas.min() >= 0.002 / 3 and areas.max() <= 0.05 * 3
     # the logical family keeps its own range: a misplaced component is not a pinhole

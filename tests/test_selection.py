@@ -8,8 +8,9 @@ import pytest
 from defectlens import Bundle
 from defectlens.cli import main
 from defectlens.data import load_dataset
+from defectlens.data.defects import LOGICAL
 from defectlens.workflows import selection
-from defectlens.workflows.selection import Candidate, CandidateResult, ValidationSet, rank, select_detector, tiling_for
+from defectlens.workflows.selection import LOGICAL_DEFECTS, Candidate, CandidateResult, ValidationSet, rank, select_detector, tiling_for
 
 SMALL_POOL = [
     Candidate("patchcore", "patchcore", {"image_size": 64, "coreset_ratio": 0.1}),
@@ -41,12 +42,16 @@ def test_tiling_is_offered_for_large_or_elongated_images_only():
 def test_validation_set_pairs_held_out_goods_with_their_synthetic_defects(tiny_dataset):
     ds = load_dataset(tiny_dataset, validation_fraction=0.0)
     v = ValidationSet.make(ds.train_good[:4], seed=3, target_defects=12)
-    assert (v.labels == 0).sum() == 4 and (v.labels == 1).sum() == 12
+    n = 4 + 12 + LOGICAL_DEFECTS
+    assert (v.labels == 0).sum() == 4 and (v.labels == 1).sum() == 12 + LOGICAL_DEFECTS
     assert all(m.any() for m, label in zip(v.masks, v.labels, strict=True) if label)
     assert not any(m.any() for m, label in zip(v.masks, v.labels, strict=True) if not label)
     again = ValidationSet.make(ds.train_good[:4], seed=3, target_defects=12)
     assert all(np.array_equal(a, b) for a, b in zip(v.images, again.images, strict=True))
-    assert v.masks_at((32, 32)).shape == (16, 32, 32) and v.masks_at((16, 48)).shape == (16, 16, 48)
+    assert v.masks_at((32, 32)).shape == (n, 32, 32) and v.masks_at((16, 48)).shape == (n, 16, 48)
+    # the logical defects come last, apart: the goods are in both sets, each defect in one
+    assert v.families[-LOGICAL_DEFECTS:] == [LOGICAL] * LOGICAL_DEFECTS and LOGICAL not in v.families[:-LOGICAL_DEFECTS]
+    assert v.local.sum() == 16 and v.logical.sum() == 4 + LOGICAL_DEFECTS and not (v.local & v.logical & (v.labels == 1)).any()
 
 
 @pytest.mark.slow
@@ -117,16 +122,22 @@ def test_fit_chooses_by_default_and_a_named_detector_is_fitted_as_before(flags, 
         assert bundle.detector.name == "padim" and "selection" not in bundle.metadata
 
 
-@pytest.mark.parametrize(("auroc", "kept"), [(0.95, True), (0.903, False)])
-def test_global_term_is_kept_only_when_it_raises_synthetic_auroc(auroc, kept, monkeypatch):
+@pytest.mark.parametrize(("auroc", "logical", "kept"), [
+    (0.95, 0.70, True),  # a better synthetic score
+    (0.903, 0.70, False),  # a tie, and no gain on logical defects
+    (0.898, 0.80, True),  # a tie, and logical defects better seen: what the term is for
+    (0.85, 0.95, False),  # logical defects better seen, local ones worse: not worth it
+])
+def test_global_term_is_kept_only_when_it_raises_the_synthetic_score_or_the_logical_one(auroc, logical, kept, monkeypatch):
     tried = []
 
     def fake_measure(candidate, fit_images, validation, seed, stage, test=None):
         tried.append(candidate)
-        return CandidateResult(candidate.label, stage, len(fit_images), image_auroc=auroc, aupro=0.5, fit_s=1.0, ms_per_image=1.0)
+        return CandidateResult(candidate.label, stage, len(fit_images), image_auroc=auroc, aupro=0.5, fit_s=1.0, ms_per_image=1.0,
+                               logical_auroc=logical)
 
     monkeypatch.setattr(selection, "measure", fake_measure)
-    best = CandidateResult("padim/blocks", "final", 12, image_auroc=0.90, aupro=0.5, fit_s=1.0, ms_per_image=1.0)
+    best = CandidateResult("padim/blocks", "final", 12, image_auroc=0.90, aupro=0.5, fit_s=1.0, ms_per_image=1.0, logical_auroc=0.70)
     pool = [Candidate("padim/blocks", "padim", {"features": "blocks"})]
     results: list[CandidateResult] = []
     validation = ValidationSet([np.zeros((8, 8, 3))] * 4, np.array([0, 0, 1, 1]), [np.zeros((8, 8), bool)] * 4, ["good"] * 4)

@@ -86,12 +86,13 @@ def run_selection_benchmark(root: str | Path, budget_s: float = 3600.0, seed: in
 def markdown_category(c: CategorySelection) -> str:
     if c.error:
         return f"### {c.category}\n\nfailed: {c.error}\n"
-    lines = [f"### {c.category}", "", "| candidate | stage | fit images | synthetic AUROC | synthetic AUPRO | real test AUROC | fit s | ms/image |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"### {c.category}", "", ("| candidate | stage | fit images | synthetic AUROC | synthetic AUPRO | logical AUROC | real test AUROC "
+                                       "| fit s | ms/image |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in c.results:
         mark = " **picked**" if r["label"] == c.chosen and r["stage"] == "final" else ""
         lines.append(f"| {r['label']}{mark} | {r['stage']} | {r['n_fit']} | {format_figure(r['image_auroc'])} | {format_figure(r['aupro'])} | "
-                     f"{format_figure(r['test_auroc'])} | {format_figure(r['fit_s'], 1)} | {format_figure(r['ms_per_image'], 1)} |")
+                     f"{format_figure(r.get('logical_auroc'))} | {format_figure(r['test_auroc'])} | {format_figure(r['fit_s'], 1)} | "
+                     f"{format_figure(r['ms_per_image'], 1)} |")
     gap = None if c.best_test_auroc is None or c.chosen_test_auroc is None else c.best_test_auroc - c.chosen_test_auroc
     lines += ["", f"Spearman rank correlation of synthetic and real AUROC over the finalists: {format_figure(c.spearman, 2)}. "
               f"Picked {c.chosen} (real {format_figure(c.chosen_test_auroc)}); real best {c.best_label} ({format_figure(c.best_test_auroc)}); "

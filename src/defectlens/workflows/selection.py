@@ -12,7 +12,10 @@ fit a candidate.
 
 Screening is cheap first: every candidate on a spread of 40 images, then the three finalists
 on 120, within a time budget (counted in CPU work, see ``work_clock``, so a busy machine makes
-the same choice as a quiet one). Where synthetic defects mislead (a part whose real defects look
+the same choice as a quiet one). Synthetic logical defects (a component moved, removed or
+recoloured; ``data.defects.LOGICAL``) are scored apart: they do not rank candidates, since real
+defects are mostly local, but they decide whether the winner takes the global term, which only
+they reward. Where synthetic defects mislead (a part whose real defects look
 like none of the families) the choice can be wrong; the selection table is kept in the model so
 a person can see what was measured.
 """
@@ -28,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from defectlens.data.defects import defects_from
+from defectlens.data.defects import LOGICAL, defects_from, synthesize
 from defectlens.data.images import ImageInput, ModelSize, format_size, size_hw
 from defectlens.detectors import Detector, available_detectors, create_from_spec, detector_class
 from defectlens.detectors.feature_based import FeatureDetector
@@ -40,6 +43,8 @@ MAX_SIDE = 1024  # synthetic defects are made at native resolution, capped here 
 ELONGATED = 1.5  # images this much taller than wide (or wider than tall) also get candidates in their proportions
 MAX_ASPECT = 4.0  # the most elongated input tried: at 256, 128 x 512
 SCORE_TIE = 0.005  # candidates this close in selection score are tied: the fastest wins
+LOGICAL_DEFECTS = 16  # synthetic logical defects, scored apart from the local ones
+LOGICAL_GAIN = 0.05  # the logical-defect AUROC gain that earns the global term at an equal local score
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class CandidateResult:
     aupro: float | None = None
     fit_s: float | None = None
     ms_per_image: float | None = None
+    logical_auroc: float | None = None  # held-out good images against synthetic logical defects
     test_auroc: float | None = None  # real test AUROC: only the selection benchmark measures it, never fit
     note: str = ""
 
@@ -82,18 +88,20 @@ class Selection:
     reason: str = ""
 
     def table(self) -> str:
-        lines = ["| candidate | stage | fit images | synthetic image AUROC | synthetic AUPRO | fit s | ms/image | note |",
-                 "|---|---|---|---|---|---|---|---|"]
+        lines = ["| candidate | stage | fit images | synthetic image AUROC | synthetic AUPRO | logical AUROC | fit s | ms/image | note |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         chosen = self._chosen_row()
         for r in self.results:
             mark = " **chosen**" if r is chosen else ""
-            figures = [format_figure(r.image_auroc), format_figure(r.aupro), format_figure(r.fit_s, 1), format_figure(r.ms_per_image, 1)]
+            figures = [format_figure(r.image_auroc), format_figure(r.aupro), format_figure(r.logical_auroc), format_figure(r.fit_s, 1),
+                       format_figure(r.ms_per_image, 1)]
             lines.append(f"| {r.label}{mark} | {r.stage} | {r.n_fit} | {' | '.join(figures)} | {r.note} |")
         return "\n".join(lines)
 
     def describe(self) -> str:
         head = (f"detector selection: {len(self.results)} measurements on {self.n_heldout} held-out good images and "
-                f"{self.n_synthetic} synthetic defects made from them ({self.elapsed_s:.0f} s of a {self.budget_s:.0f} s budget)")
+                f"{self.n_synthetic} synthetic defects made from them, and {LOGICAL_DEFECTS} logical ones scored apart "
+                f"({self.elapsed_s:.0f} s of a {self.budget_s:.0f} s budget)")
         if not self.results:
             return f"{head}\nchose {self.chosen.label}: {self.reason}"
         return f"{head}\n{self.table()}\nchose {self.chosen.label}: {self.reason} (synthetic figures are estimates, not real defects)"
@@ -197,7 +205,8 @@ def _spread(items: list, n: int) -> list:
 
 @dataclass
 class ValidationSet:
-    """Held-out good images plus synthetic defects made from them, with their masks."""
+    """Held-out good images plus synthetic defects made from them, with their masks; the logical
+    defects come last and count only for ``logical``, the rest only for ``local``."""
 
     images: list[np.ndarray]
     labels: np.ndarray
@@ -207,10 +216,19 @@ class ValidationSet:
     @classmethod
     def make(cls, heldout: Sequence[ImageInput], seed: int, target_defects: int = 64) -> ValidationSet:
         goods, defects = defects_from(heldout, target_defects, seed, MAX_SIDE)
+        defects += synthesize(goods, LOGICAL_DEFECTS, seed + 1, families=[LOGICAL])  # seed + 1: a stream of their own
         images = goods + [d.image for d in defects]
         masks = [np.zeros(g.shape[:2], bool) for g in goods] + [d.mask for d in defects]
         labels = np.r_[np.zeros(len(goods)), np.ones(len(defects))].astype(int)
         return cls(images, labels, masks, ["good"] * len(goods) + [d.family for d in defects])
+
+    @property
+    def local(self) -> np.ndarray:
+        return np.array([f != LOGICAL for f in self.families])
+
+    @property
+    def logical(self) -> np.ndarray:
+        return np.array([f in ("good", LOGICAL) for f in self.families])
 
     def masks_at(self, shape: tuple[int, int]) -> np.ndarray:
         """Masks resized as the detectors resize images: to the map's (height, width)."""
@@ -257,8 +275,11 @@ def measure(candidate: Candidate, fit_images: Sequence[ImageInput], validation: 
         return result
     result.fit_s = t1 - t0
     result.ms_per_image = 1000.0 * (t2 - t1) / len(validation.images)
-    result.image_auroc = image_auroc(validation.labels, scores)
-    result.aupro = aupro(validation.masks_at(maps.shape[1:]), maps)
+    local, logical = validation.local, validation.logical
+    result.image_auroc = image_auroc(validation.labels[local], scores[local])
+    result.aupro = aupro(validation.masks_at(maps.shape[1:])[local], maps[local])
+    if validation.labels[logical].any():
+        result.logical_auroc = image_auroc(validation.labels[logical], scores[logical])
     if test is not None:
         result.test_auroc = image_auroc(test.labels, det.score(test.images)[0])
     return result
@@ -296,8 +317,9 @@ def rank(results: Sequence[CandidateResult]) -> list[CandidateResult]:
 def _try_global_term(ranked: list[CandidateResult], pool: list[Candidate], fit_images: list, validation: ValidationSet, seed: int,
                      start: float, budget_s: float, results: list[CandidateResult], say: Callable[[str], None],
                      test: TestSet | None) -> tuple[list[CandidateResult], list[Candidate]]:
-    """The winner with the global term (detectors.global_term) added, kept only if that raises
-    the selection score by more than a tie: synthetic defects are local, so it seldom is."""
+    """The winner with the global term (detectors.global_term) added, kept if that raises the
+    selection score by more than a tie, or keeps it within a tie and raises the logical-defect
+    AUROC by LOGICAL_GAIN: local synthetic defects seldom reward the term, logical ones are what it is for."""
     if not ranked or selection_score(ranked[0]) is None:
         return ranked, pool
     best = ranked[0]
@@ -312,14 +334,19 @@ def _try_global_term(ranked: list[CandidateResult], pool: list[Candidate], fit_i
     say(f"selection: {label} (the winner with a global term) on {len(fit_images)} images")
     candidate = Candidate(label, f"global:{base.spec}", dict(base.params))
     r = measure(candidate, fit_images, validation, seed, best.stage, test)
-    if selection_score(r) is not None and selection_score(r) > selection_score(best) + SCORE_TIE:
-        r.note = "global term kept: it raised the synthetic score"
-        results.append(r)
-        return [r, *ranked], [*pool, candidate]
-    if not r.note:
-        r.note = "global term not kept: no gain in the synthetic score"
     results.append(r)
-    return ranked, pool
+    if selection_score(r) is None:
+        return ranked, pool
+    gain = selection_score(r) - selection_score(best)
+    logical = f"logical-defect AUROC {format_figure(best.logical_auroc)} -> {format_figure(r.logical_auroc)}"
+    if gain > SCORE_TIE:
+        r.note = f"global term kept: it raised the synthetic score ({logical})"
+    elif gain >= -SCORE_TIE and _finite(r.logical_auroc) and _finite(best.logical_auroc) and r.logical_auroc >= best.logical_auroc + LOGICAL_GAIN:
+        r.note = f"global term kept: {logical} at an equal synthetic score"
+    else:
+        r.note = f"global term not kept: synthetic score {gain:+.3f}, {logical}"
+        return ranked, pool
+    return [r, *ranked], [*pool, candidate]
 
 
 def select_detector(
@@ -361,7 +388,7 @@ def select_detector(
     fit_pool = [images[i] for i in sorted(order[n_held:])]
     say(f"selection: making synthetic defects from {n_held} held-out good images")
     validation = ValidationSet.make(heldout, seed)
-    n_syn = int(validation.labels.sum())
+    n_syn = int(validation.labels[validation.local].sum())
 
     results: list[CandidateResult] = []
     screen = _spread(fit_pool, screen_images)
