@@ -194,12 +194,14 @@ def test_parquet_follows_the_journal_through_crashes(model_dir, inputs, tmp_path
 def test_end_to_end_benchmark_measures_every_inspect_path(tiny_dataset, capsys):
     assert main(["benchmark", str(tiny_dataset), "--end-to-end", "--image-size", "64", "--coreset-ratio", "0.1"]) == 0
     text = capsys.readouterr().out
-    for path in ("detector scoring", "Inspector", "inspect --out --no-overlay", "inspect --out (overlays)", "history"):
+    for path in ("detector scoring", "Inspector", "inspect --out --no-overlay", "inspect --out (overlays)", "--overlays rejected", "history"):
         assert path in text
+    assert "overlays rejected drew" in text
     from defectlens.evaluation.end_to_end import run_end_to_end
 
     result = run_end_to_end(tiny_dataset, "patchcore", {"image_size": 64, "coreset_ratio": 0.1})
-    assert result.images == 12 and len(result.images_per_s) == 5 and all(v > 0 for v in result.images_per_s.values())
+    assert result.images == 12 and len(result.images_per_s) == 6 and all(v > 0 for v in result.images_per_s.values())
+    assert 0 < result.rejected < 12
     assert result.ratios()["detector scoring"] == 1.0
 
 
@@ -219,3 +221,12 @@ def test_overlays_are_drawn_from_the_scoring_read_and_records_wait_for_them(tiny
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 12 and all(Path(r["overlay"]).is_file() for r in records)
     assert [r["source"] for r in records] == sorted(r["source"] for r in records)  # input order kept
+    # --overlays rejected: a person on the line looks at the rejected parts only
+    assert main(["inspect", str(model), str(tiny_dataset / "test"), "--out", str(out), "--fresh", "--overlays", "rejected"]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    verdicts = {r["verdict"] for r in records}
+    assert {"good", "defect"} <= verdicts
+    assert all(("overlay" in r) == (r["verdict"] != "good") for r in records)
+    assert all(Path(r["overlay"]).is_file() for r in records if "overlay" in r)
+    assert main(["inspect", str(model), str(tiny_dataset / "test"), "--out", str(out), "--fresh", "--no-overlay"]) == 0
+    assert not any("overlay" in json.loads(line) for line in (out / "results.jsonl").read_text().splitlines())

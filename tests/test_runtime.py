@@ -25,8 +25,11 @@ def _save(det, data, folder):
     return Bundle(det.fit(data.train_good)).save(folder / f"{det.name}.dlens")
 
 
-def test_the_cli_offers_the_runtimes_the_loader_knows():
-    assert CLI_RUNTIMES == RUNTIMES
+def test_the_cli_offers_the_runtimes_and_overlay_modes_the_library_knows():
+    from defectlens.batch.outputs import OVERLAY_MODES
+    from defectlens.cli.options import OVERLAYS
+
+    assert CLI_RUNTIMES == RUNTIMES and OVERLAYS == OVERLAY_MODES
 
 
 def test_graphs_are_cached_by_checksum_and_a_damaged_one_is_built_again(data, tmp_path):

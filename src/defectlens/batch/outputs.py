@@ -71,6 +71,22 @@ def _optional(value: float | None) -> str:
 
 
 RUN_FILE = "run.json"
+OVERLAY_MODES = ("all", "rejected", "none")
+
+
+def overlay_mode(overlays: bool | str) -> str:
+    """True and False (the older call) are all and none."""
+    mode = {True: "all", False: "none"}.get(overlays, overlays) if isinstance(overlays, bool) else overlays
+    if mode not in OVERLAY_MODES:
+        raise DefectLensError(f"overlays must be one of {', '.join(OVERLAY_MODES)}, got {overlays!r}")
+    return mode
+
+
+def wants_overlay(mode: str, result: Inspection) -> bool:
+    """Whether this image gets an overlay: "rejected" draws for every image not judged good, so an
+    uncalibrated model, which judges none, still shows its maps."""
+    return mode == "all" or (mode == "rejected" and result.verdict != "good")
+
 OVERLAY_THREADS = 2
 IN_FLIGHT = 16  # overlays being drawn before the writer waits for the oldest
 
@@ -82,10 +98,10 @@ class BatchWriter:
     one results file never mixes two models' verdicts. ``fresh`` starts the folder over.
     """
 
-    def __init__(self, out: Path, overlays: bool = True, save_maps: bool = False, pixel_threshold: float | None = None,
+    def __init__(self, out: Path, overlays: bool | str = "all", save_maps: bool = False, pixel_threshold: float | None = None,
                  model_checksum: str = "", fresh: bool = False, parquet: bool = False) -> None:
         self.out = Path(out)
-        self.overlays = overlays
+        self.overlays = overlay_mode(overlays)
         self.save_maps = save_maps
         self.pixel_threshold = pixel_threshold
         self.model_checksum = model_checksum
@@ -116,7 +132,7 @@ class BatchWriter:
         if resuming:
             self._replay(results)
         self._jsonl = open(results, "a" if resuming else "w")  # noqa: SIM115
-        if self.overlays:
+        if self.overlays != "none":
             self._pool = ThreadPoolExecutor(OVERLAY_THREADS, thread_name_prefix="overlay")
         return self
 
@@ -177,8 +193,9 @@ class BatchWriter:
         self.done.add(key or record["source"])
         drawing = None
         if not isinstance(result, ImageError):
-            name = self._name(path) if (self.overlays or self.save_maps) else ""
-            if self.overlays:
+            overlay = wants_overlay(self.overlays, result)
+            name = self._name(path) if (overlay or self.save_maps) else ""
+            if overlay:
                 target = self.out / "overlays" / f"{name}{OVERLAY_SUFFIX}"
                 record["overlay"] = str(target)
                 picture = result.preview if result.preview is not None else preview(load_rgb(path))  # e.g. from an engine that kept none
@@ -228,7 +245,7 @@ class BatchWriter:
         (self.out / "stats.json").write_text(json.dumps(finite(self.stats()), indent=2))
 
 
-def run_batch(inspector, paths: Sequence[Path], out: Path | None, overlays: bool, save_maps: bool = False,
+def run_batch(inspector, paths: Sequence[Path], out: Path | None, overlays: bool | str, save_maps: bool = False,
               engine: str = "local", address: str | None = None, workers: int = 0, fresh: bool = False,
               model_path: Path | None = None, db: str | None = None, parquet: bool = False) -> tuple[int, int, int, int]:
     """Inspect and write: records to ``out`` (resumed if it holds some), else JSON lines to stdout;
@@ -252,7 +269,7 @@ def run_batch(inspector, paths: Sequence[Path], out: Path | None, overlays: bool
             if len(remaining) < len(paths):
                 print(f"resuming {out}: {len(paths) - len(remaining)} of {len(paths)} images already inspected", file=sys.stderr)
             paths = remaining
-        preview_side = PREVIEW_SIDE if writer is not None and overlays else 0
+        preview_side = PREVIEW_SIDE if writer is not None and writer.overlays != "none" else 0
         for path, result in inspect_stream(inspector, model_path, paths, engine, address, workers, progress=out is not None, preview_side=preview_side):
             if isinstance(result, ImageError):
                 counts["error"] += 1

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from defectlens.batch import ENGINES
-from defectlens.cli.options import add_runtime_option
+from defectlens.cli.options import add_overlay_option, add_runtime_option
 from defectlens.errors import DefectLensError
 
 
@@ -18,7 +18,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model file (.dlens, or one exported to .onnx)")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", default=None, help="folder for results.jsonl and overlays/")
-    p.add_argument("--no-overlay", action="store_true", help="do not write overlay PNGs")
+    add_overlay_option(p)
     p.add_argument("--save-maps", action="store_true", help="also write each anomaly map as maps/<name>.npy (float16, image size)")
     p.add_argument("--mask", choices=("threshold", "otsu"), default="threshold", help=(
         "how defect masks are cut: the calibrated pixel threshold, or Otsu on each map (never below the threshold) (default: threshold)"))
@@ -64,7 +64,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is None and (args.save_maps or args.parquet or args.engine != "local"):
         raise DefectLensError("--save-maps, --parquet and --engine ray need --out (results are streamed to files there)")
-    good, defect, errors, ran = run_batch(inspector, paths, out, not args.no_overlay, args.save_maps, args.engine, args.address,
+    good, defect, errors, ran = run_batch(inspector, paths, out, args.overlays, args.save_maps, args.engine, args.address,
                                           args.workers, args.fresh, Path(args.model), args.db, args.parquet)
     summary = f"inspected {ran - errors} images: {good} good, {defect} defect" + (f", {errors} unreadable (skipped)" if errors else "")
     print(summary + (f"; results in {out / 'results.jsonl'}" if out else ""), file=sys.stderr if out is None else sys.stdout)

@@ -241,6 +241,17 @@ def calibration_settings(args: argparse.Namespace, symmetry: str | None = None) 
 RUNTIMES = ("auto", "onnx", "torch")  # export.runtime.RUNTIMES, written out so --help never imports torch (tests check they agree)
 
 
+OVERLAYS = ("all", "rejected", "none")  # batch.outputs.OVERLAY_MODES, written out for the same reason
+
+
+def add_overlay_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overlays", choices=OVERLAYS, default="all", help=(
+        "heat-map overlays to write: for every image, only for the images not judged good (rejected, and any an "
+        "uncalibrated model gives no verdict for; what a person looks at on a line, at near the speed of none), "
+        "or none (default: all)"))
+    parser.add_argument("--no-overlay", dest="overlays", action="store_const", const="none", help="the same as --overlays none")
+
+
 def add_runtime_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto", help=(
         "what scores a .dlens model: auto runs it in ONNX Runtime when its graphs match PyTorch there (checked at load, "

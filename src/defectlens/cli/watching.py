@@ -7,7 +7,7 @@ import signal
 import threading
 from pathlib import Path
 
-from defectlens.cli.options import add_runtime_option
+from defectlens.cli.options import add_overlay_option, add_runtime_option
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -28,7 +28,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, default=0.0, help="video: frames per second to inspect (default: every frame)")
     p.add_argument("--settle", type=float, default=0.5, metavar="SECONDS", help=(
         "a file is complete when closed after writing, or unchanged this long (default: 0.5)"))
-    p.add_argument("--no-overlay", action="store_true", help="do not write overlay images")
+    add_overlay_option(p)
     add_runtime_option(p)
     p.set_defaults(run=run_watch)
 
@@ -38,7 +38,7 @@ def run_watch(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path(f"watch_{Path(args.model).stem}")
     watcher = Watcher(Path(args.model), args.source, out, db=args.db, publish=args.publish, done=Path(args.done) if args.done else None,
-                      errors=Path(args.errors) if args.errors else None, fps=args.fps, settle_s=args.settle, overlays=not args.no_overlay,
+                      errors=Path(args.errors) if args.errors else None, fps=args.fps, settle_s=args.settle, overlays=args.overlays,
                       runtime=args.runtime)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectlens.batch.outputs import BatchWriter
+from defectlens.batch.outputs import BatchWriter, overlay_mode
 from defectlens.data.images import IMAGE_SUFFIXES, PREVIEW_SIDE
 from defectlens.errors import DefectLensError, ImageError
 from defectlens.history.journal import JournaledStore
@@ -201,7 +201,7 @@ def is_video_source(source: str) -> bool:
 class Watcher:
     def __init__(self, model: Path, source: str, out: Path, db: str | None = None, publish: list[str] | None = None,
                  done: Path | None = None, errors: Path | None = None, fps: float = 0.0, settle_s: float = 0.5,
-                 overlays: bool = True, runtime: str = "auto") -> None:
+                 overlays: bool | str = "all", runtime: str = "auto") -> None:
         self.model = Path(model)
         self.inspector = Inspector.load(model, runtime=runtime)
         self.source = source
@@ -212,7 +212,7 @@ class Watcher:
         self.errors = Path(errors) if errors else self.out / "errors"
         self.fps = fps
         self.settle_s = settle_s
-        self.overlays = overlays
+        self.overlays = overlay_mode(overlays)
         self.counts = WatchCounts()
 
     def run(self, stop: threading.Event | None = None, until: Callable[[WatchCounts], bool] | None = None) -> WatchCounts:
@@ -288,7 +288,7 @@ class _Steps:
                 parts.append(part)
         if not todo:
             return
-        preview = PREVIEW_SIDE if self.w.overlays else 0
+        preview = PREVIEW_SIDE if self.w.overlays != "none" else 0
         results = list(self.w.inspector.inspect_many(todo, preview_side=preview))
         for path, part, result in zip(todo, parts, results, strict=True):
             self._one(path, str(path), part, result)
@@ -300,7 +300,7 @@ class _Steps:
                 self._move_done(path)
 
     def frames(self, frames: list[tuple[str, str, np.ndarray]]) -> None:
-        preview = PREVIEW_SIDE if self.w.overlays else 0
+        preview = PREVIEW_SIDE if self.w.overlays != "none" else 0
         results = list(self.w.inspector.inspect_many([f for _, _, f in frames], preview_side=preview))
         for (name, part, _), result in zip(frames, results, strict=True):
             if isinstance(result, Inspection):
