@@ -18,9 +18,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_demo)
 
     p = sub.add_parser("synth", help="draw synthetic defects on good images, for a person to check", description=(
-        "Make synthetic defects (cut-paste, foreign texture, scratch, spot, missing material, warp) on the good training images "
-        "of DATA, the kind used to choose detectors without real defect images, and write each with its mask plus a contact "
-        "sheet, gallery.png, to look at."))
+        "Make synthetic defects (cut-paste, foreign texture, scratch, spot, missing material, warp, and logical: a region moved, "
+        "removed or recoloured) on the good training images of DATA, the kind used to choose detectors without real defect "
+        "images, and write each with its mask plus a contact sheet, gallery.png, to look at."))
     p.add_argument("data", help="data set or category folder")
     p.add_argument("--out", required=True, help="folder to write gallery.png, the defects and their masks to")
     p.add_argument("--n", type=int, default=24, help="number of defects (default: 24)")
