@@ -77,9 +77,14 @@ def test_a_failing_pass_fails_every_request_in_it():
     batcher = Batcher(run, BatchSettings(max_batch=8, max_wait_ms=30))
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(batcher.submit, i) for i in range(4)]
+        errors = []
         for f in futures:
-            with pytest.raises(RuntimeError, match="exploded"):
+            with pytest.raises(RuntimeError, match="exploded") as caught:
                 f.result()
+            errors.append(caught.value)
+    # each request raises an exception of its own (one shared object would carry every thread's traceback)
+    assert len({id(e) for e in errors}) == 4 and all(type(e) is RuntimeError for e in errors)
+    assert all(e.__cause__ is not e and str(e.__cause__) == "backbone exploded" for e in errors)  # the pass's failure, kept as the cause
 
 
 def test_the_service_batches_concurrent_requests_and_records_each_once(model_dir, tmp_path, tiny_dataset):

@@ -12,6 +12,7 @@ retries with the same request id gets one row.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
@@ -22,6 +23,17 @@ from typing import Any
 from defectlens.errors import DefectLensError
 
 IDLE_S = 1.0  # a batcher's thread ends after this long without work, and starts again on the next request
+
+
+def _own_copy(exc: BaseException) -> BaseException:
+    """The pass's failure as an exception of this request's own: every request of a failed pass
+    raises it in its own thread, and one shared object would have its traceback rewritten by each.
+    Same type and message, so the service answers each as it would the original."""
+    try:
+        own = copy.copy(exc)
+    except Exception:  # noqa: BLE001 -- an exception that cannot be rebuilt from its args is raised as it is
+        return exc
+    return own if type(own) is type(exc) and str(own) == str(exc) else exc
 
 
 class Busy(DefectLensError):
@@ -115,7 +127,7 @@ class Batcher:
                     raise Busy(f"the model did not get to this request within {s.timeout_s:g} s; try again", self._retry_after())
             job.done.wait()  # already in a pass, which ends: its answer is on the way
         if job.error is not None:
-            raise job.error
+            raise _own_copy(job.error) from job.error
         return job.result, (job.started - job.arrived) * 1000.0, job.batch
 
     def _retry_after(self) -> float:
