@@ -79,7 +79,9 @@ def _ray_stream(model_path: Path, mask_method: str, paths: Sequence[Path], addre
         threads = max(1, (os.cpu_count() or 1) // n_workers) if not address else 1
         model = str(Path(model_path).resolve()) if not address else Path(model_path).read_bytes()
         actor = ray.remote(max_restarts=-1, max_task_retries=-1)(InspectWorker)
-        pool = [actor.options(num_cpus=1).remote(model, Path(model_path).suffix, mask_method, threads, runtime) for _ in range(n_workers)]
+        # spread over the nodes of a cluster rather than packed onto the first with free CPUs
+        pool = [actor.options(num_cpus=1, scheduling_strategy="SPREAD").remote(model, Path(model_path).suffix, mask_method, threads, runtime)
+                for _ in range(n_workers)]
         chunks = [[str(p) for p in paths[i : i + chunk]] for i in range(0, len(paths), chunk)]
         bar = tqdm(total=len(paths), desc=f"inspecting on {n_workers} Ray workers", unit="img", disable=not progress, leave=False)
         pending: dict = {}

@@ -29,6 +29,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "100 training images), and inspect throughput of the local engine against Ray"))
     p.add_argument("--train-sizes", default="50,100,200,400,800", help="training-set sizes for --scaling")
     p.add_argument("--image-sizes", default="256,512,1024", help="image sizes for --scaling")
+    p.add_argument("--address", default=None, help=(
+        "a running Ray cluster (HEAD:6379, or ray://HEAD:10001) for --scaling's Ray figure (default: a Ray started on this machine)"))
     p.add_argument("--selection", action="store_true", help=(
         "check the choice of --detector auto on every category: each candidate's synthetic AUROC beside its real test AUROC, "
         "their rank correlation, the pick against the real best, and the pick fitted on all training images"))
@@ -175,9 +177,9 @@ def _scaling(args: argparse.Namespace) -> int:
     print(f"scaling of {args.detector} on {args.data}; machine: {machine_description()}")
     print(HEADER + "\n|" + "---|" * 8)
     points = run_scaling(args.data, args.detector, params, train_sizes, image_sizes)
-    engines = engine_throughput(args.data, args.detector, params)
+    engines = engine_throughput(args.data, args.detector, params, address=args.address)
     print(f"inspect --out over {engines['images']} test images: local engine {engines['local_images_per_s']:.1f} images/s, "
-          f"Ray {engines['ray_images_per_s']:.1f} images/s (start-up included)")
+          f"Ray {f'at {args.address} ' if args.address else ''}{engines['ray_images_per_s']:.1f} images/s (start-up included)")
     if args.json:
         Path(args.json).write_text(json.dumps(finite({"machine": machine_description(), "points": as_dict(points), "engines": engines}), indent=2))
     return 0

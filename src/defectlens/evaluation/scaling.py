@@ -76,9 +76,10 @@ def run_scaling(data: str, detector: str = "patchcore", params: dict | None = No
     return points
 
 
-def engine_throughput(data: str, detector: str = "patchcore", params: dict | None = None, base_train: int = 100, workers: int = 0) -> dict:
-    """Images per second of `inspect --out` over the test images, local engine against Ray (Ray's
-    start-up included: that is what a user waits for)."""
+def engine_throughput(data: str, detector: str = "patchcore", params: dict | None = None, base_train: int = 100, workers: int = 0,
+                      address: str | None = None) -> dict:
+    """Images per second of `inspect --out` over the test images, local engine against Ray: a Ray
+    started here, or the cluster at ``address`` (Ray's start-up included: that is what a user waits for)."""
     import tempfile
 
     from defectlens.batch.outputs import run_batch
@@ -95,7 +96,8 @@ def engine_throughput(data: str, detector: str = "patchcore", params: dict | Non
         inspector = Inspector.load(model)
         for engine in ("local", "ray"):
             t0 = time.perf_counter()
-            run_batch(inspector, images, Path(tmp) / engine, overlays=False, engine=engine, workers=workers, model_path=model)
+            run_batch(inspector, images, Path(tmp) / engine, overlays=False, engine=engine, workers=workers, model_path=model,
+                      address=address if engine == "ray" else None)
             figures[f"{engine}_images_per_s"] = len(images) / (time.perf_counter() - t0)
     return figures
 
