@@ -94,7 +94,10 @@ def test_serve_refuses_bad_settings_in_one_line(model_dir, tmp_path):
         ([str(tmp_path / "missing.dlens")], "model file not found"),
         (["--protect-inspect"], "needs an API key"),
     ]
-    for extra, phrase in bad:
-        done = subprocess.run([sys.executable, "-m", "defectlens", "serve", "--port", "1", "--db", f"sqlite:///{tmp_path / 'h.db'}", *extra],
-                              capture_output=True, text=True, timeout=120, env={**os.environ, "DEFECTLENS_API_KEYS": ""})
-        assert done.returncode == 2 and phrase in done.stderr and "Traceback" not in done.stderr, (extra, done.stderr)
+    # started together: each spends its few seconds importing, not refusing
+    runs = [(extra, phrase, subprocess.Popen([sys.executable, "-m", "defectlens", "serve", "--port", "1", "--db", f"sqlite:///{tmp_path / f'h{i}.db'}",
+                                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                             env={**os.environ, "DEFECTLENS_API_KEYS": ""})) for i, (extra, phrase) in enumerate(bad)]
+    for extra, phrase, proc in runs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and phrase in err and "Traceback" not in err, (extra, err)
