@@ -199,7 +199,7 @@ def test_end_to_end_benchmark_measures_every_inspect_path(tiny_dataset, capsys):
     assert "overlays rejected drew" in text
     from defectlens.evaluation.end_to_end import run_end_to_end
 
-    result = run_end_to_end(tiny_dataset, "patchcore", {"image_size": 64, "coreset_ratio": 0.1})
+    result = run_end_to_end(tiny_dataset, "patchcore", {"image_size": 64, "coreset_ratio": 0.1}, rounds=1)
     assert result.images == 12 and len(result.images_per_s) == 6 and all(v > 0 for v in result.images_per_s.values())
     assert 0 < result.rejected < 12
     assert result.ratios()["detector scoring"] == 1.0
