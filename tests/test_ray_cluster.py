@@ -53,6 +53,8 @@ class RayCluster:
         assert done.returncode == 0, done.stdout + done.stderr
 
     def start(self) -> RayCluster:
+        # the token file, made as a local `ray.init` makes it, if no earlier Ray run left one
+        subprocess.run([str(RAY), "get-auth-token", "--generate"], capture_output=True, timeout=60, check=True)
         self._start("head", "127.0.0.1", "--head", "--port", str(self.port), "--include-dashboard", "false", "--temp-dir", str(self.root))
         # an address of its own, as another machine has: the driver (this process) attaches to the
         # head's node, so what it put in the object store (the model's bytes) outlives the second
