@@ -55,6 +55,29 @@ def browser():
         b.close()
 
 
+@pytest.fixture()
+def inputs(tiny_dataset, tmp_path):
+    """The tiny data set's images plus one corrupt file: what a batch inspection is given."""
+    bad = tmp_path / "in" / "corrupt.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return [str(tiny_dataset / "test"), str(tiny_dataset / "train"), str(bad)]
+
+
+def ray_worker_pids(n: int = 2, timeout_s: float = 60) -> list[int]:
+    """The processes of the Ray inspection actors, once at least ``n`` are up (or none found in time)."""
+    import subprocess
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        found = subprocess.run(["pgrep", "-f", "ray::InspectWorker"], capture_output=True, text=True).stdout.split()
+        if len(found) >= n:
+            return [int(p) for p in found]
+        time.sleep(0.2)
+    return []
+
+
 @pytest.fixture(scope="session")
 def model_dir(tiny_dataset, tmp_path_factory) -> Path:
     """A folder holding one small calibrated model, ``discs.dlens``, as a service would be given."""

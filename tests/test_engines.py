@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,18 +13,11 @@ from defectlens import Inspector
 from defectlens.batch.engines import inspect_stream
 from defectlens.cli import main
 
+from .conftest import ray_worker_pids
+
 
 def sources(out) -> list[str]:
     return [json.loads(line)["source"] for line in (out / "results.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture()
-def inputs(tiny_dataset, tmp_path):
-    """The tiny data set's images plus one corrupt file."""
-    bad = tmp_path / "in" / "corrupt.png"
-    bad.parent.mkdir()
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    return [str(tiny_dataset / "test"), str(tiny_dataset / "train"), str(bad)]
 
 
 def test_a_rerun_resumes_and_a_cut_off_line_is_redone(model_dir, inputs, tmp_path, capsys):
@@ -66,23 +57,13 @@ def test_ray_engine_survives_a_killed_worker(model_dir, inputs):
     model = model_dir / "discs.dlens"
     stream = inspect_stream(Inspector.load(model), model, paths, engine="ray", workers=2, chunk=2)
     seen = [next(stream)]
-    pids = _worker_pids()
+    pids = ray_worker_pids(2)
     assert len(pids) == 2
     os.kill(pids[0], signal.SIGKILL)  # mid-run: its chunks in flight must be run again elsewhere or after restart
     seen += list(stream)
     assert sorted(str(p) for p, _ in seen) == sorted(str(p) for p in paths)  # every image exactly once
     errors = [r for _, r in seen if isinstance(r, Exception)]
     assert len(errors) == 1 and "corrupt.png" in str(errors[0])
-
-
-def _worker_pids() -> list[int]:
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        found = subprocess.run(["pgrep", "-f", "ray::InspectWorker"], capture_output=True, text=True).stdout.split()
-        if len(found) >= 2:
-            return [int(p) for p in found]
-        time.sleep(0.2)
-    return []
 
 
 @pytest.mark.slow

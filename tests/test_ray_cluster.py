@@ -1,16 +1,16 @@
-"""A real Ray cluster: a head and a second node started with `ray start`, each with its own
-resources and ports on loopback, as two machines would be; `inspect --engine ray --address` runs
+"""A real Ray cluster: a head and a second node started with `ray start` on this machine, each
+with its own resources, ports and address, as two machines would be; `inspect --engine ray --address` runs
 across both, and the second node is killed mid-run."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from defectlens.batch.engines import inspect_stream
 from defectlens.cli import main
 from defectlens.data.images import flatten_inputs
 
+from .conftest import ray_worker_pids
 from .servers import free_port
 
 pytestmark = pytest.mark.slow
@@ -74,7 +75,7 @@ class RayCluster:
 
     def stop(self) -> None:
         subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120, env={**os.environ, **self.env})
-        subprocess.run(["rm", "-rf", str(self.root)])
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture()
@@ -96,24 +97,10 @@ def _parent(pid: int) -> int:
 def _workers_by_node(cluster: RayCluster, n: int) -> dict[str, list[int]]:
     """The inspection actors' processes, grouped by the node whose raylet started them."""
     raylets = {cluster.raylet(name): name for name in cluster.node_ports}
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        found = [int(p) for p in subprocess.run(["pgrep", "-f", "ray::InspectWorker"], capture_output=True, text=True).stdout.split()]
-        if len(found) >= n:
-            grouped: dict[str, list[int]] = {}
-            for pid in found:
-                grouped.setdefault(raylets.get(_parent(pid), "elsewhere"), []).append(pid)
-            return grouped
-        time.sleep(0.2)
-    return {}
-
-
-@pytest.fixture()
-def inputs(tiny_dataset, tmp_path):
-    bad = tmp_path / "in" / "corrupt.png"
-    bad.parent.mkdir()
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    return [str(tiny_dataset / "test"), str(tiny_dataset / "train"), str(bad)]
+    grouped: dict[str, list[int]] = {}
+    for pid in ray_worker_pids(n):
+        grouped.setdefault(raylets.get(_parent(pid), "elsewhere"), []).append(pid)
+    return grouped
 
 
 def test_inspect_runs_across_two_nodes_and_survives_losing_one(cluster, model_dir, inputs, tmp_path):
