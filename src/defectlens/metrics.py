@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
@@ -86,7 +88,9 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     if n_regions == 0 or n_neg == 0:
         return float("nan")
     if masks.size <= EXACT_PIXELS:
-        fpr, pro = _pro_curve_exact(masks, np.asarray(maps, dtype=np.float64), regions, n_regions, n_neg)
+        maps = np.asarray(maps)
+        fpr, pro = _pro_curve_exact(masks, maps if maps.dtype in (np.float32, np.float64) else maps.astype(np.float64), regions,
+                                    n_regions, n_neg, fpr_limit)
     else:
         fpr, pro = _pro_curve_binned(masks, maps, regions, n_regions, n_neg)
     if fpr[-1] < fpr_limit:  # cannot happen with all pixels counted, but stay safe
@@ -105,13 +109,21 @@ def _pro_weights(lab: np.ndarray, n: int, n_regions: int) -> np.ndarray:
     return np.where(flat > 0, 1.0 / (sizes[flat] * n_regions), 0.0)
 
 
-def _pro_curve_exact(masks: np.ndarray, maps: np.ndarray, regions: list, n_regions: int, n_neg: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every distinct score is a threshold: sort all pixels once and accumulate both weights."""
+def _pro_curve_exact(masks: np.ndarray, maps: np.ndarray, regions: list, n_regions: int, n_neg: int,
+                     fpr_limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every distinct score is a threshold, down to the first whose FPR passes ``fpr_limit``: only
+    the pixels scoring at or above that one are sorted (found in linear time), a third or less of
+    them, and the curve up to the limit is the same as with all pixels sorted."""
+    flat = maps.ravel()
+    negative = ~masks.ravel()
+    k = min(n_neg, math.ceil(fpr_limit * n_neg) + 1)  # negatives at or above the cut: FPR there > fpr_limit
+    negative_scores = flat[negative]
+    cut = np.partition(negative_scores, n_neg - k)[n_neg - k]
+    top = np.flatnonzero(flat >= cut)
+    order = top[np.argsort(-flat[top])]  # ties need no stable order: each run of equal scores ends in one point
     pro_weight = np.concatenate([_pro_weights(lab, n, n_regions) for lab, n in regions])
-    fpr_weight = (~masks).ravel() / n_neg
-    order = np.argsort(-maps.ravel(), kind="stable")
-    scores_sorted = maps.ravel()[order]
-    fpr = np.cumsum(fpr_weight[order])
+    scores_sorted = flat[order]
+    fpr = np.cumsum(negative[order] / n_neg)
     pro = np.cumsum(pro_weight[order])
     # keep the last index of each run of equal scores: one curve point per distinct threshold
     last = np.r_[scores_sorted[1:] != scores_sorted[:-1], True]
