@@ -28,6 +28,7 @@ def test_streamed_mean_and_covariance_match_the_direct_computation(fitted):
     expected = (1 - a) * cov + a * scale * np.eye(d) + 1e-6 * scale * np.eye(d)
     np.testing.assert_allclose(np.linalg.inv(det.precision_[p].astype(np.float64)), expected, rtol=2e-3, atol=1e-5)
     assert np.all((det.shrinkage_ >= 0) & (det.shrinkage_ <= 1))
+    assert det.precision_.flags.c_contiguous  # else every scorer made from it copies the whole precision
 
 
 def test_batch_size_does_not_change_the_model(fitted):

@@ -192,7 +192,9 @@ class PaDiM(FeatureDetector):
         shrunk = cov * (1 - alphas)[:, None, None]  # the identity's share goes on the diagonal in place: no (P, d, d) eye
         diagonal = np.arange(d)
         shrunk[:, diagonal, diagonal] += (alphas * scale + 1e-6 * np.maximum(scale, 1e-12))[:, None]  # + a numerical floor
-        return torch.linalg.inv(torch.from_numpy(shrunk)).numpy()  # batched LAPACK, about twice NumPy's one-thread pace
+        # batched LAPACK, about twice NumPy's one-thread pace; its result is column-major, and a
+        # precision that is not C-ordered would be copied (41 MB at 256 px) every time a scorer is made
+        return np.ascontiguousarray(torch.linalg.inv(torch.from_numpy(shrunk)).numpy())
 
     @torch.inference_mode()
     def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
