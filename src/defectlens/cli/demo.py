@@ -44,7 +44,6 @@ def run_demo(args: argparse.Namespace) -> int:
     from defectlens.cli.inspecting import write_report
     from defectlens.data import load_dataset
     from defectlens.data.synthetic import make_synthetic_dataset
-    from defectlens.detectors.embedding_cache import caching_embeddings
     from defectlens.evaluation.evaluate import evaluate
     from defectlens.inference.inspector import Inspector
     from defectlens.inference.loading import load_model
@@ -57,9 +56,8 @@ def run_demo(args: argparse.Namespace) -> int:
         data = make_synthetic_dataset(out / "data")
     ds = load_dataset(data)
     print(ds.summary())
-    with caching_embeddings():  # the final fit reuses the selection's backbone passes
-        det, selection = auto_detector(ds)
-        bundle = fit_dataset(det, ds, CalibrationSettings(), extra={"selection": selection})
+    det, selection = auto_detector(ds)
+    bundle = fit_dataset(det, ds, CalibrationSettings(), extra={"selection": selection})
     print(bundle.calibration.describe())
     model_path = bundle.save(out / f"{ds.name}.dlens")
     print(f"model saved to {model_path}")

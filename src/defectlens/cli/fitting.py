@@ -83,21 +83,19 @@ def auto_detector(ds, backbone: str | None = None, weights: str | None = None, i
 
 def run_fit(args: argparse.Namespace) -> int:
     from defectlens.data import load_dataset
-    from defectlens.detectors.embedding_cache import caching_embeddings
     from defectlens.workflows.fitting import fit_dataset
 
     ds = load_dataset(args.data, validation_fraction=args.validation_fraction, seed=args.seed)
     print(ds.summary())
     extra = {}
-    with caching_embeddings():  # the final fit reuses the selection's backbone passes
-        if args.detector == "auto":
-            if setting(args, "tile_size") or "," in setting(args, "backbone", ""):
-                raise DefectLensError("--detector auto chooses tiling and detectors itself: name a detector to use --tile or several backbones")
-            det, extra["selection"] = auto_detector(ds, setting(args, "backbone"), setting(args, "weights"), setting(args, "image_size"),
-                                                    args.budget, args.seed)
-        else:
-            det = make_detector(args)
-        bundle = fit_dataset(det, ds, calibration_settings(args), args.scheme, args.folds, extra)
+    if args.detector == "auto":
+        if setting(args, "tile_size") or "," in setting(args, "backbone", ""):
+            raise DefectLensError("--detector auto chooses tiling and detectors itself: name a detector to use --tile or several backbones")
+        det, extra["selection"] = auto_detector(ds, setting(args, "backbone"), setting(args, "weights"), setting(args, "image_size"), args.budget,
+                                                args.seed)
+    else:
+        det = make_detector(args)
+    bundle = fit_dataset(det, ds, calibration_settings(args), args.scheme, args.folds, extra)
     print(bundle.calibration.describe())
     path = bundle.save(args.output)
     print(f"saved {path} ({path.stat().st_size / 2**20:.1f} MiB, checksum {bundle.checksum[:12]})")

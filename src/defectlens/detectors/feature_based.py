@@ -14,7 +14,6 @@ from defectlens.backbones import FEATURE_KINDS, FeatureExtractor, create_backbon
 from defectlens.data.images import Batch, ImageInput, iter_batches
 from defectlens.detectors.anomaly_map import AnomalyMapHead
 from defectlens.detectors.base import Detector, PixelScores, Stopwatch, check_size
-from defectlens.detectors.embedding_cache import active_cache
 from defectlens.detectors.features import PatchEmbedder
 from defectlens.errors import DefectLensError
 
@@ -76,19 +75,7 @@ class FeatureDetector(Detector):
         """score_pixels in PyTorch: what fit calibrates, and what every runtime is checked against."""
 
     def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        cache = active_cache()
-        if cache is None:
-            return self._fast_embedder(self._channels_last(pixels)).contiguous()
-        full = cache.embed(self._cache_key(), pixels, lambda x: self._fast_embedder.embed_full(self._channels_last(x)))
-        return self._fast_embedder.reduce(full).contiguous()
-
-    @staticmethod
-    def _channels_last(pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.contiguous(memory_format=torch.channels_last)
-
-    def _cache_key(self) -> tuple:
-        """What the full embedding depends on: the backbone, its weights and taps, the aggregation."""
-        return (self.backbone, self.weights, self.backbone_sha256_, self.features, self.aggregation)
+        return self._fast_embedder(pixels.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def _iter_embeddings(self, images: Sequence[ImageInput], desc: str = "features") -> Iterator[tuple[Batch, np.ndarray]]:
         """(batch, embeddings (n, d, h, w)) for every batch, with a progress bar when verbose."""

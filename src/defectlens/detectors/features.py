@@ -63,11 +63,6 @@ class PatchEmbedder(nn.Module):
         self.projection_bias = torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.reduce(self.embed_full(images))
-
-    def embed_full(self, images: torch.Tensor) -> torch.Tensor:
-        """Every channel of every tap at each patch, before any reduction: what depends on the
-        backbone alone, and so what a workflow's embedding cache keeps."""
         taps = self.extractor(images)
         h, w = taps[0].shape[-2:]
         out = []
@@ -77,10 +72,7 @@ class PatchEmbedder(nn.Module):
             if t.shape[-2:] != (h, w):
                 t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
             out.append(t)
-        return torch.cat(out, dim=1)
-
-    def reduce(self, emb: torch.Tensor) -> torch.Tensor:
-        """The detector's own reduction of full embeddings: channel pooling or its projection."""
+        emb = torch.cat(out, dim=1)
         if self.embed_dim and self.embed_dim < emb.shape[1]:
             emb = reduce_channels(emb, self.embed_dim)
         if self.projection is not None:

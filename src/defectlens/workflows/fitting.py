@@ -33,7 +33,6 @@ from defectlens.data.datasets import GOOD, Dataset, labelled_split
 from defectlens.data.defects import defects_from
 from defectlens.data.images import ImageInput, load_rgb
 from defectlens.detectors.base import SUPERVISED
-from defectlens.detectors.embedding_cache import caching_embeddings
 from defectlens.errors import DefectLensError
 
 if TYPE_CHECKING:
@@ -203,9 +202,8 @@ def fit_calibrated(
         calib_files = [str(v) for v in validation if not isinstance(v, np.ndarray)]
     elif scheme == "kfold":
         everything = train + validation
-        with caching_embeddings():  # each image's backbone pass once, not in nine fold models and the final one
-            good, syn = kfold_scores(detector, everything, folds, settings.seed, synthetic)
-            detector.fit(everything)
+        good, syn = kfold_scores(detector, everything, folds, settings.seed, synthetic)
+        detector.fit(everything)
         source = f"kfold-{min(folds, len(everything))}"
     else:
         if len(train) + len(validation) != 1:

@@ -34,7 +34,6 @@ from PIL import Image
 from defectlens.data.defects import LOGICAL, defects_from, synthesize
 from defectlens.data.images import ImageInput, ModelSize, format_size, size_hw
 from defectlens.detectors import Detector, available_detectors, create_from_spec, detector_class
-from defectlens.detectors.embedding_cache import bypassing_cache, caching_embeddings
 from defectlens.detectors.feature_based import FeatureDetector
 from defectlens.errors import DefectLensError
 from defectlens.metrics import aupro, image_auroc
@@ -46,7 +45,6 @@ MAX_ASPECT = 4.0  # the most elongated input tried: at 256, 128 x 512
 SCORE_TIE = 0.005  # candidates this close in selection score are tied: the fastest wins
 LOGICAL_DEFECTS = 16  # synthetic logical defects, scored apart from the local ones
 LOGICAL_GAIN = 0.05  # the logical-defect AUROC gain that earns the global term at an equal local score
-TIMED_IMAGES = 16  # held-out images scored again without the embedding cache, for each candidate's speed
 
 
 @dataclass(frozen=True)
@@ -106,8 +104,7 @@ class Selection:
                 f"({self.elapsed_s:.0f} s of a {self.budget_s:.0f} s budget)")
         if not self.results:
             return f"{head}\nchose {self.chosen.label}: {self.reason}"
-        legend = "(fit s: later candidates reuse earlier ones' backbone passes; ms/image: measured without them)"
-        return f"{head}\n{self.table()}\n{legend}\nchose {self.chosen.label}: {self.reason} (synthetic figures are estimates, not real defects)"
+        return f"{head}\n{self.table()}\nchose {self.chosen.label}: {self.reason} (synthetic figures are estimates, not real defects)"
 
     def _chosen_row(self) -> CandidateResult | None:
         rows = [r for r in self.results if r.label == self.chosen.label and r.image_auroc is not None]
@@ -272,16 +269,12 @@ def measure(candidate: Candidate, fit_images: Sequence[ImageInput], validation: 
         det.fit(list(fit_images))
         t1 = work_clock()
         scores, maps = det.score(validation.images)
-        timed = validation.images[:TIMED_IMAGES]
-        with bypassing_cache():  # the speed a deployed model has, not that of reused backbone passes
-            t2 = work_clock()
-            det.score(timed)
-            t3 = work_clock()
+        t2 = work_clock()
     except (DefectLensError, ValueError, RuntimeError, MemoryError) as exc:
         result.note = f"failed: {str(exc).splitlines()[0][:120]}"
         return result
     result.fit_s = t1 - t0
-    result.ms_per_image = 1000.0 * (t3 - t2) / len(timed)
+    result.ms_per_image = 1000.0 * (t2 - t1) / len(validation.images)
     local, logical = validation.local, validation.logical
     result.image_auroc = image_auroc(validation.labels[local], scores[local])
     result.aupro = aupro(validation.masks_at(maps.shape[1:])[local], maps[local])
@@ -356,7 +349,6 @@ def _try_global_term(ranked: list[CandidateResult], pool: list[Candidate], fit_i
     return [r, *ranked], [*pool, candidate]
 
 
-@caching_embeddings()  # candidates share backbone passes: each image is embedded once per backbone and size
 def select_detector(
     images: Sequence[ImageInput],
     *,
