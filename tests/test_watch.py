@@ -60,7 +60,8 @@ def test_a_hot_folder_is_inspected_once_each_moved_on_and_bad_files_set_aside(mo
     for i, data in enumerate(part_pngs[:6]):
         drop(src, f"early{i}.png", data)  # already there when the watcher starts
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
-    watcher = Watcher(model_dir / "discs.dlens", str(src), out, done=done, settle_s=0.2, overlays=False)
+    # grace 1 s: the broken file was written a moment ago, and is tried again until it is 1 s old
+    watcher = Watcher(model_dir / "discs.dlens", str(src), out, done=done, settle_s=0.2, overlays=False, grace_s=1.0)
 
     def later():
         time.sleep(0.5)
@@ -76,6 +77,30 @@ def test_a_hot_folder_is_inspected_once_each_moved_on_and_bad_files_set_aside(mo
     reason = (out / "errors" / "broken.png.reason.txt").read_text()
     assert "broken.png" in reason and reason.count("\n") == 1
     assert not any(src.iterdir())
+
+
+def test_a_writer_pausing_longer_than_the_settle_time_gets_its_file_inspected_whole(model_dir, tmp_path, part_pngs):
+    """Half a PNG, unchanged for four settle times, looks complete: it is read, fails, and is
+    given back; once the writer finishes it is inspected once, and nothing goes to errors/."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    watcher = Watcher(model_dir / "discs.dlens", str(src), out, settle_s=0.2, overlays=False, grace_s=5.0)
+
+    def slow_writer():
+        with open(src / "paused.png", "wb") as fh:  # written in place, not renamed: no close event until the end
+            fh.write(part_pngs[0][: len(part_pngs[0]) // 2])
+            fh.flush()
+            time.sleep(0.8)
+            while watcher.counts.retried == 0:  # the half file was read and given back
+                time.sleep(0.05)
+            fh.write(part_pngs[0][len(part_pngs[0]) // 2 :])
+
+    threading.Thread(target=slow_writer, daemon=True).start()
+    run_until(watcher, lambda: len(results(out)) >= 1)
+    records = results(out)
+    assert len(records) == 1 and records[0]["source"].endswith("paused.png") and "error" not in records[0]
+    assert watcher.counts.retried >= 1 and watcher.counts.errors == 0
+    assert not (out / "errors").exists() or not any((out / "errors").iterdir())
 
 
 def test_a_file_still_being_written_waits_until_it_is_complete(tmp_path, part_pngs):

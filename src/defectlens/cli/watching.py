@@ -28,6 +28,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, default=0.0, help="video: frames per second to inspect (default: every frame)")
     p.add_argument("--settle", type=float, default=0.5, metavar="SECONDS", help=(
         "a file is complete when closed after writing, or unchanged this long (default: 0.5)"))
+    p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS", help=(
+        "an unreadable file changed less than this long ago is tried again once it settles, as a writer may have paused; "
+        "older ones go to the errors folder (default: 10)"))
     add_overlay_option(p)
     add_runtime_option(p)
     p.set_defaults(run=run_watch)
@@ -39,7 +42,7 @@ def run_watch(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(f"watch_{Path(args.model).stem}")
     watcher = Watcher(Path(args.model), args.source, out, db=args.db, publish=args.publish, done=Path(args.done) if args.done else None,
                       errors=Path(args.errors) if args.errors else None, fps=args.fps, settle_s=args.settle, overlays=args.overlays,
-                      runtime=args.runtime)
+                      runtime=args.runtime, grace_s=args.grace)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -4,7 +4,9 @@ A source is a hot folder (a camera or PLC drops image files into it) or a video 
 an RTSP URL, a camera device) sampled at a frame rate. For every part, in this order:
 
 1. it is inspected: a file only once it is completely written (the close-write event, or its size
-   and modification time unchanged for ``settle_s``);
+   and modification time unchanged for ``settle_s``); one that cannot be read but was modified
+   less than ``grace_s`` ago is taken back and tried again once it settles again, since a writer
+   that pauses longer than ``settle_s`` leaves a file that looks complete and is not;
 2. its history row is written (``--db``; keyed by model and file, so doing it again adds none; while
    the database is away the row waits in a local journal and is written when it returns);
 3. its verdict is put in the outbox of every ``--publish`` destination (on disk before it leaves);
@@ -43,6 +45,7 @@ from defectlens.publish import Publisher
 
 log = logging.getLogger("defectlens.watch")
 TEMPORARY = (".tmp", ".part", ".partial", ".crdownload", ".filepart")  # names writers use before they rename
+GRACE_S = 10.0  # an unreadable file changed less than this long ago is tried again, not set aside
 BATCH = 8
 
 
@@ -53,6 +56,7 @@ class WatchCounts:
     defect: int = 0
     errors: int = 0
     skipped: int = 0  # already in the journal
+    retried: int = 0  # unreadable a moment after a change: given back to the folder to finish
 
 
 def record_key(checksum: str, part: str) -> str:
@@ -123,6 +127,11 @@ class FolderSource:
             dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not any((Path(root) / d).resolve() == i for i in self.ignore))
             found += [Path(root) / f for f in files]
         return [p for p in found if self._wanted(p)]
+
+    def again(self, paths: list[Path]) -> None:
+        """Hand these out once more when they next settle (or are closed after writing)."""
+        with self._lock:
+            self._handed.difference_update(p.resolve() for p in paths)
 
     def ready(self, timeout: float) -> list[Path]:
         """Complete files not handed out before, oldest first, waiting up to ``timeout`` for news
@@ -201,7 +210,9 @@ def is_video_source(source: str) -> bool:
 class Watcher:
     def __init__(self, model: Path, source: str, out: Path, db: str | None = None, publish: list[str] | None = None,
                  done: Path | None = None, errors: Path | None = None, fps: float = 0.0, settle_s: float = 0.5,
-                 overlays: bool | str = "all", runtime: str = "auto") -> None:
+                 overlays: bool | str = "all", runtime: str = "auto", grace_s: float = GRACE_S) -> None:
+        if settle_s < 0 or grace_s < 0:
+            raise DefectLensError(f"--settle and --grace must not be negative, got {settle_s} / {grace_s}")
         self.model = Path(model)
         self.inspector = Inspector.load(model, runtime=runtime)
         self.source = source
@@ -212,6 +223,7 @@ class Watcher:
         self.errors = Path(errors) if errors else self.out / "errors"
         self.fps = fps
         self.settle_s = settle_s
+        self.grace_s = grace_s
         self.overlays = overlay_mode(overlays)
         self.counts = WatchCounts()
 
@@ -258,7 +270,7 @@ class Watcher:
             while not stop.is_set() and not (until and until(self.counts)):
                 ready = folder.ready(timeout=0.5)
                 for start in range(0, len(ready), BATCH):
-                    steps.files(ready[start : start + BATCH])
+                    folder.again(steps.files(ready[start : start + BATCH]))
                     if stop.is_set():
                         break
         return self.counts
@@ -274,7 +286,9 @@ class _Steps:
         self.publisher = publisher
         self.checksum = checksum
 
-    def files(self, paths: list[Path]) -> None:
+    def files(self, paths: list[Path]) -> list[Path]:
+        """Inspect, record and move on these files; returns those to be tried again (unreadable,
+        and changed less than ``grace_s`` ago: perhaps still being written)."""
         todo, parts = [], []
         for path in paths:
             part = file_part(path)
@@ -287,10 +301,14 @@ class _Steps:
                 todo.append(path)
                 parts.append(part)
         if not todo:
-            return
+            return []
         preview = PREVIEW_SIDE if self.w.overlays != "none" else 0
         results = list(self.w.inspector.inspect_many(todo, preview_side=preview))
-        for path, part, result in zip(todo, parts, results, strict=True):
+        again = [p for p, r in zip(todo, results, strict=True) if isinstance(r, ImageError) and self._recently_changed(p)]
+        self.w.counts.retried += len(again)
+        kept = [(p, part, r) for p, part, r in zip(todo, parts, results, strict=True) if p not in again]
+        todo, results = [p for p, _, _ in kept], [r for _, _, r in kept]
+        for path, part, result in kept:
             self._one(path, str(path), part, result)
         self.writer.sync()
         for path, result in zip(todo, results, strict=True):
@@ -298,6 +316,13 @@ class _Steps:
                 self._move_error(path, result)
             else:
                 self._move_done(path)
+        return again
+
+    def _recently_changed(self, path: Path) -> bool:
+        try:
+            return time.time() - path.stat().st_mtime < self.w.grace_s
+        except FileNotFoundError:
+            return False
 
     def frames(self, frames: list[tuple[str, str, np.ndarray]]) -> None:
         preview = PREVIEW_SIDE if self.w.overlays != "none" else 0
