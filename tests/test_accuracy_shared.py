@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import random
 
 import pytest
 
@@ -11,38 +10,19 @@ from defectlens import create_detector, load_dataset
 from defectlens.evaluation.evaluate import evaluate
 from defectlens.metrics import image_auroc
 
-from .conftest import shared_category
-
-# Big sets are capped (training images, and defective test images: every good test image is
-# kept, as the false-reject rate is measured on them) to keep the suite short on 2 cores;
-# `defectlens fit` + `evaluate` on the full sets give the figures quoted in the docs.
-CALIBRATION_SETS = {"mvtec_ad/bottle": None, "magnetic_tile/magnetic_tile": 240, "deeppcb/pcb": 240}
-MAX_DEFECTS = 150
+from .conftest import CALIBRATION_SETS, calibrated_patchcore, shared_category
 
 
 @functools.cache
-def calibrated_patchcore(category: str):
-    """Default PatchCore fitted and calibrated at a 1 % target on held-out good images, as
-    `defectlens fit --detector patchcore` does, and its evaluation: made once per category for
-    every test that reads it (bottle's accuracy and its false rejects come from the same model)."""
-    from defectlens.calibration.settings import CalibrationSettings
-    from defectlens.workflows.fitting import fit_calibrated
-
-    cap = CALIBRATION_SETS[category]
-    ds = load_dataset(shared_category(category), validation_fraction=0.1)  # what `defectlens fit` does
-    if cap is not None:
-        rng = random.Random(0)
-        good = rng.sample(ds.train_good + ds.validation, cap)
-        ds.train_good, ds.validation = good[cap // 5 :], good[: cap // 5]
-        defects = [s for s in ds.test if s.label]
-        ds.test = [s for s in ds.test if not s.label] + rng.sample(defects, min(MAX_DEFECTS, len(defects)))
-    bundle = fit_calibrated(create_detector("patchcore"), ds.train_good, ds.validation, CalibrationSettings(target_frr=0.01), scheme="holdout")
+def evaluated(category: str):
+    """The shared calibrated PatchCore (conftest) and its evaluation, once per category."""
+    bundle, ds = calibrated_patchcore(category)
     return bundle, evaluate(bundle, ds)
 
 
 @pytest.mark.slow
 def test_patchcore_on_mvtec_bottle():
-    result = calibrated_patchcore("mvtec_ad/bottle")[1]
+    result = evaluated("mvtec_ad/bottle")[1]
     assert result.metrics["image_auroc"] >= 0.99
     assert result.metrics["pixel_auroc"] >= 0.97
     assert result.metrics["aupro"] >= 0.85
@@ -54,7 +34,7 @@ def test_patchcore_on_mvtec_bottle():
 def test_good_only_calibration_keeps_false_rejects_low(category, capsys):
     """Acceptance of issue 3: a 1 % target false-reject rate set on held-out good images only
     gives at most 5 % false rejects on the test split's good images; recall is reported."""
-    bundle, result = calibrated_patchcore(category)
+    bundle, result = evaluated(category)
     m = result.metrics
     with capsys.disabled():
         print(f"\n{category}: target FRR 1 % -> measured FRR {100 * m['frr']:.1f} % ({m['false_rejects']}/{m['n_good']}), "

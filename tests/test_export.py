@@ -15,7 +15,7 @@ from defectlens.export import export_onnx
 from defectlens.inference.loading import load_model
 from defectlens.workflows import calibrate_detector
 
-from .conftest import shared_category
+from .conftest import calibrated_patchcore
 
 TOLERANCE = 1e-4
 
@@ -63,9 +63,7 @@ def test_the_symmetry_term_of_the_calibration_is_in_the_graph(tiny_dataset, tmp_
 
 @pytest.mark.slow
 def test_export_on_real_images(tmp_path):
-    root = shared_category("mvtec_ad/bottle")
-    ds = load_dataset(root, validation_fraction=0.1)
-    bundle = calibrate_detector(create_detector("patchcore").fit(ds.train_good), ds.validation)
+    bundle, ds = calibrated_patchcore("mvtec_ad/bottle")  # the accuracy tests' model: default PatchCore, held-out calibration
     exported = load_model(export_onnx(bundle, tmp_path / "bottle.onnx"))
     images = [s.path for s in ds.test]
     raw, maps = bundle.detector.score(images)
