@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from defectlens.cli import main
 from defectlens.data.synthetic import make_synthetic_dataset
 from defectlens.errors import DatasetError
-from defectlens.evaluation.comparison import find_categories
+from defectlens.evaluation.comparison import find_categories, in_fresh_process
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,13 @@ def test_single_category_benchmark_prints_stages_settings_and_onnx(root, tmp_pat
     printed = capsys.readouterr().out
     assert "search=ivf" in printed and "exported ONNX graph:" not in printed  # approximate search is not exported
     assert "default runtime:" in printed and "1 backbone graph" in printed  # but its backbone runs in ONNX Runtime
+
+
+def test_each_run_is_a_fresh_process_in_the_callers_folder_and_environment(tmp_path, monkeypatch):
+    """Runs fork from a fork server started by the first one; each still starts where the caller is now."""
+    first = in_fresh_process(os.getpid)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DEFECTLENS_PROBE", "here")
+    assert in_fresh_process(os.getcwd) == str(tmp_path)
+    assert in_fresh_process(os.getenv, "DEFECTLENS_PROBE") == "here"
+    assert in_fresh_process(os.getpid) not in (first, os.getpid())

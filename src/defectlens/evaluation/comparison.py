@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -134,7 +135,16 @@ def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
     own and it shares no torch threads or fitted state with the caller or other runs. A child
     killed from outside (usually by the kernel, for memory) raises BrokenProcessPool."""
     with ProcessPoolExecutor(max_workers=1, mp_context=_fresh_context()) as pool:
-        return pool.submit(fn, *args).result()
+        return pool.submit(_as_caller, os.getcwd(), dict(os.environ), fn, *args).result()
+
+
+def _as_caller(cwd: str, environ: dict[str, str], fn: Callable[..., T], *args: Any) -> T:
+    """A forked run starts in the fork server's folder and environment, those of the first run:
+    it takes the caller's current ones, as a spawned interpreter would have."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(environ)
+    return fn(*args)
 
 
 def each_category(root: str | Path, title: str, fn: Callable[..., T], args: tuple, failed: Callable[[str], T],
