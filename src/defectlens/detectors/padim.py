@@ -54,7 +54,9 @@ class MahalanobisScorer(nn.Module):
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         x = emb.index_select(1, self.channels)
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (n, P, d)
+        # (n, P, d) as a contiguous copy: on the permuted view the product ran 2.5x slower (34 ms
+        # against 14 ms for 8 images at 160 channels, interleaved in one process)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1).contiguous()
         delta = x - self.mean
         dist = torch.einsum("npd,pde,npe->np", delta, self.precision, delta).clamp_min(0).sqrt()
         return dist.reshape(-1, *self.shape)
