@@ -129,9 +129,9 @@ class FolderSource:
         return [p for p in found if self._wanted(p)]
 
     def again(self, paths: list[Path]) -> None:
-        """Hand these out once more when they next settle (or are closed after writing)."""
-        with self._lock:
-            self._handed.difference_update(p.resolve() for p in paths)
+        """Hand these out once more when they next settle (or are closed after writing). Called
+        from the thread that calls ``ready``: only the close events need the lock."""
+        self._handed.difference_update(p.resolve() for p in paths)
 
     def ready(self, timeout: float) -> list[Path]:
         """Complete files not handed out before, oldest first, waiting up to ``timeout`` for news
@@ -304,14 +304,17 @@ class _Steps:
             return []
         preview = PREVIEW_SIDE if self.w.overlays != "none" else 0
         results = list(self.w.inspector.inspect_many(todo, preview_side=preview))
-        again = [p for p, r in zip(todo, results, strict=True) if isinstance(r, ImageError) and self._recently_changed(p)]
+        again, kept = [], []
+        for path, part, result in zip(todo, parts, results, strict=True):
+            if isinstance(result, ImageError) and self._recently_changed(path):
+                again.append(path)
+            else:
+                kept.append((path, part, result))
         self.w.counts.retried += len(again)
-        kept = [(p, part, r) for p, part, r in zip(todo, parts, results, strict=True) if p not in again]
-        todo, results = [p for p, _, _ in kept], [r for _, _, r in kept]
         for path, part, result in kept:
             self._one(path, str(path), part, result)
         self.writer.sync()
-        for path, result in zip(todo, results, strict=True):
+        for path, _, result in kept:
             if isinstance(result, ImageError):
                 self._move_error(path, result)
             else:
