@@ -69,3 +69,25 @@ def test_scores_that_moved_but_stay_far_below_the_threshold_are_a_warning_not_dr
     report = mon.report()
     assert report.state == "warning" and report.ks_statistic >= 0.3 and report.implied_frr < 0.02
     assert "threshold still holds" in report.reasons[0]
+
+
+def _moved_after(mon: DriftMonitor, rng: np.random.Generator, shift: float) -> int | None:
+    mon.extend([float(v) for v in rng.normal(1.0, 0.1, 100)])
+    for i, v in enumerate(rng.normal(1.0 + shift, 0.1, 100), start=1):
+        mon.add(float(v))
+        if mon.report().state == "drift":
+            return i
+    return None
+
+
+def test_a_line_that_moves_at_once_is_seen_in_the_recent_inspections_before_it_fills_the_window():
+    # 1.5 spreads up: about a fifth of good parts rejected, against the 1 % promised
+    fast = [_moved_after(monitor(seed)[0], np.random.default_rng(100 + seed), 0.15) for seed in range(5)]
+    whole = [_moved_after(monitor(seed, min_samples=100)[0], np.random.default_rng(100 + seed), 0.15) for seed in range(5)]
+    assert all(f is not None and f <= 35 for f in fast), fast
+    assert all(w is None or w > f for w, f in zip(whole, fast, strict=True)), (whole, fast)
+    mon, rng = monitor(5)
+    _moved_after(mon, rng, 0.15)
+    report = mon.report()
+    assert report.state == "drift" and report.span is not None and report.span < report.n
+    assert "last" in report.reasons[0] and "burst of real defects" in report.reasons[0]

@@ -36,8 +36,8 @@ async function showDriftChart() {
   $("drift-state").textContent = d.state;
   $("drift-state").dataset.state = d.state;
   const figures = d.ks_statistic === null || d.ks_statistic === undefined ? d.reasons.join("; ")
-    : `last ${d.n} inspections: KS D ${fmt(d.ks_statistic, 2)} (p ${Number(d.ks_pvalue).toPrecision(2)}), `
-      + `${d.rejects} rejected (${fmt(100 * d.reject_rate, 1)} % against ${fmt(100 * d.expected_frr, 1)} % expected)`
+    : `last ${d.span ?? d.n} inspections: KS D ${fmt(d.ks_statistic, 2)} (p ${Number(d.ks_pvalue).toPrecision(2)}); `
+      + `last ${d.n}: ${d.rejects} rejected (${fmt(100 * d.reject_rate, 1)} % against ${fmt(100 * d.expected_frr, 1)} % expected)`
       + (d.reasons.length ? ` — ${d.reasons.join("; ")}` : "");
   $("drift-figures").textContent = figures;
   const svg = $("drift-chart"), NS = "http://www.w3.org/2000/svg", W = 900, H = 160, pad = 8;
