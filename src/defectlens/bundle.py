@@ -69,6 +69,8 @@ class Bundle:
     # how it scores once loaded: inference.load_model sets an export.runtime.RuntimeChoice (typed
     # loosely because the runtime is built from bundles, a layer above this one); not saved
     runtime: Any = field(default=None, compare=False)
+    # the machine's measured thread and batch settings it runs with (an inference.tuning.Tuning), or None; not saved
+    tuning: Any = field(default=None, compare=False)
 
     def save(self, path: str | os.PathLike, exclusive: bool = False) -> Path:
         """Write the bundle; ``exclusive`` refuses (FileExistsError) to replace a file already there,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -19,6 +20,7 @@ from defectlens.batch import ENGINES
 from defectlens.errors import DefectLensError, ImageError
 from defectlens.inference.inspection import Inspection
 from defectlens.inference.inspector import Inspector
+from defectlens.inference.tuning import stored_tuning
 
 Result = tuple[Path, Inspection | ImageError]
 
@@ -47,13 +49,15 @@ class InspectWorker:
         import torch
 
         torch.set_num_threads(max(1, threads))  # workers share the machine's cores, not each all of them
+        stored, _ = stored_tuning()  # this node's measured batch and decoding, with the worker's share of its cores
+        tuning = replace(stored, threads=max(1, threads), faiss_threads=max(1, threads)) if stored else None
         if isinstance(model, str):  # a path: workers on the driver's machine
-            self.inspector = Inspector.load(model, mask_method, runtime)
+            self.inspector = Inspector.load(model, mask_method, runtime, tuning)
             return
         with tempfile.TemporaryDirectory() as tmp:  # the file's bytes: a cluster node may not see the driver's files
             path = Path(tmp) / f"model{suffix}"
             path.write_bytes(model)
-            self.inspector = Inspector.load(path, mask_method, runtime)
+            self.inspector = Inspector.load(path, mask_method, runtime, tuning)
 
     def inspect(self, paths: list[str], preview_side: int = 0) -> list[tuple[str, Inspection | ImageError]]:
         return list(zip(paths, self.inspector.inspect_many(paths, preview_side=preview_side), strict=True))

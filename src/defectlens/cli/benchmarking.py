@@ -24,6 +24,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "tiled:padim, ensemble:padim (default: patchcore inside)"))
     p.add_argument("--backbones", default=None, help="comma-separated backbones to compare (default: --backbone)")
     p.add_argument("--out", default="benchmark_results", help="folder for benchmark.md and benchmark.json (comparison mode)")
+    _add_modes(p)
+    p.add_argument("--sizes", default="10,20,50,100,all", help="training-set sizes for --thresholds (default: 10,20,50,100,all)")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS", help=(
+        "time for trying candidates per category (default: 3600 with --selection, which carries every candidate to the "
+        "final stage; 300, as fit, for --detectors auto)"))
+    add_detector_options(p, default_detector="patchcore")
+    p.set_defaults(run=run_benchmark)
+
+
+def _add_modes(p: argparse.ArgumentParser) -> None:
+    """The benchmark's modes besides the plain one: each measures what one of fit's or inspect's choices rests on."""
     p.add_argument("--scaling", action="store_true", help=(
         "measure how fit and inspect grow with training images (--train-sizes, at 256 px) and image size (--image-sizes, "
         "100 training images), and inspect throughput of the local engine against Ray"))
@@ -46,12 +57,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "on every category: move the line (brighter, flatter light, part shifted), confirm 5 false rejects as good through "
         "the service's feedback API, and print the false-reject rate and recall before and after, the rollback check, "
         "and the drift watch on unmoved and moved streams (--detector, default patchcore)"))
-    p.add_argument("--sizes", default="10,20,50,100,all", help="training-set sizes for --thresholds (default: 10,20,50,100,all)")
-    p.add_argument("--budget", type=float, default=None, metavar="SECONDS", help=(
-        "time for trying candidates per category (default: 3600 with --selection, which carries every candidate to the "
-        "final stage; 300, as fit, for --detectors auto)"))
-    add_detector_options(p, default_detector="patchcore")
-    p.set_defaults(run=run_benchmark)
+    p.add_argument("--tune", action="store_true", help=(
+        "on one category: measure threads, batch size, decoding threads and search threads for the default runtime on this "
+        "machine, and store the fastest for inspect, evaluate, watch and serve (in $DEFECTLENS_TUNING, else "
+        "~/.cache/defectlens/tuning.json; DEFECTLENS_TUNING=off ignores it)"))
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
@@ -67,6 +76,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         return _end_to_end(args)
     if args.line_loop:
         return _line_loop(args)
+    if args.tune:
+        return _tune(args)
     if args.detectors or args.backbones or len(find_categories(args.data)) > 1:
         return _comparison(args)
     return _one_category(args)
@@ -90,6 +101,23 @@ def _end_to_end(args: argparse.Namespace) -> int:
     detector = "patchcore" if args.detector == "auto" else args.detector
     result = run_end_to_end(args.data, detector, detector_params(args, detector), machine_description())
     print(result.text())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from defectlens.evaluation.tune import run_tune
+    from defectlens.inference.tuning import save_tuning, tuning_file
+
+    detector = "patchcore" if args.detector == "auto" else args.detector
+    result = run_tune(args.data, detector, detector_params(args, detector))
+    print(result.text())
+    if tuning_file() is None:
+        print("DEFECTLENS_TUNING=off: the tuning is not stored")
+    else:
+        print(f"stored in {save_tuning(result.chosen)}: inspect, evaluate, watch and serve load it on this machine")
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
         print(f"wrote {args.json}")

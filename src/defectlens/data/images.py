@@ -261,8 +261,11 @@ class Batch:
     previews: list[np.ndarray | None] = field(default_factory=list)  # uint8 copies for overlays, when asked for
 
 
+DECODE_WORKERS = 2  # decoding threads unless this machine's tuning measured better (inference.tuning)
+
+
 def iter_batches(
-    images: Sequence[ImageInput], size: ModelSize, batch_size: int, workers: int = 2, skip_errors: bool = False, preview_side: int = 0
+    images: Sequence[ImageInput], size: ModelSize, batch_size: int, workers: int = DECODE_WORKERS, skip_errors: bool = False, preview_side: int = 0
 ) -> Iterator[Batch]:
     """Decode ahead in threads and yield batches in input order.
 

@@ -18,7 +18,7 @@ import torch
 from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
-from defectlens.data.images import Batch, ImageInput, ModelSize, format_size, iter_batches, size_hw
+from defectlens.data.images import DECODE_WORKERS, Batch, ImageInput, ModelSize, format_size, iter_batches, size_hw
 from defectlens.errors import DefectLensError
 
 if TYPE_CHECKING:
@@ -123,13 +123,15 @@ class Detector(BaseEstimator, ABC):
             raise DefectLensError(f"{type(self).__name__} is not fitted: call fit() or load a bundle first")
 
     def score_batches(self, images: Sequence[ImageInput], skip_errors: bool = False, progress: bool = False,
-                      preview_side: int = 0) -> Iterator[BatchScores]:
+                      preview_side: int = 0, batch_size: int | None = None, workers: int = DECODE_WORKERS) -> Iterator[BatchScores]:
         """Stream scores batch by batch: memory stays flat however many images there are.
-        ``preview_side`` also keeps a small copy of each image from the same read, for overlays."""
+        ``preview_side`` also keeps a small copy of each image from the same read, for overlays.
+        ``batch_size`` (else the detector's own) and ``workers`` (decoding threads) change speed only:
+        what ``benchmark --tune`` measured on this machine."""
         self._require_fitted()
         bar = tqdm(total=len(images), desc="scoring", unit="img", disable=not progress, leave=False)
         watch = Stopwatch()
-        for batch in iter_batches(images, self.image_size, self.batch_size, skip_errors=skip_errors, preview_side=preview_side):
+        for batch in iter_batches(images, self.image_size, batch_size or self.batch_size, workers, skip_errors, preview_side):
             watch.lap("decode")
             if len(batch.indices) == 0:
                 scores, maps, features = np.zeros(0, np.float32), np.zeros((0, *size_hw(self.image_size)), np.float32), None

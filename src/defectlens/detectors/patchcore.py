@@ -7,7 +7,6 @@ the image score is the largest patch score (optionally reweighted as in the pape
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import faiss
@@ -254,7 +253,6 @@ class PatchCore(FeatureDetector):
 
     # -- scoring ---------------------------------------------------------------------------
     def _build_index(self) -> None:
-        faiss.omp_set_num_threads(os.cpu_count() or 1)
         n, d = self.memory_bank_.shape
         bank = np.asarray(self.memory_bank_, dtype=np.float32)  # faiss takes float32 in; fp16 indexes keep half-precision codes
         half = self.bank_dtype == "float16"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defectlens.data.images import Batch, ImageInput, load_rgb, preview, read_image
+from defectlens.data.images import DECODE_WORKERS, Batch, ImageInput, load_rgb, preview, read_image
 from defectlens.detectors.base import BatchScores, Detector, PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.registry import create_detector, detector_class, register_detector
 from defectlens.errors import DefectLensError, ImageError
@@ -192,7 +192,9 @@ class TiledDetector(Detector):
         return self.inner_.score_pixels(pixels, watch)
 
     def score_batches(self, images: Sequence[ImageInput], skip_errors: bool = False, progress: bool = False,
-                      preview_side: int = 0) -> Iterator[BatchScores]:
+                      preview_side: int = 0, batch_size: int | None = None, workers: int = DECODE_WORKERS) -> Iterator[BatchScores]:
+        """One image at a time, its tiles in batches of the inner detector's size: an image's tiles
+        already fill a batch, so ``batch_size`` and ``workers`` (for whole images) do not apply."""
         self._require_fitted()
         from tqdm.auto import tqdm
 

@@ -6,8 +6,6 @@ measured and reported with the machine's description.
 
 from __future__ import annotations
 
-import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -19,26 +17,13 @@ import numpy as np
 
 from defectlens.bundle import library_versions
 from defectlens.data.datasets import load_dataset
-from defectlens.data.images import ModelSize, format_size
+from defectlens.data.images import DECODE_WORKERS, ModelSize, format_size
 from defectlens.detectors import Detector, create_detector
 from defectlens.evaluation.evaluate import load_mask
+from defectlens.machine import machine_description
 from defectlens.metrics import image_auroc, pixel_auroc
 
 ROUNDS = 3  # passes over the test images per scorer; the median is reported
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.system()} {platform.release()}"
 
 
 @dataclass
@@ -83,7 +68,7 @@ class BenchmarkResult:
 def _line(label: str, figures: dict, torch_images_per_s: float, torch_latency_ms: float) -> str:
     """One runtime beside the PyTorch path measured in the same run: speed, ratio and agreement."""
     name = f"{label}:".ljust(22)
-    where = f"; {figures['runtime'].split(';')[0]}" if "runtime" in figures else ""
+    where = "".join(f"; {part}" for part in figures["runtime"].split("; ") if not part.startswith("largest")) if "runtime" in figures else ""
     return (f"  {name} {figures['images_per_s']:.1f} images/s batched ({figures['images_per_s'] / torch_images_per_s:.2f}x PyTorch), "
             f"{figures['latency_ms_median']:.1f} ms one image ({figures['latency_ms_median'] / torch_latency_ms:.2f}x){where}; "
             f"largest difference from PyTorch: score {figures['max_score_diff']:.1e}, map {figures['max_map_diff']:.1e}")
@@ -99,7 +84,7 @@ def run_benchmark(data: str, detector: str = "patchcore", latency_images: int = 
 
     paths = [s.path for s in ds.test] or ds.train_good
     with tempfile.TemporaryDirectory() as tmp:
-        scorers, runtime_name = _scorers(det, Path(tmp)) if onnx else ({"torch": det}, "")
+        scorers, runtime_name = _scorers(det, Path(tmp)) if onnx else ({"torch": _Scorer(det)}, "")
         runs = _measure_interleaved(scorers, paths, latency_images, rounds)
     run = runs["torch"]
     labels = np.array([s.label for s in ds.test])
@@ -149,12 +134,22 @@ class _Run:
     stage_ms: dict[str, float]
 
 
-def _measure_interleaved(scorers: dict[str, Detector], paths: list, latency_images: int, rounds: int) -> dict[str, _Run]:
+@dataclass
+class _Scorer:
+    """A detector and the batch and decoding threads it is run with (a stored tuning's, for the
+    default runtime, as ``inspect`` runs it)."""
+
+    detector: Detector
+    batch_size: int | None = None
+    workers: int = DECODE_WORKERS
+
+
+def _measure_interleaved(scorers: dict[str, _Scorer], paths: list, latency_images: int, rounds: int) -> dict[str, _Run]:
     """Each scorer's median throughput over ``rounds`` passes, taken in turn, so a machine that
     slows down or speeds up during the run (shared cores, heat) favours none of them."""
     passes: dict[str, list[_Run]] = {name: [] for name in scorers}
     for scorer in scorers.values():
-        scorer.score(paths[: scorer.batch_size])  # warm-up: first-call allocations are not throughput
+        scorer.detector.score(paths[: scorer.detector.batch_size])  # warm-up: first-call allocations are not throughput
     for _ in range(max(1, rounds)):
         for name, scorer in scorers.items():
             passes[name].append(_measure(scorer, paths, latency_images))
@@ -166,11 +161,11 @@ def _median_run(runs: list[_Run]) -> _Run:
     return _Run(runs[0].scores, runs[0].maps, middle.images_per_s, statistics.median(r.latency_ms for r in runs), middle.stage_ms)
 
 
-def _measure(scorer: Detector, paths: list, latency_images: int) -> _Run:
+def _measure(scorer: _Scorer, paths: list, latency_images: int) -> _Run:
     """Batched throughput with per-stage times, then single-image latency, of one scorer."""
     scores, maps, stage_totals = [], [], {}
     t0 = time.perf_counter()
-    for out in scorer.score_batches(paths):
+    for out in scorer.detector.score_batches(paths, batch_size=scorer.batch_size, workers=scorer.workers):
         scores.append(out.scores)
         maps.append(out.maps)
         for k, v in out.timings_ms.items():
@@ -179,32 +174,32 @@ def _measure(scorer: Detector, paths: list, latency_images: int) -> _Run:
     latencies = []
     for p in paths[:latency_images]:
         t1 = time.perf_counter()
-        scorer.score([p])
+        scorer.detector.score([p])
         latencies.append((time.perf_counter() - t1) * 1000.0)
     return _Run(np.concatenate(scores), np.concatenate(maps), throughput, statistics.median(latencies),
                 {k: v / len(paths) for k, v in stage_totals.items()})
 
 
-def _scorers(det: Detector, folder: Path) -> tuple[dict[str, Detector], str]:
+def _scorers(det: Detector, folder: Path) -> tuple[dict[str, _Scorer], str]:
     """PyTorch; the runtime ``inspect`` and ``serve`` choose by default (``--runtime auto``), on a
-    copy loaded as they load it; and the exported whole-model graph where export takes the model."""
+    copy loaded as they load it, with this machine's stored tuning where there is one (its threads
+    then hold for every scorer); and the exported whole-model graph where export takes the model."""
     from defectlens.bundle import Bundle
     from defectlens.errors import DefectLensError
     from defectlens.export import export_onnx, exportable, load_onnx
-    from defectlens.export.runtime import accelerate
+    from defectlens.inference.loading import load_model
 
-    scorers = {"torch": det}
     model = Bundle(det).save(folder / "model.dlens")
-    loaded = Bundle.load(model)
-    choice = accelerate(loaded)
-    scorers["runtime"] = loaded.detector
+    loaded = load_model(model)
+    tuning = loaded.tuning
+    scorers = {"torch": _Scorer(det), "runtime": _Scorer(loaded.detector, *((tuning.batch_size, tuning.decode_workers) if tuning else ()))}
     try:
         exportable(det)
     except DefectLensError:
         pass
     else:
-        scorers["export"] = load_onnx(export_onnx(Bundle(det), folder / "model.onnx"), batch_size=det.batch_size).detector
-    return scorers, choice.line().removeprefix("runtime: ")
+        scorers["export"] = _Scorer(load_onnx(export_onnx(Bundle(det), folder / "model.onnx"), batch_size=det.batch_size).detector)
+    return scorers, loaded.runtime.line().removeprefix("runtime: ")
 
 
 def _agreement(run: _Run, torch_run: _Run) -> dict:

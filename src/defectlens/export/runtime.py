@@ -57,8 +57,12 @@ class RuntimeChoice:
     map_diff: float | None = None  # the same for the maps
     seconds: float = 0.0  # what choosing took: export (when not cached) and the check
     kinds: list[str] = field(default_factory=list)  # per feature detector: "whole" scoring graph, or "backbone" only
+    tuning: str = ""  # the machine's measured settings it runs with (set where the model is loaded)
 
     def line(self) -> str:
+        return self._line() + (f"; {self.tuning}" if self.tuning else "")
+
+    def _line(self) -> str:
         if self.runtime == "torch":
             return f"runtime: PyTorch ({self.reason})"
         graphs = ", ".join(f"{n} {kind}" for kind in ("whole", "backbone") if (n := self.kinds.count(kind)))
@@ -69,7 +73,7 @@ class RuntimeChoice:
 
     def to_dict(self) -> dict:
         return {"runtime": self.runtime, "reason": self.reason, "graphs": self.graphs, "kinds": self.kinds, "score_diff": self.score_diff,
-                "map_diff": self.map_diff, "seconds": round(self.seconds, 3)}
+                "map_diff": self.map_diff, "seconds": round(self.seconds, 3), "tuning": self.tuning}
 
 
 class OnnxEmbedder:

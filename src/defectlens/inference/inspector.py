@@ -10,11 +10,12 @@ import numpy as np
 
 from defectlens.bundle import Bundle
 from defectlens.calibration.defect_types import evidence_weights, pool_features
-from defectlens.data.images import ImageInput, describe
+from defectlens.data.images import DECODE_WORKERS, ImageInput, describe
 from defectlens.detectors.anomaly_map import resize_map
 from defectlens.errors import DefectLensError, ImageError
 from defectlens.inference.inspection import MASK_METHODS, Inspection, Region, find_regions, heuristic_type, make_mask, severity
-from defectlens.inference.loading import load_model
+from defectlens.inference.loading import STORED, load_model
+from defectlens.inference.tuning import Tuning
 
 
 class Inspector:
@@ -33,10 +34,14 @@ class Inspector:
         self.typer = bundle.typer
         self.mask_method = mask_method
         self.model_name = bundle.metadata.get("name", self.detector.name)
+        tuning = bundle.tuning  # this machine's measured settings, where load_model applied them
+        self.batch_size: int | None = tuning.batch_size if tuning else None
+        self.decode_workers = tuning.decode_workers if tuning else DECODE_WORKERS
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mask_method: str = "threshold", runtime: str = "auto") -> Inspector:
-        return cls(load_model(path, runtime), mask_method)
+    def load(cls, path: str | os.PathLike, mask_method: str = "threshold", runtime: str = "auto",
+             tuning: Tuning | str | None = STORED) -> Inspector:
+        return cls(load_model(path, runtime, tuning), mask_method)
 
     def inspect(self, image: ImageInput) -> Inspection:
         (result,) = self.inspect_many([image])
@@ -50,7 +55,7 @@ class Inspector:
         Each file is read once: its bytes' digest and, with ``preview_side``, a small copy to draw
         the overlay on ride along with the Inspection, so writers never open the file again.
         """
-        for out in self.detector.score_batches(images, skip_errors=True, progress=progress, preview_side=preview_side):
+        for out in self.detector.score_batches(images, True, progress, preview_side, self.batch_size, self.decode_workers):
             results: dict[int, Inspection | ImageError] = dict(out.batch.errors)
             n = max(1, len(out.batch.indices))
             shared = {k: v / n for k, v in out.timings_ms.items()}

@@ -11,24 +11,45 @@ from defectlens.bundle import Bundle
 from defectlens.errors import DefectLensError
 from defectlens.export import load_onnx
 from defectlens.export.runtime import CACHE_DIR, RUNTIMES, RuntimeChoice, accelerate
+from defectlens.inference.tuning import Tuning, apply_threads, stored_tuning
+
+STORED = "stored"
 
 
-def load_model(path: str | os.PathLike, runtime: str = "auto") -> Bundle:
+def load_model(path: str | os.PathLike, runtime: str = "auto", tuning: Tuning | str | None = STORED) -> Bundle:
     """The model at ``path``, ready to score. ``runtime``: ``auto`` puts a .dlens model's backbones in
     ONNX Runtime when they match PyTorch there (the faster path), else keeps PyTorch; ``onnx``
-    insists on ONNX Runtime; ``torch`` keeps PyTorch. ``bundle.runtime`` says which it got and why."""
+    insists on ONNX Runtime; ``torch`` keeps PyTorch. ``bundle.runtime`` says which it got and why.
+    ``tuning``: this machine's stored ``benchmark --tune`` settings (``stored``), these, or none;
+    ``bundle.tuning`` holds what was applied."""
     if runtime not in RUNTIMES:
         raise DefectLensError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     path = Path(path)
+    if path.suffix.lower() == ".onnx" and runtime == "torch":
+        raise DefectLensError(f"{path}: an ONNX export runs in ONNX Runtime only; give the .dlens model for --runtime torch")
+    return _load(path, runtime, *_tuning(tuning))
+
+
+def _tuning(tuning: Tuning | str | None) -> tuple[Tuning | None, str]:
+    if tuning == STORED:
+        return stored_tuning()
+    if tuning is None or isinstance(tuning, Tuning):
+        return tuning, ""
+    raise DefectLensError(f"tuning must be {STORED!r}, a Tuning or None, got {tuning!r}")
+
+
+def _load(path: Path, runtime: str, tuning: Tuning | None, why_untuned: str) -> Bundle:
+    if tuning is not None:
+        apply_threads(tuning)  # before the sessions are made: they take the thread count then
     if path.suffix.lower() == ".onnx":
-        if runtime == "torch":
-            raise DefectLensError(f"{path}: an ONNX export runs in ONNX Runtime only; give the .dlens model for --runtime torch")
-        bundle = load_onnx(path)
+        bundle = load_onnx(path, threads=tuning.threads if tuning else 0)
         bundle.runtime = RuntimeChoice("onnx", "an exported file", 1, kinds=["whole"])
-        return bundle
-    bundle = Bundle.load(path)
-    if runtime == "torch":
-        bundle.runtime = RuntimeChoice("torch", "asked for with --runtime torch")
     else:
-        bundle.runtime = accelerate(bundle, path.parent / CACHE_DIR, required=runtime == "onnx")
+        bundle = Bundle.load(path)
+        if runtime == "torch":
+            bundle.runtime = RuntimeChoice("torch", "asked for with --runtime torch")
+        else:
+            bundle.runtime = accelerate(bundle, path.parent / CACHE_DIR, required=runtime == "onnx")
+    bundle.tuning = tuning
+    bundle.runtime.tuning = tuning.line() if tuning else f"untuned: {why_untuned}" if why_untuned else ""
     return bundle
