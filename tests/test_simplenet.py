@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from defectlens import create_detector, load_dataset
-from defectlens.detectors.simplenet import DiscriminatorScorer, SimpleNet, perlin_masks
+from defectlens.detectors.simplenet import DiscriminatorScorer, SimpleNet, perlin_masks, position_gaussians
 
 SMALL = {"image_size": 64, "embed_dim": 16, "hidden": 32}
 
@@ -94,3 +94,31 @@ def test_folded_scorer_scores_like_the_trained_one(frequencies):
         torch.testing.assert_close(net.discriminate(rows), expected)
     assert expected.shape == (3, 4, 5)
     assert (folded.positional_bias is not None) == (frequencies > 0)
+
+
+def test_position_gaussians_whiten_to_the_mahalanobis_distance():
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(40, 2, 3, 4, generator=gen) @ torch.randn(4, 4, generator=gen) + 5.0
+    means, whiteners = position_gaussians(feats)
+    assert means.shape == (6, 4) and whiteners.shape == (6, 4, 4)
+    x = torch.randn(5, 2, 3, 4, generator=gen) + 5.0
+    scorer = DiscriminatorScorer(4, 8, (2, 3)).use_gaussian(means, whiteners)
+    z = scorer.whiten(x).reshape(5, 6, 4)
+    for p in range(6):
+        w = whiteners[p].double()
+        precision = w @ w.T
+        d = x.reshape(5, 6, 4)[:, p].double() - means[p].double()
+        torch.testing.assert_close((z[:, p].double() ** 2).sum(1), torch.einsum("nd,de,ne->n", d, precision, d), rtol=1e-4, atol=1e-4)
+
+
+def test_a_gaussian_simplenet_round_trips_and_its_inference_copy_scores_alike(ds):
+    det = create_detector("simplenet", **SMALL, max_epochs=3, gaussian=True).fit(ds.train_good)
+    assert det.scorer_.whitener is not None and det.scorer_.quad is not None
+    again = SimpleNet(**det.get_params()).set_state({k: np.array(v) for k, v in det.get_state().items()})
+    paths = [s.path for s in ds.test]
+    s0, m0 = det.score(paths)
+    s1, m1 = again.score(paths)
+    np.testing.assert_array_equal(s0, s1)
+    np.testing.assert_array_equal(m0, m1)
+    plain = create_detector("simplenet", **SMALL, max_epochs=3).fit(ds.train_good)
+    assert plain.scorer_.whitener is None and "scorer.whitener" not in plain.get_state()  # older models load as before

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.covariance import ledoit_wolf
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
@@ -52,6 +53,7 @@ PERLIN_THRESHOLD = 0.2  # SuperSimpleNet's threshold on Perlin noise in about [-
 FULL_NOISE_SHARE = 0.25  # share of negative images changed everywhere, as SimpleNet noises every patch
 LEAKY_SLOPE = 0.2  # SimpleNet's discriminator
 MIN_STEPS = 32  # training steps per epoch at least
+QUAD_INIT = 0.5  # starting weight of the Gaussian's term (``gaussian``): one unit of it is one chi-square spread
 
 
 # -- Perlin noise masks ------------------------------------------------------------------------
@@ -116,9 +118,16 @@ class DiscriminatorScorer(nn.Module):
 
     encoding: torch.Tensor | None
     positional_bias: torch.Tensor | None
+    center: torch.Tensor | None
+    whitener: torch.Tensor | None
 
     def __init__(self, dim: int, hidden: int, shape: tuple[int, int], frequencies: int = 0, trainable: bool = True) -> None:
         super().__init__()
+        # with ``gaussian``: each position's Gaussian, (P, d) mean and (P, d, d) whitening matrix, and
+        # the learned weight of the whitened embedding's squared length (set by ``use_gaussian``)
+        self.register_buffer("center", None)
+        self.register_buffer("whitener", None)
+        self.register_parameter("quad", None)
         self.shape = (int(shape[0]), int(shape[1]))
         self.frequencies = frequencies
         self.adaptor = nn.Linear(dim, dim)
@@ -128,6 +137,19 @@ class DiscriminatorScorer(nn.Module):
         self.out = nn.Linear(hidden, 1)
         self.register_buffer("encoding", fourier_positions(self.shape, frequencies) if use_position else None)
         self.register_buffer("positional_bias", None)  # (h * w, hidden), in the folded copy
+
+    def use_gaussian(self, center: torch.Tensor, whitener: torch.Tensor, weight: float = QUAD_INIT) -> DiscriminatorScorer:
+        self.center, self.whitener = center, whitener
+        self.quad = nn.Parameter(torch.tensor(float(weight)))
+        return self
+
+    def whiten(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch grids (n, h, w, d) whitened per position, where the scorer has Gaussians."""
+        if self.whitener is None:
+            return x
+        assert self.center is not None
+        n, h, w, d = x.shape
+        return torch.einsum("npd,pde->npe", x.reshape(n, h * w, d) - self.center, self.whitener).reshape(n, h, w, d)
 
     def reset(self, gen: torch.Generator) -> DiscriminatorScorer:
         """Adaptor to the identity (training starts from the frozen features as they are);
@@ -157,10 +179,13 @@ class DiscriminatorScorer(nn.Module):
         pos = self._position_term()
         if pos is not None:
             pre = pre + pos
-        return self.out(F.leaky_relu(pre, LEAKY_SLOPE)).reshape(n, h, w)
+        logits = self.out(F.leaky_relu(pre, LEAKY_SLOPE)).reshape(n, h, w)
+        if self.quad is not None:  # the squared length, centred and scaled as a chi-square's with d degrees
+            logits = logits + self.quad * (((z * z).sum(-1) - d) / float(np.sqrt(2 * d)))
+        return logits
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        return self.discriminate(self.adaptor(emb.permute(0, 2, 3, 1)))
+        return self.discriminate(self.adaptor(self.whiten(emb.permute(0, 2, 3, 1))))
 
     def folded(self) -> DiscriminatorScorer:
         """The inference copy: frozen, with the positional term as a per-position bias (h * w, hidden)."""
@@ -172,6 +197,9 @@ class DiscriminatorScorer(nn.Module):
             fold.hidden.load_state_dict(self.hidden.state_dict())
             pos = self._position_term()
             fold.positional_bias = pos.detach().clone().contiguous() if pos is not None else None
+            if self.quad is not None:
+                assert self.center is not None and self.whitener is not None
+                fold.use_gaussian(self.center.clone(), self.whitener.clone(), float(self.quad))
         return fold.eval().requires_grad_(False)
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -184,9 +212,33 @@ class DiscriminatorScorer(nn.Module):
         scorer = cls(dim, hidden, shape, trainable=False)
         weights = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()}
         positional_bias = weights.pop("positional_bias", None)
+        gaussian = [weights.pop(k, None) for k in ("center", "whitener", "quad")]
         scorer.load_state_dict(weights)
         scorer.positional_bias = positional_bias
+        if gaussian[0] is not None:
+            center, whitener, quad = gaussian
+            assert whitener is not None and quad is not None
+            scorer.use_gaussian(center, whitener, float(quad))
         return scorer.eval().requires_grad_(False)
+
+
+def position_gaussians(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each grid position's Gaussian over training patch grids (n, h, w, d): the (P, d) means and
+    (P, d, d) whitening matrices W with W W^T the inverse of the Ledoit-Wolf-shrunk covariance, so
+    that ``(x - mean) @ W`` has the Mahalanobis distance as its length. One image has no spread to
+    estimate: its covariance is shrunk fully to the identity's scale."""
+    n, h, w, d = features.shape
+    x = features.reshape(n, h * w, d).double().numpy()
+    means = x.mean(axis=0)
+    covs = np.empty((h * w, d, d))
+    for p in range(h * w):
+        if n > 1:
+            covs[p] = ledoit_wolf(x[:, p])[0]
+        else:
+            covs[p] = np.eye(d) * max(float(np.mean(x[0, p] ** 2)), 1e-6)
+    covs += np.eye(d) * 1e-6 * np.trace(covs, axis1=1, axis2=2)[:, None, None] / d  # never singular
+    whiteners = np.linalg.cholesky(np.linalg.inv(covs))
+    return torch.from_numpy(means.astype(np.float32)), torch.from_numpy(np.ascontiguousarray(whiteners, dtype=np.float32))
 
 
 def fourier_positions(shape: tuple[int, int], frequencies: int) -> torch.Tensor:
@@ -226,6 +278,15 @@ class SimpleNet(FeatureDetector):
         far noise what lies well outside it: with levels within 2x of noise_std, defects on the
         generated discs (which move patches further than any noise did) scored *below* good
         parts; within 4x, bottle rose from 0.993 / 0.946 (image / pixel AUROC) to 1.000 / 0.965.
+    gaussian : also model each grid position as PaDiM does, and let the discriminator build on it:
+        every position's embeddings are whitened by a Gaussian fitted to the training patches there
+        (mean, Ledoit-Wolf-shrunk covariance), and the squared length of the whitened embedding
+        (that Gaussian's own anomaly score) enters the logit with a learned weight. Against
+        Gaussian-noise negatives that length is the sufficient statistic, which the two-layer
+        discriminator alone learns only in part. On Magnetic Tile, whose tiles are aligned, image
+        AUROC rose from 0.78 to 0.96 (whitening alone: 0.91); it costs a (d x d) matrix per
+        position in the model (16 MiB at 256 px and 64 dimensions). Off by default: on parts that
+        are not aligned a per-position Gaussian has little to say.
     positional : number of Fourier frequencies of the patch's grid coordinates the discriminator
         sees (0: none, as in the papers, which score every position alike). Aligned parts look
         different in different places (an edge is good at the border, a crack in the middle).
@@ -265,6 +326,7 @@ class SimpleNet(FeatureDetector):
         hidden: int = 128,
         noise_std: float = 2.0,
         noise_range: float = 4.0,
+        gaussian: bool = False,
         positional: int = 4,
         shift_share: float = 0.5,
         max_epochs: int = 40,
@@ -286,6 +348,7 @@ class SimpleNet(FeatureDetector):
         self.hidden = hidden
         self.noise_std = noise_std
         self.noise_range = noise_range
+        self.gaussian = gaussian
         self.positional = positional
         self.shift_share = shift_share
         self.max_epochs = max_epochs
@@ -409,6 +472,10 @@ class SimpleNet(FeatureDetector):
         gen = torch.Generator().manual_seed(self.random_state)
         train_ids, val_ids = self._split(len(features), gen)
         n, h, w, d = len(train_ids), *features.shape[1:]
+        gaussian = position_gaussians(features[train_ids].float()) if self.gaussian else None
+        if gaussian is not None:  # the whole training runs on whitened embeddings, as the scorer will see them
+            whiten = DiscriminatorScorer(d, 1, (h, w)).use_gaussian(*gaussian).whiten
+            features = torch.cat([whiten(features[i : i + 64].float()) for i in range(0, len(features), 64)]).half()
         std = features[train_ids].reshape(-1, d)[:: max(1, (n * h * w) // 200_000)].float().std(dim=0)
         # the unit of noise: the median channel's spread (PCA channels' spreads fall steeply;
         # the median sits where a defect's change and the good variation are alike)
@@ -419,6 +486,8 @@ class SimpleNet(FeatureDetector):
         train = (features[train_ids].float() / self.input_scale_).half()
         unit = self.noise_unit_ / self.input_scale_
         defects = self._synthetic_validation(images, val_ids) if images is not None and len(val_ids) < len(features) else None
+        if defects is not None and gaussian is not None:
+            defects = whiten(defects)
         if defects is not None:
             val_x = torch.cat([features[val_ids].float(), defects]) / self.input_scale_
             val_y = np.r_[np.zeros(len(val_ids)), np.ones(len(defects))]
@@ -428,6 +497,8 @@ class SimpleNet(FeatureDetector):
             self.validation_ = "feature noise"
 
         net = DiscriminatorScorer(d, self.hidden, (h, w), self.positional).reset(gen)
+        if gaussian is not None:
+            net.use_gaussian(*gaussian)
         opt = torch.optim.Adam(net.parameters(), lr=self.lr)
         history: dict[str, list[float]] = {"loss": [], "val_auroc": []}
         best, best_state, best_epoch, stale = -1.0, None, 0, 0
@@ -533,4 +604,4 @@ class SimpleNet(FeatureDetector):
         return self
 
 
-__all__ = ["DiscriminatorScorer", "SimpleNet", "perlin_masks", "perlin_noise"]
+__all__ = ["DiscriminatorScorer", "SimpleNet", "perlin_masks", "perlin_noise", "position_gaussians"]
