@@ -112,7 +112,7 @@ def test_position_gaussians_whiten_to_the_mahalanobis_distance():
 
 
 def test_a_gaussian_simplenet_round_trips_and_its_inference_copy_scores_alike(ds):
-    det = create_detector("simplenet", **SMALL, max_epochs=3, gaussian=True).fit(ds.train_good)
+    det = create_detector("simplenet", **SMALL, max_epochs=3).fit(ds.train_good)  # the default
     assert det.scorer_.whitener is not None and det.scorer_.quad is not None
     again = SimpleNet(**det.get_params()).set_state({k: np.array(v) for k, v in det.get_state().items()})
     paths = [s.path for s in ds.test]
@@ -120,5 +120,9 @@ def test_a_gaussian_simplenet_round_trips_and_its_inference_copy_scores_alike(ds
     s1, m1 = again.score(paths)
     np.testing.assert_array_equal(s0, s1)
     np.testing.assert_array_equal(m0, m1)
-    plain = create_detector("simplenet", **SMALL, max_epochs=3).fit(ds.train_good)
-    assert plain.scorer_.whitener is None and "scorer.whitener" not in plain.get_state()  # older models load as before
+    plain = create_detector("simplenet", **SMALL, max_epochs=3, gaussian=False).fit(ds.train_good)
+    state = plain.get_state()
+    assert plain.scorer_.whitener is None and "scorer.whitener" not in state
+    old = SimpleNet(**{k: v for k, v in plain.get_params().items() if k != "gaussian"}).set_state(state)  # saved before the setting
+    assert old.gaussian is False and old.scorer_.whitener is None
+    np.testing.assert_array_equal(old.score(paths)[0], plain.score(paths)[0])
