@@ -151,6 +151,28 @@ def test_roles_and_the_audit_log(line):
     assert protected.get("/health").status_code == 200  # liveness stays open for the orchestrator
 
 
+def test_a_threshold_change_with_the_database_away_changes_nothing(line, monkeypatch):
+    """The change and its audit entry are one transaction, stored before the line judges by it:
+    a database that is away refuses the request, and the threshold stays as it was."""
+    from defectlens.history.store import HistoryStore, StoreUnavailable
+
+    client = client_for(line)
+    before = client.get("/api/models/discs/threshold").json()["threshold"]
+
+    def away(self, *args, **kwargs):
+        raise StoreUnavailable("history database unavailable (connection refused)")
+
+    monkeypatch.setattr(HistoryStore, "_insert", away)
+    answer = client.put("/api/models/discs/threshold", json={"threshold": before * 2, "reason": "outage"}, headers=ADMIN)
+    assert answer.status_code == 503 and "unavailable" in answer.json()["error"]
+    monkeypatch.undo()
+    assert client.get("/api/models/discs/threshold").json()["threshold"] == before
+    assert client.get("/api/audit").json()["items"] == []
+    assert client.put("/api/models/discs/threshold", json={"threshold": before * 2, "reason": "back"}, headers=ADMIN).status_code == 200
+    assert client.get("/api/models/discs/threshold").json()["threshold"] == before * 2
+    assert [e["action"] for e in client.get("/api/audit").json()["items"]] == ["threshold.set"]
+
+
 def test_drift_status_and_metrics(line, tiny_dataset):
     client = client_for(line)
     for data in shifted_goods(tiny_dataset)[:12]:

@@ -21,12 +21,13 @@ Score: each patch's anomaly logit; the image score is the largest patch logit, t
 upsampled, smoothed logit grid. The adaptor and the discriminator are one module
 (:class:`DiscriminatorScorer`), which PyTorch inference and the ONNX graph both run.
 
-Measured (``benchmark.run_benchmark`` with the time limit lifted, 256 px, 2-core CPU): MVTec bottle
-image AUROC 0.996, pixel 0.968, fit 19 s for 209 images; Magnetic Tile 0.792 and 0.664, fit 31 s
-for 761 (validated on feature noise instead: bottle 0.995 / 0.963, Magnetic Tile 0.773 / 0.614).
 Magnetic Tile needs what PaDiM models, a covariance per grid position: on these very features a
-Gaussian per position scores 0.959, one Gaussian for all positions 0.63, and the discriminator,
-though it sees positions, learns only part of that. Fit ``padim`` on such aligned textures.
+Gaussian per position scored 0.959, one Gaussian for all positions 0.63, and the discriminator,
+though it sees positions, learned only part of that (0.78). So by default (``gaussian``) each
+position's embeddings are whitened by their own Gaussian before the adaptor, and that Gaussian's
+score (the whitened embedding's squared length) is a term of the logit with a learned weight:
+Magnetic Tile 0.962, bottle 0.994, AITEX 0.773, DeepPCB 0.616 (``defectlens benchmark
+../shared/datasets --detectors simplenet``, 2026-12-04; docs/measurements.md has both tables).
 """
 
 from __future__ import annotations

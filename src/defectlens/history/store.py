@@ -210,10 +210,16 @@ class HistoryStore:
             return int(conn.execute(sa.select(sa.func.count()).select_from(inspections)).scalar_one())
 
     # -- thresholds -------------------------------------------------------------------------
-    def record_threshold_change(self, model: str, checksum: str, action: str, old: float, new: float, reason: str, actor: str) -> dict[str, Any]:
-        row = {"created_at": utcnow(), "model": model, "model_checksum": checksum, "action": action,
+    def record_threshold_change(self, model: str, checksum: str, action: str, old: float, new: float, reason: str, actor: str,
+                                role: str | None = None) -> dict[str, Any]:
+        """The change, and with ``role`` its audit-log entry, in one transaction: either both are
+        stored or neither (a database that goes away between them cannot leave a change unaudited)."""
+        now = utcnow()
+        row = {"created_at": now, "model": model, "model_checksum": checksum, "action": action,
                "old_threshold": old, "new_threshold": new, "reason": reason[:512], "actor": actor}
-        return self._insert(threshold_changes, row)
+        audit = None if role is None else {"created_at": now, "actor": actor, "role": role, "action": f"threshold.{action}"[:32],
+                                           "model": model, "details": {"old": old, "new": new, "reason": reason[:512]}}
+        return self._insert(threshold_changes, row, *([(audit_log, audit)] if audit else []))
 
     def threshold_history(self, model: str, checksum: str) -> list[dict[str, Any]]:
         """Changes to this exact model file, oldest first (a new file starts from its calibration)."""
@@ -282,10 +288,13 @@ class HistoryStore:
             return int(total), [_row(r) for r in rows]
 
     # -- helpers ----------------------------------------------------------------------------
-    def _insert(self, table: sa.Table, row: dict[str, Any]) -> dict[str, Any]:
+    def _insert(self, table: sa.Table, row: dict[str, Any], *also: tuple[sa.Table, dict[str, Any]]) -> dict[str, Any]:
+        """Insert ``row`` (and the ``also`` rows, in the same transaction); the first row back with its id."""
         try:
             with _available(self.url, writing=True), self._writing(), self.engine.begin() as conn:
                 row = {**row, "id": conn.execute(table.insert().values(**row)).inserted_primary_key[0]}
+                for other, values in also:
+                    conn.execute(other.insert().values(**values))
         except IntegrityError as exc:
             raise StoreError(f"{masked_url(self.url)}: row refused ({_reason(exc)})") from None
         return _row(row)

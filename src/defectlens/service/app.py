@@ -376,21 +376,15 @@ def create_app(service: InspectionService) -> FastAPI:
 
     @app.put("/api/models/{name}/threshold", tags=["threshold"])
     def set_threshold(name: str, body: ThresholdIn, caller: Caller = Depends(admin)) -> dict:
-        change = service.registry.set_threshold(name, body.threshold, body.reason, caller.actor)
-        service.audit(caller, "threshold.set", name, {"old": change["old_threshold"], "new": change["new_threshold"], "reason": body.reason})
-        return change
+        return service.registry.set_threshold(name, body.threshold, body.reason, caller.actor, caller.role)
 
     @app.post("/api/models/{name}/threshold/undo", tags=["threshold"])
     def undo_threshold(name: str, caller: Caller = Depends(admin)) -> dict:
-        change = service.registry.undo_threshold(name, caller.actor)
-        service.audit(caller, "threshold.undo", name, {"old": change["old_threshold"], "new": change["new_threshold"]})
-        return change
+        return service.registry.undo_threshold(name, caller.actor, caller.role)
 
     @app.delete("/api/models/{name}/threshold", tags=["threshold"])
     def reset_threshold(name: str, body: ReasonIn | None = None, caller: Caller = Depends(admin)) -> dict:
-        change = service.registry.reset_threshold(name, body.reason if body else "", caller.actor)
-        service.audit(caller, "threshold.reset", name, {"old": change["old_threshold"], "new": change["new_threshold"]})
-        return change
+        return service.registry.reset_threshold(name, body.reason if body else "", caller.actor, caller.role)
 
     # -- inspection -------------------------------------------------------------------------
     @app.post("/api/models/{name}/inspect", tags=["inspect"], openapi_extra=_UPLOAD_DOC)

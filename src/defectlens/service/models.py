@@ -259,14 +259,17 @@ class ModelRegistry:
         return list(self._models.values())
 
     # -- thresholds -------------------------------------------------------------------------
-    def set_threshold(self, name: str, value: float, reason: str, actor: str) -> dict[str, Any]:
+    # A change is stored (with its audit entry, when ``role`` is given) before it is applied: with the
+    # database away the request fails and the line keeps judging at the threshold it had.
+    def set_threshold(self, name: str, value: float, reason: str, actor: str, role: str | None = None) -> dict[str, Any]:
         with self._changing[name]:
             model = self.get(name)
             old = model.require_threshold()
+            change = self.store.record_threshold_change(name, model.checksum, "set", old, value, reason, actor, role)
             model.apply_threshold(value)
-            return self.store.record_threshold_change(name, model.checksum, "set", old, value, reason, actor)
+            return change
 
-    def undo_threshold(self, name: str, actor: str) -> dict[str, Any]:
+    def undo_threshold(self, name: str, actor: str, role: str | None = None) -> dict[str, Any]:
         """Step back over the last change (an undo of an undo redoes it, like any editor)."""
         with self._changing[name]:
             model = self.get(name)
@@ -274,15 +277,17 @@ class ModelRegistry:
             if not changes:
                 raise ModelConflict(f"model '{name}' runs at its calibrated threshold: nothing to undo")
             last = changes[-1]
+            change = self.store.record_threshold_change(name, model.checksum, "undo", last["new_threshold"], last["old_threshold"],
+                                                        f"undo of change {last['id']}", actor, role)
             model.apply_threshold(last["old_threshold"])
-            return self.store.record_threshold_change(name, model.checksum, "undo", last["new_threshold"], last["old_threshold"],
-                                                      f"undo of change {last['id']}", actor)
+            return change
 
-    def reset_threshold(self, name: str, reason: str, actor: str) -> dict[str, Any]:
+    def reset_threshold(self, name: str, reason: str, actor: str, role: str | None = None) -> dict[str, Any]:
         with self._changing[name]:
             model = self.get(name)
             old = model.require_threshold()
             calibrated = model.calibrated_threshold
             assert calibrated is not None  # require_threshold refused an uncalibrated model
+            change = self.store.record_threshold_change(name, model.checksum, "reset", old, calibrated, reason or "back to calibration", actor, role)
             model.apply_threshold(calibrated)
-            return self.store.record_threshold_change(name, model.checksum, "reset", old, calibrated, reason or "back to calibration", actor)
+            return change
