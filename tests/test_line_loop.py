@@ -153,7 +153,7 @@ def test_roles_and_the_audit_log(line):
 
 def test_a_threshold_change_with_the_database_away_changes_nothing(line, monkeypatch):
     """The change and its audit entry are one transaction, stored before the line judges by it:
-    a database that is away refuses the request, and the threshold stays as it was."""
+    a database that is away refuses the request, and the threshold stays as it was (an unload too)."""
     from defectlens.history.store import HistoryStore, StoreUnavailable
 
     client = client_for(line)
@@ -165,6 +165,8 @@ def test_a_threshold_change_with_the_database_away_changes_nothing(line, monkeyp
     monkeypatch.setattr(HistoryStore, "_insert", away)
     answer = client.put("/api/models/discs/threshold", json={"threshold": before * 2, "reason": "outage"}, headers=ADMIN)
     assert answer.status_code == 503 and "unavailable" in answer.json()["error"]
+    assert client.delete("/api/models/discs", headers=ADMIN).status_code == 503  # nor is a model unloaded unaudited
+    assert [m["name"] for m in client.get("/api/models").json()["loaded"]] == ["discs"]
     monkeypatch.undo()
     assert client.get("/api/models/discs/threshold").json()["threshold"] == before
     assert client.get("/api/audit").json()["items"] == []

@@ -349,8 +349,9 @@ def create_app(service: InspectionService) -> FastAPI:
 
     @app.delete("/api/models/{name}", tags=["models"])
     def unload(name: str, caller: Caller = Depends(admin)) -> dict:
+        service.registry.get(name)  # an unknown name is refused before anything is written
+        service.audit(caller, "model.unload", name, {})  # first: with the database away the model stays loaded
         service.registry.unload(name)
-        service.audit(caller, "model.unload", name, {})
         return {"unloaded": name}
 
     @app.get("/api/models/{name}/versions", tags=["models"])
