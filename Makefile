@@ -45,9 +45,10 @@ demo: setup
 test: setup browser postgres mosquitto lint docs
 	$(PY) -m pytest -q
 
-# Day-to-day lane: everything but the tests marked slow (real data sets, browsers, servers, Ray).
+# Day-to-day lane: everything but the tests marked slow (real data sets, browsers, servers, Ray)
+# or integration (the service, line loop, watcher and batch engines end to end).
 test-fast: setup lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not integration"
 
 # Style, and the layering of the data path (pyproject.toml, [tool.importlinter]).
 lint: setup

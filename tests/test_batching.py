@@ -13,6 +13,8 @@ from defectlens.service.batching import Batcher, BatchSettings, Busy
 
 from .test_service_api import make_client
 
+pytestmark = pytest.mark.integration  # the service, line loop, watcher or engines end to end: not for the fast lane
+
 
 def test_concurrent_requests_share_passes_and_each_gets_its_own_result():
     sizes: list[int] = []

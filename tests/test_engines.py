@@ -15,6 +15,8 @@ from defectlens.cli import main
 
 from .conftest import ray_worker_pids
 
+pytestmark = pytest.mark.integration  # the service, line loop, watcher or engines end to end: not for the fast lane
+
 
 def sources(out) -> list[str]:
     return [json.loads(line)["source"] for line in (out / "results.jsonl").read_text().splitlines()]

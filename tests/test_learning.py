@@ -10,6 +10,8 @@ from defectlens.data.images import load_rgb
 from defectlens.detectors.coreset import extend_coreset
 from defectlens.errors import DefectLensError
 
+pytestmark = pytest.mark.integration  # the service, line loop, watcher or engines end to end: not for the fast lane
+
 
 def moved(path, gain: float = 1.35, offset: float = 0.08) -> np.ndarray:
     """A good part photographed on a moved line: brighter lamp, lifted blacks."""

@@ -15,6 +15,8 @@ from PIL import Image
 from defectlens.data.images import load_rgb
 from defectlens.service.app import InspectionService, ServiceSettings, create_app
 
+pytestmark = pytest.mark.integration  # the service, line loop, watcher or engines end to end: not for the fast lane
+
 ADMIN = {"X-API-Key": "boss"}
 OPERATOR = {"X-API-Key": "op-1"}
 VIEWER = {"X-API-Key": "look"}

@@ -15,6 +15,8 @@ from PIL import Image
 from defectlens import Inspector
 from defectlens.service.app import InspectionService, ServiceSettings, create_app
 
+pytestmark = pytest.mark.integration  # the service, line loop, watcher or engines end to end: not for the fast lane
+
 KEY = {"X-API-Key": "secret-1"}
 
 

@@ -20,6 +20,8 @@ from defectlens.publish import Outbox
 from defectlens.publish.outbox import DeliveryError
 from defectlens.station.watch import FolderSource, Watcher
 
+pytestmark = pytest.mark.integration  # the service, line loop, watcher or engines end to end: not for the fast lane
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
