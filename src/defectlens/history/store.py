@@ -60,6 +60,12 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _audit_row(actor: str, role: str, action: str, model: str | None, details: dict[str, Any] | None,
+               created_at: datetime | None = None) -> dict[str, Any]:
+    return {"created_at": created_at or utcnow(), "actor": actor, "role": role, "action": action[:32], "model": model,
+            "details": details or {}}
+
+
 def as_utc(value: datetime) -> datetime:
     """SQLite hands datetimes back without their zone; every stored time is UTC."""
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
@@ -217,9 +223,9 @@ class HistoryStore:
         now = utcnow()
         row = {"created_at": now, "model": model, "model_checksum": checksum, "action": action,
                "old_threshold": old, "new_threshold": new, "reason": reason[:512], "actor": actor}
-        audit = None if role is None else {"created_at": now, "actor": actor, "role": role, "action": f"threshold.{action}"[:32],
-                                           "model": model, "details": {"old": old, "new": new, "reason": reason[:512]}}
-        return self._insert(threshold_changes, row, *([(audit_log, audit)] if audit else []))
+        also = [] if role is None else [(audit_log, _audit_row(actor, role, f"threshold.{action}", model,
+                                                              {"old": old, "new": new, "reason": reason[:512]}, now))]
+        return self._insert(threshold_changes, row, *also)
 
     def threshold_history(self, model: str, checksum: str) -> list[dict[str, Any]]:
         """Changes to this exact model file, oldest first (a new file starts from its calibration)."""
@@ -277,8 +283,7 @@ class HistoryStore:
             return [_row(r) for r in rows]
 
     def audit(self, actor: str, role: str, action: str, model: str | None = None, details: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self._insert(audit_log, {"created_at": utcnow(), "actor": actor, "role": role, "action": action[:32],
-                                        "model": model, "details": details or {}})
+        return self._insert(audit_log, _audit_row(actor, role, action, model, details))
 
     def audit_entries(self, limit: int = 100, offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
         """Newest first."""
