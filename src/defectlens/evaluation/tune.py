@@ -95,13 +95,10 @@ def _rate(inspector: Inspector, paths: list) -> float:
 
 
 def _measure(inspectors: dict[int, Inspector], points: list[Point], paths: list, rounds: int) -> None:
-    import faiss
-
     for _ in range(max(1, rounds)):
         for p in points:
             inspector = inspectors[p.threads]
-            torch.set_num_threads(p.threads)
-            faiss.omp_set_num_threads(p.faiss_threads)
+            apply_threads(p.threads, p.faiss_threads)
             inspector.batch_size, inspector.decode_workers = p.batch_size, p.decode_workers
             p.images_per_s = max(p.images_per_s, _rate(inspector, paths))
 
@@ -154,10 +151,10 @@ def run_tune(data: str | Path, detector: str = "patchcore", params: dict | None 
                 win = _pick([win, *others])
             latency = {}
             for t, inspector in inspectors.items():
-                apply_threads(Tuning(t, 1, 1, t))
+                apply_threads(t, t)
                 latency[t] = _latency(inspector, paths)
     finally:
-        apply_threads(Tuning(untuned, 1, 1, untuned))
+        apply_threads(untuned, untuned)
     chosen = Tuning(win.threads, win.batch_size, win.decode_workers, win.faiss_threads,
                     measured=f"{date.today().isoformat()}, {detector} on {ds.name}", images_per_s=round(win.images_per_s, 2),
                     default_images_per_s=round(default.images_per_s, 2))

@@ -40,7 +40,7 @@ def _tuning(tuning: Tuning | str | None) -> tuple[Tuning | None, str]:
 
 def _load(path: Path, runtime: str, tuning: Tuning | None, why_untuned: str) -> Bundle:
     if tuning is not None:
-        apply_threads(tuning)  # before the sessions are made: they take the thread count then
+        apply_threads(tuning.threads, tuning.faiss_threads)  # before the sessions are made: they take the thread count then
     if path.suffix.lower() == ".onnx":
         bundle = load_onnx(path, threads=tuning.threads if tuning else 0)
         bundle.runtime = RuntimeChoice("onnx", "an exported file", 1, kinds=["whole"])

@@ -88,17 +88,17 @@ def save_tuning(tuning: Tuning, path: Path | None = None) -> Path:
     return path
 
 
-def apply_threads(tuning: Tuning) -> None:
+def apply_threads(threads: int, faiss_threads: int) -> None:
     """Set the process's thread counts. Before a model's ONNX Runtime sessions are made: they take
     PyTorch's count when they are created."""
     import torch
 
-    torch.set_num_threads(tuning.threads)
+    torch.set_num_threads(threads)
     try:
         import faiss
     except ImportError:
         return
-    faiss.omp_set_num_threads(tuning.faiss_threads)
+    faiss.omp_set_num_threads(faiss_threads)
 
 
 __all__ = ["TUNING_ENV", "Tuning", "apply_threads", "save_tuning", "stored_tuning", "tuning_file"]
