@@ -149,8 +149,7 @@ class DiscriminatorScorer(nn.Module):
         if self.whitener is None:
             return x
         assert self.center is not None
-        n, h, w, d = x.shape
-        return torch.einsum("npd,pde->npe", x.reshape(n, h * w, d) - self.center, self.whitener).reshape(n, h, w, d)
+        return whiten(x, self.center, self.whitener)
 
     def reset(self, gen: torch.Generator) -> DiscriminatorScorer:
         """Adaptor to the identity (training starts from the frozen features as they are);
@@ -221,6 +220,12 @@ class DiscriminatorScorer(nn.Module):
             assert whitener is not None and quad is not None
             scorer.use_gaussian(center, whitener, float(quad))
         return scorer.eval().requires_grad_(False)
+
+
+def whiten(x: torch.Tensor, center: torch.Tensor, whitener: torch.Tensor) -> torch.Tensor:
+    """Patch grids (n, h, w, d) whitened by (P, d) means and (P, d, d) whitening matrices."""
+    n, h, w, d = x.shape
+    return torch.einsum("npd,pde->npe", x.reshape(n, h * w, d) - center, whitener).reshape(n, h, w, d)
 
 
 def position_gaussians(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,8 +482,7 @@ class SimpleNet(FeatureDetector):
         n, h, w, d = len(train_ids), *features.shape[1:]
         gaussian = position_gaussians(features[train_ids].float()) if self.gaussian else None
         if gaussian is not None:  # the whole training runs on whitened embeddings, as the scorer will see them
-            whiten = DiscriminatorScorer(d, 1, (h, w)).use_gaussian(*gaussian).whiten
-            features = torch.cat([whiten(features[i : i + 64].float()) for i in range(0, len(features), 64)]).half()
+            features = torch.cat([whiten(features[i : i + 64].float(), *gaussian) for i in range(0, len(features), 64)]).half()
         std = features[train_ids].reshape(-1, d)[:: max(1, (n * h * w) // 200_000)].float().std(dim=0)
         # the unit of noise: the median channel's spread (PCA channels' spreads fall steeply;
         # the median sits where a defect's change and the good variation are alike)
@@ -490,7 +494,7 @@ class SimpleNet(FeatureDetector):
         unit = self.noise_unit_ / self.input_scale_
         defects = self._synthetic_validation(images, val_ids) if images is not None and len(val_ids) < len(features) else None
         if defects is not None and gaussian is not None:
-            defects = whiten(defects)
+            defects = whiten(defects, *gaussian)
         if defects is not None:
             val_x = torch.cat([features[val_ids].float(), defects]) / self.input_scale_
             val_y = np.r_[np.zeros(len(val_ids)), np.ones(len(defects))]
