@@ -170,3 +170,19 @@ def test_the_budget_counts_work_not_waiting():
     while work_clock() - t0 < 0.05:  # busy: the clock moves
         x += 1
     assert x > 0
+
+
+def test_the_selection_benchmark_compares_the_pick_with_the_real_best_both_fitted_on_all_images():
+    from defectlens.evaluation.selection_benchmark import CategorySelection, finalist, markdown_category
+
+    pool = [Candidate("padim/blocks", "padim", {"features": "blocks"}), Candidate("simplenet", "simplenet")]
+    assert finalist("simplenet", pool) is pool[1]
+    glob = finalist("padim/blocks+global", pool)
+    assert (glob.spec, glob.params) == ("global:padim", {"features": "blocks"})
+    fit = {"image_auroc": 0.957, "pixel_auroc": 0.76, "aupro": 0.78, "f1_max": 0.9, "fit_s": 60.0, "ms_per_image": 18.0, "train_images": 761}
+    rivals = [{**fit, "label": "simplenet", "image_auroc": 0.962}, {**fit, "label": "padim/blocks+global", "image_auroc": 0.969}]
+    entry = CategorySelection("magnetic_tile", "padim/blocks", chosen_test_auroc=0.898, best_label="simplenet", best_test_auroc=0.918,
+                              full_fit=fit, rivals_full_fit=rivals)
+    text = markdown_category(entry)
+    assert "gap 0.020." in text and "simplenet 0.962 (fit 60.0 s), padim/blocks+global 0.969" in text
+    assert "to the best of them on all training images 0.012" in text
