@@ -42,13 +42,19 @@ mosquitto:
 demo: setup
 	$(VENV)/bin/defectlens demo
 
+# pytest-xdist: two workers keep both cores busy while the other waits on a server, a browser or a
+# subprocess; each worker takes its share of the cores (tests/conftest.py). The Ray tests find
+# Ray's processes by name, so they share one worker (xdist_group) and never see each other's.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadgroup
+
 test: setup browser postgres mosquitto lint docs
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 # Day-to-day lane: everything but the tests marked slow (real data sets, browsers, servers, Ray)
 # or integration (the service, line loop, watcher and batch engines end to end).
 test-fast: setup lint
-	$(PY) -m pytest -q -m "not slow and not integration"
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow and not integration"
 
 # Style, and the layering of the data path (pyproject.toml, [tool.importlinter]).
 lint: setup

@@ -15,6 +15,13 @@ from defectlens.inference.tuning import TUNING_ENV
 # a tuning stored on the developer's machine changes speed only, but the suite runs as CI does
 os.environ.setdefault(TUNING_ENV, "off")
 
+# `make test` runs two pytest-xdist workers on two cores: each gets its share of the cores for its
+# thread pools (and passes it to the servers and CLIs it starts), so the two never oversubscribe them
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_share))
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 

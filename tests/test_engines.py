@@ -15,7 +15,7 @@ from defectlens.cli import main
 
 from .conftest import ray_worker_pids
 
-pytestmark = pytest.mark.integration  # the service, line loop, watcher or engines end to end: not for the fast lane
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("ray")]  # the service, line loop, watcher or engines end to end: not for the fast lane
 
 
 def sources(out) -> list[str]:

@@ -23,7 +23,7 @@ from defectlens.data.images import flatten_inputs
 from .conftest import ray_worker_pids
 from .servers import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 RAY = Path(sys.executable).parent / "ray"
 # the head notices a dead node in about 2 s instead of Ray's default 30 s, so the test stays short
 FAST_HEALTH_CHECK = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "500",
