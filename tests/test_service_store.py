@@ -82,3 +82,32 @@ def test_threshold_history_belongs_to_one_model_file(store):
     assert [c["new_threshold"] for c in store.threshold_history("bottle", "a" * 64)] == [1.2, 1.0]
     assert [c["reason"] for c in store.threshold_history("bottle", "b" * 64)] == ["new model"]
     assert store.threshold_history("tile", "a" * 64) == []
+
+
+def test_feedback_and_what_became_of_it_are_stored_with_their_audit_entries_or_not_at_all(store, monkeypatch):
+    """A database lost between the feedback row and its audit entry must leave neither: both go
+    in one transaction, as the learning's status change and its 'model.learn' entry do."""
+    import sqlalchemy as sa
+
+    from defectlens.history import store as store_module
+    from defectlens.history.store import StoreError
+
+    inspection = store.record(row("r1"))[0]["id"]
+
+    def lost(*args, **kwargs):
+        raise sa.exc.OperationalError("INSERT INTO audit_log", {}, ConnectionError("server closed the connection"))
+
+    monkeypatch.setattr(store_module, "audit_row", lost)
+    with pytest.raises(StoreError):
+        store.record_feedback(inspection, "bottle", "good", "", "operator:ab12", "queued", role="operator")
+    assert store.feedback() == [] and store.audit_entries()[0] == 0
+    monkeypatch.undo()
+    fb = store.record_feedback(inspection, "bottle", "good", "", "operator:ab12", "queued", role="operator")
+    (entry,) = store.audit_entries()[1]
+    assert (entry["action"], entry["details"]["feedback_id"]) == ("feedback", fb["id"])
+    learned = store_module.audit_row("operator:ab12", "operator", "model.learn", "bottle", {"feedback_ids": [fb["id"]]})
+    with pytest.raises(StoreError):  # the audit entry fails inside the transaction: the status change is rolled back
+        store.update_feedback(fb["id"], "learned", None, "d" * 64, audit={**learned, "no_such_column": 1})
+    assert store.feedback()[0]["status"] == "queued" and store.audit_entries()[0] == 1
+    store.update_feedback(fb["id"], "learned", None, "d" * 64, audit=learned)
+    assert store.feedback()[0]["status"] == "learned" and store.audit_entries()[0] == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,7 +61,7 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _audit_row(actor: str, role: str, action: str, model: str | None, details: dict[str, Any] | None,
+def audit_row(actor: str, role: str, action: str, model: str | None, details: dict[str, Any] | None,
                created_at: datetime | None = None) -> dict[str, Any]:
     return {"created_at": created_at or utcnow(), "actor": actor, "role": role, "action": action[:32], "model": model,
             "details": details or {}}
@@ -223,7 +224,7 @@ class HistoryStore:
         now = utcnow()
         row = {"created_at": now, "model": model, "model_checksum": checksum, "action": action,
                "old_threshold": old, "new_threshold": new, "reason": reason[:512], "actor": actor}
-        also = [] if role is None else [(audit_log, _audit_row(actor, role, f"threshold.{action}", model,
+        also = [] if role is None else [(audit_log, audit_row(actor, role, f"threshold.{action}", model,
                                                               {"old": old, "new": new, "reason": reason[:512]}, now))]
         return self._insert(threshold_changes, row, *also)
 
@@ -236,16 +237,25 @@ class HistoryStore:
 
     # -- feedback, model versions, audit --------------------------------------------------------
     def record_feedback(self, inspection_id: int, model: str, label: str, note: str, actor: str, status: str,
-                        reason: str | None = None, model_checksum: str | None = None, defect_type: str | None = None) -> dict[str, Any]:
-        row = {"created_at": utcnow(), "inspection_id": inspection_id, "model": model, "label": label, "defect_type": defect_type, "note": note[:512],
+                        reason: str | None = None, model_checksum: str | None = None, defect_type: str | None = None,
+                        role: str | None = None) -> dict[str, Any]:
+        """The feedback, and with ``role`` its audit-log entry, in one transaction (as a threshold change)."""
+        now = utcnow()
+        row = {"created_at": now, "inspection_id": inspection_id, "model": model, "label": label, "defect_type": defect_type, "note": note[:512],
                "actor": actor, "status": status, "reason": None if reason is None else reason[:512], "model_checksum": model_checksum}
-        return self._insert(feedback, row)
+        also = [] if role is None else [(audit_log, lambda new_id: audit_row(
+            actor, role, "feedback", model, {"inspection_id": inspection_id, "label": label, "feedback_id": new_id}, now))]
+        return self._insert(feedback, row, *also)
 
-    def update_feedback(self, feedback_id: int, status: str, reason: str | None = None, model_checksum: str | None = None) -> None:
-        """Only what became of the feedback changes (learned, queued); who said what never does."""
-        with self._writing(), self.engine.begin() as conn:
+    def update_feedback(self, feedback_id: int, status: str, reason: str | None = None, model_checksum: str | None = None,
+                        audit: dict[str, Any] | None = None) -> None:
+        """Only what became of the feedback changes (learned, queued); who said what never does.
+        ``audit`` (an audit-log row, see ``audit_row``) is stored in the same transaction."""
+        with _available(self.url, writing=True), self._writing(), self.engine.begin() as conn:
             conn.execute(feedback.update().where(feedback.c.id == feedback_id)
                          .values(status=status, reason=None if reason is None else reason[:512], model_checksum=model_checksum))
+            if audit is not None:
+                conn.execute(audit_log.insert().values(**audit))
 
     def feedback(self, model: str | None = None, inspection_id: int | None = None, label: str | None = None, status: str | None = None,
                  limit: int = 500) -> list[dict[str, Any]]:
@@ -283,7 +293,7 @@ class HistoryStore:
             return [_row(r) for r in rows]
 
     def audit(self, actor: str, role: str, action: str, model: str | None = None, details: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self._insert(audit_log, _audit_row(actor, role, action, model, details))
+        return self._insert(audit_log, audit_row(actor, role, action, model, details))
 
     def audit_entries(self, limit: int = 100, offset: int = 0) -> tuple[int, list[dict[str, Any]]]:
         """Newest first."""
@@ -293,13 +303,15 @@ class HistoryStore:
             return int(total), [_row(r) for r in rows]
 
     # -- helpers ----------------------------------------------------------------------------
-    def _insert(self, table: sa.Table, row: dict[str, Any], *also: tuple[sa.Table, dict[str, Any]]) -> dict[str, Any]:
-        """Insert ``row`` (and the ``also`` rows, in the same transaction); the first row back with its id."""
+    def _insert(self, table: sa.Table, row: dict[str, Any],
+                *also: tuple[sa.Table, dict[str, Any] | Callable[[int], dict[str, Any]]]) -> dict[str, Any]:
+        """Insert ``row`` (and the ``also`` rows, in the same transaction; a callable one is made
+        from the first row's new id); the first row back with its id."""
         try:
             with _available(self.url, writing=True), self._writing(), self.engine.begin() as conn:
                 row = {**row, "id": conn.execute(table.insert().values(**row)).inserted_primary_key[0]}
                 for other, values in also:
-                    conn.execute(other.insert().values(**values))
+                    conn.execute(other.insert().values(**(values(row["id"]) if callable(values) else values)))
         except IntegrityError as exc:
             raise StoreError(f"{masked_url(self.url)}: row refused ({_reason(exc)})") from None
         return _row(row)

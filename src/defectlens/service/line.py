@@ -18,7 +18,7 @@ from typing import Any
 
 from defectlens.calibration.drift import DriftMonitor, DriftSettings, expected_frr_of
 from defectlens.errors import DefectLensError
-from defectlens.history.store import HistoryStore, StoreError
+from defectlens.history.store import HistoryStore, StoreError, audit_row
 from defectlens.service.metrics import ServiceMetrics
 from defectlens.service.models import LoadedModel, ModelNotFound, ModelRegistry
 from defectlens.service.security import Caller
@@ -110,8 +110,7 @@ class LineLoop:
             raise DefectLensError("a defect type goes with label 'defect' only")
         fb = self.store.record_feedback(inspection_id, name, label, note, caller.actor, status,
                                         "kept for 'calibrate --from-history' (labelled rules, defect typing)" if label == "defect" else None,
-                                        defect_type=defect_type)
-        self.store.audit(caller.actor, caller.role, "feedback", name, {"inspection_id": inspection_id, "label": label, "feedback_id": fb["id"]})
+                                        defect_type=defect_type, role=caller.role)
         self.metrics.feedback.labels(name, label).inc()
         learning = self._learn(fb, caller) if label == "good" else None
         if learning is not None:  # its status changed: read this feedback back (not another operator's newer one)
@@ -140,9 +139,8 @@ class LineLoop:
                 return self._queue(fb, str(exc))
             details = report.to_dict()
             new = self.registry.switch(name, report.path, "learn", caller.actor, [fb["id"]], details)
-        self.store.update_feedback(fb["id"], "learned", None, new.checksum)
-        self.store.audit(caller.actor, caller.role, "model.learn", name, {"file": report.path.name, "version": report.version,
-                                                                           "feedback_ids": [fb["id"]]})
+        self.store.update_feedback(fb["id"], "learned", None, new.checksum, audit=audit_row(
+            caller.actor, caller.role, "model.learn", name, {"file": report.path.name, "version": report.version, "feedback_ids": [fb["id"]]}))
         self.metrics.versions.labels(name, "learn").inc()
         log.info("model %s learned feedback %s: now %s", name, fb["id"], report.path.name)
         return {"status": "learned", **details, "model": new.describe()}
