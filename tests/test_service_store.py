@@ -84,9 +84,9 @@ def test_threshold_history_belongs_to_one_model_file(store):
     assert store.threshold_history("tile", "a" * 64) == []
 
 
-def test_feedback_and_what_became_of_it_are_stored_with_their_audit_entries_or_not_at_all(store, monkeypatch):
+def test_feedback_and_model_versions_are_stored_with_their_audit_entries_or_not_at_all(store, monkeypatch):
     """A database lost between the feedback row and its audit entry must leave neither: both go
-    in one transaction, as the learning's status change and its 'model.learn' entry do."""
+    in one transaction, as a model version and its 'model.learn' or 'model.rollback' entry do."""
     import sqlalchemy as sa
 
     from defectlens.history import store as store_module
@@ -106,8 +106,9 @@ def test_feedback_and_what_became_of_it_are_stored_with_their_audit_entries_or_n
     (entry,) = store.audit_entries()[1]
     assert (entry["action"], entry["details"]["feedback_id"]) == ("feedback", fb["id"])
     learned = store_module.audit_row("operator:ab12", "operator", "model.learn", "bottle", {"feedback_ids": [fb["id"]]})
-    with pytest.raises(StoreError):  # the audit entry fails inside the transaction: the status change is rolled back
-        store.update_feedback(fb["id"], "learned", None, "d" * 64, audit={**learned, "no_such_column": 1})
-    assert store.feedback()[0]["status"] == "queued" and store.audit_entries()[0] == 1
-    store.update_feedback(fb["id"], "learned", None, "d" * 64, audit=learned)
-    assert store.feedback()[0]["status"] == "learned" and store.audit_entries()[0] == 2
+    version = ("bottle", "learn", 1, "bottle.v1.dlens", "d" * 64, "c" * 64, "c" * 64, [fb["id"]], {}, "operator:ab12")
+    with pytest.raises(StoreError):  # the audit entry fails inside the transaction: the version is rolled back
+        store.record_version(*version, audit={**learned, "no_such_column": 1})
+    assert store.versions("bottle", "c" * 64) == [] and store.audit_entries()[0] == 1
+    store.record_version(*version, audit=learned)
+    assert len(store.versions("bottle", "c" * 64)) == 1 and store.audit_entries()[1][0]["action"] == "model.learn"

@@ -247,15 +247,11 @@ class HistoryStore:
             actor, role, "feedback", model, {"inspection_id": inspection_id, "label": label, "feedback_id": new_id}, now))]
         return self._insert(feedback, row, *also)
 
-    def update_feedback(self, feedback_id: int, status: str, reason: str | None = None, model_checksum: str | None = None,
-                        audit: dict[str, Any] | None = None) -> None:
-        """Only what became of the feedback changes (learned, queued); who said what never does.
-        ``audit`` (an audit-log row, see ``audit_row``) is stored in the same transaction."""
+    def update_feedback(self, feedback_id: int, status: str, reason: str | None = None, model_checksum: str | None = None) -> None:
+        """Only what became of the feedback changes (learned, queued); who said what never does."""
         with _available(self.url, writing=True), self._writing(), self.engine.begin() as conn:
             conn.execute(feedback.update().where(feedback.c.id == feedback_id)
                          .values(status=status, reason=None if reason is None else reason[:512], model_checksum=model_checksum))
-            if audit is not None:
-                conn.execute(audit_log.insert().values(**audit))
 
     def feedback(self, model: str | None = None, inspection_id: int | None = None, label: str | None = None, status: str | None = None,
                  limit: int = 500) -> list[dict[str, Any]]:
@@ -279,11 +275,13 @@ class HistoryStore:
             return [_row(r) for r in conn.execute(query).mappings()]
 
     def record_version(self, model: str, action: str, version: int, file: str, checksum: str, parent_checksum: str | None,
-                       root_checksum: str, feedback_ids: list[int], details: dict[str, Any], actor: str) -> dict[str, Any]:
+                       root_checksum: str, feedback_ids: list[int], details: dict[str, Any], actor: str,
+                       audit: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The switch, and ``audit`` (an audit-log row) in the same transaction."""
         row = {"created_at": utcnow(), "model": model, "action": action, "version": version, "file": file, "checksum": checksum,
                "parent_checksum": parent_checksum, "root_checksum": root_checksum, "feedback_ids": list(feedback_ids),
                "details": details, "actor": actor}
-        return self._insert(model_versions, row)
+        return self._insert(model_versions, row, *([] if audit is None else [(audit_log, audit)]))
 
     def versions(self, model: str, root_checksum: str) -> list[dict[str, Any]]:
         """Every switch of this model name away from (and back towards) the root file, oldest first."""

@@ -138,9 +138,10 @@ class LineLoop:
             except DefectLensError as exc:
                 return self._queue(fb, str(exc))
             details = report.to_dict()
-            new = self.registry.switch(name, report.path, "learn", caller.actor, [fb["id"]], details)
-        self.store.update_feedback(fb["id"], "learned", None, new.checksum, audit=audit_row(
-            caller.actor, caller.role, "model.learn", name, {"file": report.path.name, "version": report.version, "feedback_ids": [fb["id"]]}))
+            entry = audit_row(caller.actor, caller.role, "model.learn", name,
+                              {"file": report.path.name, "version": report.version, "feedback_ids": [fb["id"]]})
+            new = self.registry.switch(name, report.path, "learn", caller.actor, [fb["id"]], details, audit=lambda _new: entry)
+        self.store.update_feedback(fb["id"], "learned", None, new.checksum)  # the version row names the feedback ids too
         self.metrics.versions.labels(name, "learn").inc()
         log.info("model %s learned feedback %s: now %s", name, fb["id"], report.path.name)
         return {"status": "learned", **details, "model": new.describe()}
@@ -152,8 +153,8 @@ class LineLoop:
     def rollback(self, name: str, caller: Caller) -> dict[str, Any]:
         with self._learning[name]:
             before = self.registry.get(name)
-            model = self.registry.rollback(name, caller.actor)
-        self.store.audit(caller.actor, caller.role, "model.rollback", name, {"from": before.path.name, "to": model.path.name})
+            model = self.registry.rollback(name, caller.actor, audit=lambda parent: audit_row(
+                caller.actor, caller.role, "model.rollback", name, {"from": before.path.name, "to": parent.path.name}))
         self.metrics.versions.labels(name, "rollback").inc()
         return model.describe()
 

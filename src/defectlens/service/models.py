@@ -14,6 +14,7 @@ import logging
 import re
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -201,14 +202,17 @@ class ModelRegistry:
 
     # -- versions ---------------------------------------------------------------------------
     def switch(self, name: str, path: Path, action: str, actor: str, feedback_ids: list[int] | None = None,
-               details: dict[str, Any] | None = None, expect_checksum: str | None = None) -> LoadedModel:
+               details: dict[str, Any] | None = None, expect_checksum: str | None = None,
+               audit: Callable[[LoadedModel], dict[str, Any]] | None = None) -> LoadedModel:
         """Run ``path`` under ``name`` from the next inspection on: the new model is loaded beside
-        the old one and replaces it in one assignment, so no request sees half of either."""
+        the old one and replaces it in one assignment, so no request sees half of either.
+        ``audit`` makes the audit-log row from the new model; it is stored with the version, in
+        one transaction, before the switch (a database lost there leaves the old model running)."""
         with self._changing[name]:
-            return self._switch(name, path, action, actor, feedback_ids, details, expect_checksum)
+            return self._switch(name, path, action, actor, feedback_ids, details, expect_checksum, audit)
 
     def _switch(self, name: str, path: Path, action: str, actor: str, feedback_ids: list[int] | None, details: dict[str, Any] | None,
-                expect_checksum: str | None) -> LoadedModel:
+                expect_checksum: str | None, audit: Callable[[LoadedModel], dict[str, Any]] | None = None) -> LoadedModel:
         old = self.get(name)
         new = self._open(path, name)
         if expect_checksum and new.checksum != expect_checksum:
@@ -219,17 +223,17 @@ class ModelRegistry:
             self.store.record_threshold_change(name, new.checksum, "set", new.calibrated_threshold or old.threshold, old.threshold,
                                                f"carried over from {old.path.name}", actor)
         self.store.record_version(name, action, new.version, path.name, new.checksum, new.lineage.get("parent_checksum"),
-                                  new.root_checksum, feedback_ids or [], details or {}, actor)
+                                  new.root_checksum, feedback_ids or [], details or {}, actor, None if audit is None else audit(new))
         with self._lock:
             self._models[name] = new
         return new
 
-    def rollback(self, name: str, actor: str) -> LoadedModel:
+    def rollback(self, name: str, actor: str, audit: Callable[[LoadedModel], dict[str, Any]] | None = None) -> LoadedModel:
         """Back to the version this one was learned from; its scores are exactly the parent's again."""
         with self._changing[name]:
-            return self._rollback(name, actor)
+            return self._rollback(name, actor, audit)
 
-    def _rollback(self, name: str, actor: str) -> LoadedModel:
+    def _rollback(self, name: str, actor: str, audit: Callable[[LoadedModel], dict[str, Any]] | None = None) -> LoadedModel:
         model = self.get(name)
         lineage = model.lineage
         if not lineage.get("parent"):
@@ -238,7 +242,7 @@ class ModelRegistry:
         if not path.is_file():
             raise ModelConflict(f"model '{name}': its parent {lineage['parent']} is no longer beside {model.path.name}")
         return self.switch(name, path, "rollback", actor, details={"from": model.path.name, "from_checksum": model.checksum},
-                           expect_checksum=lineage.get("parent_checksum"))
+                           expect_checksum=lineage.get("parent_checksum"), audit=audit)
 
     def versions(self, name: str) -> list[dict[str, Any]]:
         model = self.get(name)
