@@ -10,6 +10,7 @@ import pytest
 
 from defectlens import Bundle, Inspector, create_detector, load_dataset
 from defectlens.cli import main
+from defectlens.data.images import load_rgb
 from defectlens.errors import BundleError, DefectLensError
 from defectlens.export import export_onnx
 from defectlens.inference.loading import load_model
@@ -49,6 +50,15 @@ def test_export_scores_like_pytorch(name, tiny_dataset, tmp_path):
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert "MatMul" in ops or "Einsum" in ops
     assert {"Conv", "Resize", "Tanh"} <= ops  # Tanh: DecisionRule.normalise, traced and not any("dist" in op.lower() for op in ops)
+
+
+def test_a_padim_that_learned_on_the_line_exports_its_second_centre(tiny_dataset, tmp_path):
+    bundle, ds = fitted("padim", tiny_dataset, **EXPORT_PARAMS["padim"])
+    images = [s.path for s in ds.test]
+    before = bundle.detector.score(images)[0]
+    bundle.detector.partial_fit([np.clip(load_rgb(p) * 1.3 + 0.05, 0, 1).astype(np.float32) for p in ds.train_good[:3]])
+    assert not np.allclose(bundle.detector.score(images)[0], before)  # the centre changes scores, so parity below means something
+    assert_same_inspections(bundle, load_model(export_onnx(bundle, tmp_path / "learned.onnx")), images)
 
 
 def test_the_symmetry_term_of_the_calibration_is_in_the_graph(tiny_dataset, tmp_path):

@@ -64,20 +64,37 @@ def test_patchcore_keeps_its_coverage_radius_through_a_bundle(data, tmp_path):
     np.testing.assert_array_equal(loaded.memory_bank_, det.memory_bank_)
 
 
-def test_padim_update_equals_the_gaussian_of_all_images(data):
-    det = create_detector("padim", image_size=64, n_features=4, batch_size=4)  # fewer channels than images: raw covariances invert
-    first, second = data.train_good[:10], data.train_good[10:]
-    det.fit(first)
-    # Replace the shrunk covariance with the raw one, so the update can be compared with numpy's
-    x_first = np.concatenate([det._select(e) for _, e in det._iter_embeddings(first)])
-    raw = np.stack([np.cov(x_first[:, p].T) for p in range(x_first.shape[1])])
-    det.precision_ = np.linalg.inv(raw).astype(np.float32)
-    det.partial_fit(second)
-    x_all = np.concatenate([x_first, np.concatenate([det._select(e) for _, e in det._iter_embeddings(second)])])
-    np.testing.assert_allclose(det.mean_, x_all.mean(axis=0), rtol=1e-4, atol=1e-5)
-    p = 7
-    np.testing.assert_allclose(np.linalg.inv(det.precision_[p].astype(np.float64)), np.cov(x_all[:, p].T), rtol=2e-2, atol=1e-4)
-    assert det.n_train_images_ == len(data.train_good)
+def test_padim_learns_a_second_centre_and_keeps_its_gaussian(data, tmp_path):
+    from defectlens.bundle import Bundle
+
+    det = create_detector("padim", image_size=64, n_features=16).fit(data.train_good[:12])
+    mean, precision = det.mean_.copy(), det.precision_.copy()
+    shifted = [moved(p) for p in data.train_good]
+    unmoved_before, before = det.score(data.train_good)[0], det.score(shifted)[0]
+    det.partial_fit(shifted[:2]).partial_fit(shifted[2:4])  # a second call pools into the same centre
+    np.testing.assert_array_equal(det.mean_, mean)  # the fitted Gaussian is left as it was
+    np.testing.assert_array_equal(det.precision_, precision)
+    x = np.concatenate([det._select(e) for _, e in det._iter_embeddings(shifted[:4])])
+    np.testing.assert_allclose(det.learned_mean_, x.mean(axis=0), rtol=1e-4, atol=1e-5)
+    assert det.n_learned_ == 4 and det.n_train_images_ == 16
+    after = det.score(shifted)[0]
+    assert np.all(after <= before + 1e-4)  # the nearer of two centres is never farther than the old one
+    assert after[4:].mean() < before[4:].mean() - 0.2 * (before[4:].mean() - unmoved_before.mean())  # unseen moved parts too
+    assert np.all(det.score(data.train_good)[0] <= unmoved_before + 1e-4)  # the old look is still known
+    loaded = Bundle.load(Bundle(det).save(tmp_path / "m.dlens")).detector
+    assert loaded.n_learned_ == 4
+    np.testing.assert_array_equal(loaded.score(shifted)[0], det.score(shifted)[0])
+
+
+def test_padim_keeps_defects_far_from_both_centres(data):
+    det = create_detector("padim", image_size=64, n_features=16).fit(data.train_good)
+    defects = [s.path for s in data.test if s.label]
+    before = det.score([moved(p) for p in defects])[0]
+    det.partial_fit([moved(p) for p in data.train_good[:4]])
+    after = det.score([moved(p) for p in defects])[0]
+    goods_after = det.score([moved(s.path) for s in data.test if not s.label])[0]
+    assert after.min() > goods_after.max()  # moved defects still stand above the moved good parts
+    assert after.mean() > 0.5 * before.mean()
 
 
 def test_ensembles_and_tiles_learn_through_their_members(data):
