@@ -33,15 +33,20 @@ def test_concurrent_requests_share_passes_and_each_gets_its_own_result():
 
 
 def test_a_full_queue_is_refused_at_once_with_a_retry_time():
-    release = threading.Event()
+    release, started = threading.Event(), threading.Event()
 
     def run(items):
+        started.set()
         release.wait(5)
         return items
 
     batcher = Batcher(run, BatchSettings(max_batch=1, max_wait_ms=0, max_queue=2))
     with ThreadPoolExecutor(3) as pool:
-        running = [pool.submit(batcher.submit, i) for i in range(3)]  # one in the pass, two waiting
+        # one in the pass before the two that wait are sent: sent together on a busy machine, the
+        # third could find the first still queued, and be the one refused
+        running = [pool.submit(batcher.submit, 0)]
+        assert started.wait(5)
+        running += [pool.submit(batcher.submit, i) for i in (1, 2)]
         deadline = time.monotonic() + 5
         while batcher.depth < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
