@@ -7,6 +7,8 @@ every good image bright red somewhere.
 
 from __future__ import annotations
 
+import threading
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -65,13 +67,15 @@ def render_heat(rgb: np.ndarray, inspection: Inspection, pixel_threshold: float 
     heat = colourise(_map_at(inspection.anomaly_map, h, w), None if pixel_threshold is None else 2.0 * pixel_threshold)
     panel = Image.fromarray(cv2.addWeighted(np.ascontiguousarray(base), 1 - alpha, heat, alpha, 0.0))
     draw = ImageDraw.Draw(panel)
-    label_font = ImageFont.load_default(size=max(9, int(_band(h) * 0.5)))
+    label_font = _font(max(9, int(_band(h) * 0.5)))
     for region in inspection.regions:
         x0, y0, x1, y1 = (round(region.box[0] * sx), round(region.box[1] * sy), max(1, round(region.box[2] * sx)), max(1, round(region.box[3] * sy)))
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255), width=max(1, w // 256))
         label = f"{region.defect_type.split('/')[0]} {region.severity:.2f}" if region.defect_type else f"{region.severity:.2f}"
         ty = y0 - label_font.size - 2 if y0 > label_font.size + 2 else y1 + 1
-        draw.text((x0, ty), label, fill=(255, 255, 255), font=label_font, stroke_width=1, stroke_fill=(0, 0, 0))
+        # white on a dark box: as legible on any colour as an outlined glyph, at a quarter of its cost
+        draw.rectangle(draw.textbbox((x0, ty), label, font=label_font), fill=(0, 0, 0))
+        draw.text((x0, ty), label, fill=(255, 255, 255), font=label_font)
     return panel
 
 
@@ -83,7 +87,7 @@ def render_overlay(rgb: np.ndarray, inspection: Inspection, pixel_threshold: flo
     canvas.paste(Image.fromarray(as_uint8(rgb)), (0, band))
     canvas.paste(render_heat(rgb, inspection, pixel_threshold, alpha), (w, band))
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=int(band * 0.7))
+    font = _font(int(band * 0.7))
     head = f"{inspection.verdict.upper()}  score {inspection.score:.3f}"
     if inspection.normalised_score is not None:
         head += f" ({inspection.normalised_score:.2f})"
@@ -94,6 +98,17 @@ def render_overlay(rgb: np.ndarray, inspection: Inspection, pixel_threshold: flo
             info += f"  severity {inspection.severity:.2f}"
         draw.text((w + 4, 2), info, fill=(220, 220, 220), font=font)
     return canvas
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The built-in font at a size, loaded once per thread: loading decodes the embedded font each
+    time, and a FreeType face is not to be shared between threads drawing at once."""
+    return _thread_font(size, threading.get_ident())
+
+
+@lru_cache(maxsize=64)
+def _thread_font(size: int, thread: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
 
 
 def _band(height: int) -> int:
