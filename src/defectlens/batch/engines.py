@@ -81,7 +81,12 @@ def _ray_stream(model_path: Path, mask_method: str, paths: Sequence[Path], addre
     try:
         n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         threads = max(1, (os.cpu_count() or 1) // n_workers) if not address else 1
-        model = str(Path(model_path).resolve()) if not address else Path(model_path).read_bytes()
+        # On a cluster the model's bytes go into the object store once, and this process holds the
+        # reference until the run ends: a worker restarted after its node died must fetch them
+        # again, and bytes passed inline (over 100 KB, so put in the store by Ray) were freed once
+        # the first workers had started: a restart then failed with ReferenceCountingAssertionError
+        # (seen in the two-node test; Ray's own account: ray-project/ray pull request 53713).
+        model = ray.put(Path(model_path).read_bytes()) if address else str(Path(model_path).resolve())
         actor = ray.remote(max_restarts=-1, max_task_retries=-1)(InspectWorker)
         # spread over the nodes of a cluster rather than packed onto the first with free CPUs
         pool = [actor.options(num_cpus=1, scheduling_strategy="SPREAD").remote(model, Path(model_path).suffix, mask_method, threads, runtime)
