@@ -64,22 +64,40 @@ def tradeoff(good: np.ndarray, synthetic: np.ndarray, chosen: float, rows: int =
 
 
 OUTLIER_SPREADS = 3.0
+# A good score this many robust spreads (1.4826 MAD) above the median stands apart from the bulk:
+# image scores are maxima with a long right tail, and of 2,000 sets of 30 Gumbel draws this rule
+# (beyond the one above) spoke up on 8.6 % at 5 spreads, 2.7 % at 6 and 1.2 % at 7.
+FAR_SPREADS = 7.0
+FAR_AT_MOST = 3  # more than this many far out is a heavy tail, not a few unusual images
 
 
 def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str]) -> list[str]:
-    """When the largest good score sets the threshold and stands far above the rest, one
-    unusual calibration image decides how much the detector may catch: say which."""
+    """When the largest good score sets the threshold and it, or it and one or two others, stand
+    far above the rest, a few unusual calibration images decide how much the detector may catch:
+    say which (MVTec bottle's 30 held-out images under PaDiM: 138 and 111 against a median of 27,
+    9.5 and 7.2 robust spreads above it)."""
     if good.size < 5 or threshold != good.max():
         return []
-    order = np.argsort(good)
-    rest = good[order[:-1]]
-    gap = (good.max() - rest.max()) / st.robust_std(rest)
-    if gap < OUTLIER_SPREADS:
+    order = np.argsort(good)[::-1]
+
+    def named(idx: np.ndarray) -> str:
+        return f" ({', '.join(files[i] for i in idx)})" if len(files) == good.size else ""
+
+    gap = (good.max() - good[order[1]]) / st.robust_std(good[order[1:]])
+    if gap >= OUTLIER_SPREADS:
+        return [f"the threshold is set by one calibration image{named(order[:1])} scoring {gap:.1f} spreads of the other good "
+                "scores above the next: if it is a fair good part the threshold is right; if not, remove it and re-calibrate, "
+                "or add good images (with 99+ the largest alone no longer decides)"]
+    median = float(np.median(good))
+    spread = max(1.4826 * float(np.median(np.abs(good - median))), 1e-12)
+    far = order[: int((good > median + FAR_SPREADS * spread).sum())]
+    if not 1 <= far.size <= FAR_AT_MOST:
         return []
-    name = f" ({files[order[-1]]})" if len(files) == good.size else ""
-    return [f"the threshold is set by one calibration image{name} scoring {gap:.1f} spreads of the other good scores above the next: "
-            "if it is a fair good part the threshold is right; if not, remove it and re-calibrate, or add good images "
-            "(with 99+ the largest alone no longer decides)"]
+    scores = ", ".join(f"{good[i]:.4g}" for i in far)
+    return [f"the threshold is set by {far.size} calibration image{'s' if far.size > 1 else ''}{named(far)} scoring {scores} "
+            f"against a median of {median:.4g} ({FAR_SPREADS:g}+ robust spreads above it): if they are fair good parts the "
+            "threshold is right, and defects scoring below them are let through; if not, remove them and re-calibrate, "
+            "or add good images"]
 
 
 def calibrate_scores(
