@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import stats
 
 from defectlens.calibration import strategies as st
 from defectlens.calibration.record import Calibration
@@ -64,7 +65,7 @@ def tradeoff(good: np.ndarray, synthetic: np.ndarray, chosen: float, rows: int =
 
 
 OUTLIER_SPREADS = 3.0
-# A good score this many robust spreads (1.4826 MAD) above the median stands apart from the bulk:
+# A good score this many robust spreads (the MAD scaled to a normal's sigma) above the median stands apart from the bulk:
 # image scores are maxima with a long right tail, and of 2,000 sets of 30 Gumbel draws this rule
 # (beyond the one above) spoke up on 8.6 % at 5 spreads, 2.7 % at 6 and 1.2 % at 7.
 FAR_SPREADS = 7.0
@@ -89,7 +90,7 @@ def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str]) -> l
                 "scores above the next: if it is a fair good part the threshold is right; if not, remove it and re-calibrate, "
                 "or add good images (with 99+ the largest alone no longer decides)"]
     median = float(np.median(good))
-    spread = max(1.4826 * float(np.median(np.abs(good - median))), 1e-12)
+    spread = max(float(stats.median_abs_deviation(good, scale="normal")), 1e-12)
     far = order[: int((good > median + FAR_SPREADS * spread).sum())]
     if not 1 <= far.size <= FAR_AT_MOST:
         return []
