@@ -54,3 +54,32 @@ def test_severity_grows_with_evidence_and_size():
     sev = [severity(find_regions(m, make_mask(m, cal.pixel_threshold))[0][0], cal) for m in (weak, strong, large)]
     assert 0 <= sev[0] < sev[1] < sev[2] <= 1
     assert sev[2] == pytest.approx(1.0)
+
+
+def test_regions_match_scikit_image_regionprops_on_blotchy_maps():
+    """The OpenCV/SciPy path must find what regionprops finds: same components, boxes, areas,
+    scores and ellipse elongation, with the label image marking each region alike."""
+    from scipy import ndimage
+    from skimage import measure
+
+    rng = np.random.default_rng(3)
+    for shape in [(64, 64), (37, 91), (120, 45)]:
+        m = ndimage.gaussian_filter(rng.random(shape), 2.0).astype(np.float32)
+        mask = make_mask(m, float(np.quantile(m, 0.85)))
+        regions, labels = find_regions(m, mask)
+        reference = measure.regionprops(measure.label(mask, connectivity=2), intensity_image=m)
+        assert len(regions) == len(reference) > 2
+        by_box = {(p.bbox[1], p.bbox[0], p.bbox[3], p.bbox[2]): p for p in reference}
+        for region in regions:
+            p = by_box[region.box]
+            assert region.area_px == p.area and region.max_score == pytest.approx(p.intensity_max)
+            assert region.mean_score == pytest.approx(p.intensity_mean, rel=1e-5)
+            assert region.elongation == pytest.approx(max(p.axis_major_length, 1.0) / max(p.axis_minor_length, 1.0), rel=1e-4)
+            assert np.array_equal(labels == region.label, _at(labels.shape, p))
+
+
+def _at(shape: tuple[int, int], prop) -> np.ndarray:
+    """A regionprops region's pixels as a mask of the whole image."""
+    out = np.zeros(shape, bool)
+    out[tuple(prop.coords.T)] = True
+    return out

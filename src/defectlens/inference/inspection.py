@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
-from skimage import filters, measure
+from scipy import ndimage
+from skimage import filters
 
 from defectlens.calibration.record import Calibration
 
@@ -58,15 +60,29 @@ def make_mask(anomaly_map: np.ndarray, pixel_threshold: float, method: str = "th
 
 
 def find_regions(anomaly_map: np.ndarray, mask: np.ndarray) -> tuple[list[Region], np.ndarray]:
-    """Connected components (8-connected) of the mask, largest first, and the label image."""
-    labels = measure.label(mask, connectivity=2)
-    total = mask.size
+    """Connected components (8-connected) of the mask, largest first, and the label image.
+
+    OpenCV labels and SciPy boxes within the mask's own bounding box, and each region's moments on
+    its crop: the same regions as scikit-image's ``regionprops`` (whose ellipse the elongation
+    follows) at a fraction of its time, which every rejected image pays on the line's CPU."""
+    labels = np.zeros(mask.shape, np.int32)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return [], labels
+    top, left = int(rows[0]), int(cols[0])
+    window = (slice(top, int(rows[-1]) + 1), slice(left, int(cols[-1]) + 1))
+    count, labels[window] = cv2.connectedComponents(mask[window].astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     regions = []
-    for p in measure.regionprops(labels, intensity_image=anomaly_map):
-        y0, x0, y1, x1 = p.bbox
-        minor = max(p.axis_minor_length, 1.0)
-        regions.append(Region((x0, y0, x1, y1), int(p.area), 100.0 * p.area / total, float(p.intensity_mean), float(p.intensity_max),
-                              elongation=float(max(p.axis_major_length, 1.0) / minor), label=int(p.label)))
+    for label, (ys, xs) in enumerate(ndimage.find_objects(labels[window], count - 1), start=1):
+        ys, xs = slice(ys.start + top, ys.stop + top), slice(xs.start + left, xs.stop + left)
+        inside = labels[ys, xs] == label
+        values = anomaly_map[ys, xs][inside]
+        moments = cv2.moments(inside.view(np.uint8), binaryImage=True)
+        area = moments["m00"]
+        inertia = np.array([[moments["mu20"], moments["mu11"]], [moments["mu11"], moments["mu02"]]]) / area
+        minor, major = (4.0 * np.sqrt(max(float(v), 0.0)) for v in np.linalg.eigvalsh(inertia))  # the ellipse's axes
+        regions.append(Region((xs.start, ys.start, xs.stop, ys.stop), int(area), 100.0 * area / mask.size, float(values.mean()),
+                              float(values.max()), elongation=max(major, 1.0) / max(minor, 1.0), label=label))
     return sorted(regions, key=lambda r: -r.area_px), labels
 
 
