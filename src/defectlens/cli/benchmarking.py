@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from defectlens.cli.options import add_detector_options, detector_params, given_params, setting
+from defectlens.cli.options import RUNTIMES, add_detector_options, detector_params, given_params, setting
 from defectlens.errors import DefectLensError
 
 
@@ -52,7 +52,9 @@ def _add_modes(p: argparse.ArgumentParser) -> None:
         "calibrated as fit does)"))
     p.add_argument("--end-to-end", action="store_true", help=(
         "on one category: images/s of the detector's scoring, the Inspector, and inspect --out with records, overlays and a "
-        "history database, in one run on the same test images"))
+        "history database, in one run on the same test images, with the model loaded as inspect loads it"))
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto", help=(
+        "what scores the model for --end-to-end, as inspect's option (default: auto, ONNX Runtime where its graphs match)"))
     p.add_argument("--line-loop", action="store_true", help=(
         "on every category: move the line (brighter, flatter light, part shifted), confirm 5 false rejects as good through "
         "the service's feedback API, and print the false-reject rate and recall before and after, the rollback check, "
@@ -99,7 +101,7 @@ def _end_to_end(args: argparse.Namespace) -> int:
     from defectlens.evaluation.end_to_end import run_end_to_end
 
     detector = "patchcore" if args.detector == "auto" else args.detector
-    result = run_end_to_end(args.data, detector, detector_params(args, detector), machine_description())
+    result = run_end_to_end(args.data, detector, detector_params(args, detector), machine_description(), runtime=args.runtime)
     print(result.text())
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))

@@ -1,7 +1,9 @@
 """`defectlens benchmark DATA --end-to-end`: what `inspect --out` delivers against scoring alone.
 
-One model, one run, the same test images for every path, so the ratios compare like with like:
-the detector's batched scoring; the Inspector (verdict, mask, regions); `inspect --out` writing
+One model, one run, the same test images for every path, so the ratios compare like with like.
+The model is saved and loaded back as `inspect` loads it (``--runtime``, default ``auto``: ONNX
+Runtime where its graph matches, and this machine's stored tuning), so every path, scoring
+included, runs what `inspect --out` runs. The paths: the loaded detector's batched scoring; the Inspector (verdict, mask, regions); `inspect --out` writing
 records only; with overlays for every image, and for the rejected ones only (`--overlays
 rejected`, with the share rejected printed, since that row's cost follows it); and with overlays
 and a history database. Every path reads each
@@ -9,7 +11,7 @@ image once, so the gap is the cost of what is written, not of reading files agai
 
 Each path runs ``ROUNDS`` times, the paths taking turns, and its median rate is kept: one pass over
 a category's test split takes a few seconds, and on a shared 2-core machine single passes of the
-same path were seen 25 % apart.
+same path were seen 25 % apart, and medians of three still 10 % apart between runs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class EndToEnd:
     images_per_s: dict[str, float] = field(default_factory=dict)
     rejected: int = 0  # test images not judged good: the overlays `--overlays rejected` draws
     rounds: int = 1  # passes per path; images_per_s holds each path's median
+    runtime: str = ""  # the loaded model's runtime line, as inspect prints it
 
     def ratios(self) -> dict[str, float]:
         base = self.images_per_s["detector scoring"]
@@ -46,7 +49,7 @@ class EndToEnd:
     def text(self) -> str:
         lines = [f"end to end on {self.dataset} ({self.images} test images, {self.detector}; median of {self.rounds} passes per path, "
                  f"the paths taking turns); machine: {self.machine}",
-                 "| path | images/s | share of scoring |", "|---|---|---|"]
+                 self.runtime, "| path | images/s | share of scoring |", "|---|---|---|"]
         lines += [f"| {k} | {v:.1f} | {100 * self.ratios()[k]:.0f} % |" for k, v in self.images_per_s.items()]
         lines.append(f"--overlays rejected drew {self.rejected} of {self.images} overlays ({100 * self.rejected / max(self.images, 1):.0f} % "
                      "of these test images were rejected; a line rejects far fewer)")
@@ -62,20 +65,22 @@ def _rate(n: int, run: Callable[[], object]) -> float:
     return n / (time.perf_counter() - t0)
 
 
-ROUNDS = 3
+ROUNDS = 5
 
 
 def run_end_to_end(data: str | Path, detector: str = "patchcore", params: dict | None = None, machine: str = "",
-                   rounds: int = ROUNDS) -> EndToEnd:
+                   rounds: int = ROUNDS, runtime: str = "auto") -> EndToEnd:
     ds = load_dataset(data, validation_fraction=0.1)
-    det = create_detector(detector, **(params or {})).fit(ds.train_good)
-    inspector = Inspector(calibrate_detector(det, ds.validation))
+    fitted = create_detector(detector, **(params or {})).fit(ds.train_good)
     paths = [s.path for s in ds.test]
     result = EndToEnd(ds.name, machine, detector, len(paths), rounds=rounds)
-    # warm-up: the files in the page cache, first-call allocations done
-    result.rejected = sum(not isinstance(r, ImageError) and r.verdict != "good" for r in inspector.inspect_many(paths))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
+        inspector = Inspector.load(calibrate_detector(fitted, ds.validation).save(out / "model.dlens"), runtime=runtime)
+        det = inspector.detector
+        result.runtime = inspector.bundle.runtime.line()
+        # warm-up: the files in the page cache, first-call allocations done
+        result.rejected = sum(not isinstance(r, ImageError) and r.verdict != "good" for r in inspector.inspect_many(paths))
         runs: dict[str, Callable[[int], object]] = {  # each takes the round: every round's history is a new database
             "detector scoring": lambda r: [None for _ in det.score_batches(paths)],
             "Inspector (verdicts, regions)": lambda r: [None for _ in inspector.inspect_many(paths)],
