@@ -156,6 +156,13 @@ class PatchCore(FeatureDetector):
         images = self._begin_fit(images)
         if self._projects():
             self._fit_projection(images)
+        return self.fit_bank(images)
+
+    def fit_bank(self, images: Sequence[ImageInput]) -> PatchCore:
+        """(Re)build the memory bank from ``images`` through the embedder in place, the projection
+        kept: `fit`'s last step, and what an int8 embedder needs, since a bank of float32 patches
+        reads its quantisation noise as anomaly everywhere (export.quantize)."""
+        images = list(images)
         features = self._embed_all(images)
         n_select = max(1, int(round(len(features) * self.coreset_ratio)))
         with tqdm(total=n_select, desc="coreset", unit="patch", disable=not self.verbose, leave=False) as bar:
