@@ -10,8 +10,8 @@ import torch
 from defectlens.cli.main import main
 from defectlens.data.datasets import load_dataset
 from defectlens.detectors import create_detector
-from defectlens.export.quantize import install_embedder, quantize_embedder
-from defectlens.export.runtime import restore
+from defectlens.export.quantize import quantize_embedder
+from defectlens.export.runtime import install_embedder, restore
 
 pytestmark = pytest.mark.slow
 

@@ -3,11 +3,11 @@
 One model, one run, the same test images for every path, so the ratios compare like with like.
 The model is saved and loaded back as `inspect` loads it (``--runtime``, default ``auto``: ONNX
 Runtime where its graph matches, and this machine's stored tuning), so every path, scoring
-included, runs what `inspect --out` runs. The paths: the loaded detector's batched scoring; the Inspector (verdict, mask, regions); `inspect --out` writing
-records only; with overlays for every image, and for the rejected ones only (`--overlays
-rejected`, with the share rejected printed, since that row's cost follows it); and with overlays
-and a history database. Every path reads each
-image once, so the gap is the cost of what is written, not of reading files again.
+included, runs what `inspect --out` runs. The paths: the loaded detector's batched scoring; the
+Inspector (verdict, mask, regions); `inspect --out` writing records only; with overlays for every
+image, and for the rejected ones only (`--overlays rejected`, with the share rejected printed,
+since that row's cost follows it); and with overlays and a history database. Every path reads
+each image once, so the gap is the cost of what is written, not of reading files again.
 
 Each path runs ``ROUNDS`` times, the paths taking turns, and its median rate is kept: one pass over
 a category's test split takes a few seconds, and on a shared 2-core machine single passes of the

@@ -23,7 +23,8 @@ from defectlens.data.images import iter_batches
 from defectlens.detectors import create_detector
 from defectlens.detectors.patchcore import PatchCore
 from defectlens.errors import DefectLensError
-from defectlens.export.quantize import float_embedder, install_embedder, quantize_embedder
+from defectlens.export.quantize import quantize_embedder
+from defectlens.export.runtime import embedder_graph, install_embedder
 from defectlens.metrics import image_auroc
 
 AUROC_TOLERANCE = 0.005
@@ -66,7 +67,7 @@ def run_int8(data: str | Path, params: dict | None = None, machine: str = "") ->
     if not isinstance(fitted, PatchCore):  # pragma: no cover -- the registry's patchcore is this class
         raise DefectLensError("--int8 measures PatchCore")
     int8 = copy.deepcopy(fitted)
-    install_embedder(fitted, float_embedder(fitted))
+    install_embedder(fitted, embedder_graph(fitted))
     install_embedder(int8, quantize_embedder(int8, train))
     int8.fit_bank(train)
     probe = next(iter_batches(train[:8], fitted.image_size, 8)).pixels

@@ -15,7 +15,6 @@ VNNI it is not (docs/measurements.md), so nothing quantises a model unless asked
 
 from __future__ import annotations
 
-import io
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,18 +23,9 @@ import numpy as np
 
 from defectlens.data.images import ImageInput, iter_batches
 from defectlens.detectors.feature_based import FeatureDetector
-from defectlens.export.onnx_export import trace
-from defectlens.export.onnx_runtime import session
-from defectlens.export.runtime import OnnxEmbedder
+from defectlens.export.runtime import embedder_graph
 
 CALIBRATION_IMAGES = 32  # spread over the training set: ONNX Runtime's calibration sets each activation's range from them
-
-
-def float_embedder(detector: FeatureDetector) -> bytes:
-    """The detector's patch embedder (backbone, neighbourhood averaging, projection) as an ONNX graph."""
-    buffer = io.BytesIO()
-    trace(detector._fast_embedder, detector.image_size, ["embeddings"], buffer)
-    return buffer.getvalue()
 
 
 def quantize_embedder(detector: FeatureDetector, images: Sequence[ImageInput], calibration_images: int = CALIBRATION_IMAGES) -> bytes:
@@ -58,7 +48,7 @@ def quantize_embedder(detector: FeatureDetector, images: Sequence[ImageInput], c
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        (folder / "float.onnx").write_bytes(float_embedder(detector))
+        (folder / "float.onnx").write_bytes(embedder_graph(detector))
         quant_pre_process(str(folder / "float.onnx"), str(folder / "ready.onnx"), skip_symbolic_shape=True)
         backbone = [node.name for node in onnx.load(str(folder / "ready.onnx")).graph.node
                     if node.op_type == "Conv" and "/extractor/" in node.name]
@@ -67,7 +57,3 @@ def quantize_embedder(detector: FeatureDetector, images: Sequence[ImageInput], c
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         return (folder / "int8.onnx").read_bytes()
 
-
-def install_embedder(detector: FeatureDetector, graph: bytes) -> None:
-    """Embed with ``graph`` in ONNX Runtime from here on (``export.runtime.restore`` undoes it)."""
-    detector._fast_embedder = OnnxEmbedder(session(graph), detector._fast_embedder)

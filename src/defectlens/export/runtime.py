@@ -126,12 +126,23 @@ class GraphScorer:
 
 
 def _build(leaf: FeatureDetector, whole: bool) -> bytes:
+    if not whole:
+        return embedder_graph(leaf)
     buffer = io.BytesIO()
-    if whole:
-        trace(ScoringGraph(leaf, None, with_features=True).eval(), leaf.image_size, [*OUTPUTS, "features"], buffer)
-    else:
-        trace(leaf._fast_embedder, leaf.image_size, ["embeddings"], buffer)
+    trace(ScoringGraph(leaf, None, with_features=True).eval(), leaf.image_size, [*OUTPUTS, "features"], buffer)
     return buffer.getvalue()
+
+
+def embedder_graph(leaf: FeatureDetector) -> bytes:
+    """The leaf's patch embedder (backbone, neighbourhood averaging, projection) as an ONNX graph."""
+    buffer = io.BytesIO()
+    trace(leaf._fast_embedder, leaf.image_size, ["embeddings"], buffer)
+    return buffer.getvalue()
+
+
+def install_embedder(leaf: FeatureDetector, graph: bytes) -> None:
+    """Embed with ``graph`` in ONNX Runtime from here on (``restore`` undoes it)."""
+    leaf._fast_embedder = OnnxEmbedder(session(graph), leaf._fast_embedder)
 
 
 def _graph(leaf: FeatureDetector, whole: bool, cached: Path | None, use_cache: bool = True) -> tuple[bytes, bool]:
@@ -238,5 +249,5 @@ def _install(leaves: list[FeatureDetector], wholes: list[bool], paths: list[Path
         if whole:
             leaf._graph_scorer = GraphScorer(session(data))
         else:
-            leaf._fast_embedder = OnnxEmbedder(session(data), leaf._fast_embedder)
+            install_embedder(leaf, data)
     return hits

@@ -74,9 +74,9 @@ def heat_panel(rgb: np.ndarray, inspection: Inspection, pixel_threshold: float |
     heat = colourise(_map_at(inspection.anomaly_map, h, w), None if pixel_threshold is None else 2.0 * pixel_threshold)
     panel = cv2.addWeighted(np.ascontiguousarray(base), 1 - alpha, heat, alpha, 0.0)
     label_font = _font(max(9, int(_band(h) * 0.5)))
+    line = max(1, w // 256)
     for region in inspection.regions:
         x0, y0, x1, y1 = (round(region.box[0] * sx), round(region.box[1] * sy), max(1, round(region.box[2] * sx)), max(1, round(region.box[3] * sy)))
-        line = max(1, w // 256)
         cv2.rectangle(panel, (x0, y0), (x1 - 1, y1 - 1), (255, 255, 255), line)
         label = f"{region.defect_type.split('/')[0]} {region.severity:.2f}" if region.defect_type else f"{region.severity:.2f}"
         glyphs = _glyphs(label, label_font)
@@ -122,7 +122,7 @@ def _glyphs(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> np
     """The text's coverage (0-255) as a small array, set from per-character bitmaps that PIL
     rasterises once per size: rasterising every caption anew cost more than the rest of an overlay
     together. Kerning is left out; the built-in font is a plain sans."""
-    chars = [_char(c, font) for c in text]
+    chars = [_char_bitmap(c, font.size) for c in text]
     out = np.zeros((chars[0][0].shape[0] if chars else 1, max(1, sum(round(a) for _, a in chars) + 2 * font.size)), np.uint8)
     x = 0.0
     for bitmap, advance in chars:
@@ -131,10 +131,6 @@ def _glyphs(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> np
         np.maximum(out[:, left:right], bitmap[:, :right - left], out=out[:, left:right])
         x += advance
     return out[:, :max(1, min(out.shape[1], round(x) + 1))]
-
-
-def _char(char: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> tuple[np.ndarray, float]:
-    return _char_bitmap(char, font.size)
 
 
 @lru_cache(maxsize=1024)
