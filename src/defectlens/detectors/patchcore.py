@@ -32,20 +32,23 @@ class NearestNeighbourScorer(nn.Module):
     """Distance of each patch to its nearest memory-bank patch, by matrix products (no cdist):
     the form of PatchCore's search that an ONNX graph can hold.
 
-    The winner is chosen on |q|^2 - 2 q.m + |m|^2 and its distance measured again as |q - m|,
-    exactly as score_pixels measures faiss's winner, so the two agree to float rounding. PyTorch
-    scoring keeps faiss: its approximate and half-precision indexes serve large memory banks.
+    The winner is chosen on |m|^2 - 2 q.m (|q|^2 is the same for every candidate) and its distance
+    measured again as |q - m|, exactly as score_pixels measures faiss's winner, so the two agree to
+    float rounding. The comparison is one matrix product, [q, 1] times the bank stored as
+    [-2 m; |m|^2]: subtracting over the (patches, bank) matrix afterwards, or a Gemm adding |m|^2,
+    took 3.7 and 4.6 ms per 256 px image in ONNX Runtime where this takes 3.0. PyTorch scoring
+    keeps faiss: its approximate and half-precision indexes serve large memory banks.
     """
 
     def __init__(self, bank: np.ndarray) -> None:
         super().__init__()
         self.register_buffer("bank", torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)))
-        self.register_buffer("bank_sq", self.bank.pow(2).sum(dim=1))
+        self.register_buffer("candidates", torch.cat([-2.0 * self.bank.t(), self.bank.pow(2).sum(dim=1, keepdim=True).t()]).contiguous())
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         n, d, h, w = emb.shape
         q = emb.permute(0, 2, 3, 1).reshape(-1, d)
-        nearest = (self.bank_sq.unsqueeze(0) - 2.0 * q @ self.bank.t()).argmin(dim=1)  # |q|^2 is the same for every candidate
+        nearest = torch.cat([q, torch.ones_like(q[:, :1])], dim=1).matmul(self.candidates).argmin(dim=1)
         return (q - self.bank[nearest]).pow(2).sum(dim=1).sqrt().reshape(n, h, w)
 
 
