@@ -72,3 +72,19 @@ def test_ensemble_fuses_standardised_members(tiny_dataset):
     assert image_auroc(np.array([s.label for s in ds.test]), scores) >= 0.9
     with pytest.raises(Exception, match="at least two members"):
         create_detector("ensemble", backbones="mobilenet_v2").fit(ds.train_good[:2])
+
+
+def test_precision_is_the_inverse_even_after_the_thread_count_was_set():
+    """torch's batched LU failed on 160-channel covariances once torch.set_num_threads had run (as
+    loading a tuned model does), so a later PaDiM fit in that process raised."""
+    torch.set_num_threads(torch.get_num_threads())
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((8, 40, 160)) * np.linspace(0.5, 2.0, 160)
+    cov = np.einsum("pnd,pne->pde", sample, sample) / 40
+    detector = create_detector("padim")
+    precision = detector._shrunk_precision(cov.copy(), sample)
+    alpha = detector.shrinkage_.astype(np.float64)[:, None, None]
+    scale = np.trace(cov, axis1=1, axis2=2)[:, None, None] / 160
+    shrunk = (1 - alpha) * cov + (alpha * scale + 1e-6 * scale) * np.eye(160)  # Ledoit-Wolf toward a scaled identity
+    assert precision.flags.c_contiguous and np.all((alpha > 0) & (alpha < 1))
+    np.testing.assert_allclose(precision @ shrunk, np.broadcast_to(np.eye(160), shrunk.shape), atol=1e-6)

@@ -203,9 +203,13 @@ class PaDiM(FeatureDetector):
         shrunk = cov * (1 - alphas)[:, None, None]  # the identity's share goes on the diagonal in place: no (P, d, d) eye
         diagonal = np.arange(d)
         shrunk[:, diagonal, diagonal] += (alphas * scale + 1e-6 * np.maximum(scale, 1e-12))[:, None]  # + a numerical floor
-        # batched LAPACK, about twice NumPy's one-thread pace; its result is column-major, and a
-        # precision that is not C-ordered would be copied (41 MB at 256 px) every time a scorer is made
-        return np.ascontiguousarray(torch.linalg.inv(torch.from_numpy(shrunk)).numpy())
+        # the shrunk covariance is positive definite, so Cholesky: batched, faster than NumPy's
+        # inverse, and free of torch's batched LU, which fails ("Pivots given to lu_solve ...") on
+        # 160-channel matrices once torch.set_num_threads has been called, as a model load does
+        # before a later fit in the same process. Its result is column-major, and a precision that
+        # is not C-ordered would be copied (41 MB at 256 px) every time a scorer is made
+        factor = torch.linalg.cholesky(torch.from_numpy(shrunk))
+        return np.ascontiguousarray(torch.cholesky_inverse(factor).numpy())
 
     @torch.inference_mode()
     def _score_pixels(self, pixels: torch.Tensor, watch: Stopwatch | None = None) -> PixelScores:
