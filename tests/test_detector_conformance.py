@@ -155,3 +155,47 @@ def test_refuses_bad_input(fitted, tmp_path):
         create_detector(det.name, **CONFORMANCE_PARAMS[det.name]).score([broken])
     with pytest.raises(DefectLensError, match="no setting"):
         create_detector(det.name, no_such_setting=1)
+
+
+def test_scoring_runs_ahead_in_a_thread_with_the_callers_faiss_threads_and_hands_out_before_an_error(tiny_dataset, tmp_path):
+    """score_batches scores the next batch in a thread while the caller handles this one; that
+    thread searches with the caller's faiss thread count (OpenMP's is per thread), a single batch
+    is scored in the caller's own thread, and what was scored before an unreadable image is still
+    handed out, in order, before the error."""
+    import threading
+
+    import faiss
+
+    ds = load_dataset(tiny_dataset, validation_fraction=0.0)
+    det = create_detector("patchcore", image_size=64, coreset_ratio=0.1, batch_size=2).fit(ds.train_good)
+    seen: list[tuple[int, int]] = []
+    score_pixels = det.score_pixels
+
+    def recording(pixels, watch=None):
+        seen.append((threading.get_ident(), faiss.omp_get_max_threads()))
+        return score_pixels(pixels, watch)
+
+    det.score_pixels = recording
+    fresh: list[int] = []
+    probe = threading.Thread(target=lambda: fresh.append(faiss.omp_get_max_threads()))
+    probe.start()
+    probe.join()
+    target = 2 if fresh[0] == 1 else 1  # a count a new thread would not have by itself
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(target)
+    try:
+        det.score(ds.train_good[:2])
+        assert seen == [(threading.get_ident(), target)]
+        seen.clear()
+        streamed = list(det.score_batches(ds.train_good[:6]))
+        assert [i for out in streamed for i in out.batch.indices] == list(range(6))
+        assert len(seen) == 3 and all(ident != threading.get_ident() and threads == target for ident, threads in seen)
+    finally:
+        faiss.omp_set_num_threads(before)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    handed = []
+    with pytest.raises(ImageError, match="broken.png"):
+        for out in det.score_batches([*ds.train_good[:4], broken, *ds.train_good[4:6]]):
+            handed.extend(out.batch.indices)
+    assert handed == [0, 1, 2, 3]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import sys
 from collections import defaultdict, deque
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from defectlens.inference.inspection import Inspection
 from defectlens.inference.overlay import OVERLAY_SUFFIX, save_overlay
 from defectlens.inference.record import BATCH_FIELDS, FIELDS
 from defectlens.jsonutil import finite
+from defectlens.machine import usable_cores
 
 # summary.csv: the record's summary fields, what its regions and timings come to, and the error
 STAGES = ("decode", "backbone", "search", "postprocess", "graph", "decide")  # graph: a whole ONNX scoring graph (backbone to map)
@@ -91,7 +91,7 @@ def wants_overlay(mode: str, result: Inspection) -> bool:
 # One overlay takes about 5 ms of CPU, so one thread keeps up with 200 images/s; beside scoring on
 # two cores a second thread only took turns with the backbone (benchmark --end-to-end: overlay row
 # 78-83 % of scoring with one, 72-83 % with two). More cores, more threads.
-OVERLAY_THREADS = max(1, (os.cpu_count() or 1) // 4)
+OVERLAY_THREADS = max(1, usable_cores() // 4)  # the cores this process may use, not the host's
 IN_FLIGHT = 16  # overlays being drawn before the writer waits for the oldest
 
 

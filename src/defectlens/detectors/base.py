@@ -7,9 +7,10 @@ plain arrays so a bundle can save any detector without pickle.
 
 from __future__ import annotations
 
+import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -74,6 +75,23 @@ def check_size(size: ModelSize, low: int, high: int) -> None:
         raise DefectLensError(f"image_size: each side must be a multiple of 16 between {low} and {high}, got {format_size(size)}")
 
 
+def _carry_thread_settings() -> Callable[[], None]:
+    """What a new thread must be told to score as the caller's would: torch's intra-op threads are
+    shared by the process, but OpenMP's thread count is per thread, so faiss (when loaded: a
+    PatchCore's search) would otherwise run on its default or on torch's count, not on the count
+    the tuning set."""
+    faiss = sys.modules.get("faiss")
+    if faiss is None:
+        return lambda: None
+    threads = faiss.omp_get_max_threads()
+
+    def carry() -> None:
+        torch.get_num_threads()  # torch sets OpenMP's count in each thread on first use: let it, then set faiss's
+        faiss.omp_set_num_threads(threads)
+
+    return carry
+
+
 class Detector(BaseEstimator, ABC):
     """Base class: subclasses set ``name`` and implement fit, score_pixels, get/set_state.
 
@@ -130,25 +148,38 @@ class Detector(BaseEstimator, ABC):
         ``batch_size`` (else the detector's own) and ``workers`` (decoding threads) change speed only:
         what ``benchmark --tune`` measured on this machine.
 
-        The next batch is scored in a thread while the caller handles this one: the Inspector's
-        verdicts, regions and records run in the caller's thread, and in turn with scoring they
-        left a core idle for about a tenth of each batch (the Inspector row of ``benchmark
-        --end-to-end`` at 82-88 % of scoring instead of ~97 %)."""
+        With more than one batch, the next is scored in a thread while the caller handles this one:
+        the Inspector's verdicts, regions and records run in the caller's thread, and in turn with
+        scoring they left a core idle for about a tenth of each batch (the Inspector row of
+        ``benchmark --end-to-end`` at 82-88 % of scoring; 86-102 % ahead). One batch, as for a
+        single image, is scored in the caller's thread: there is nothing to overlap."""
         self._require_fitted()
-        bar = tqdm(total=len(images), desc="scoring", unit="img", disable=not progress, leave=False)
-        with ThreadPoolExecutor(1, thread_name_prefix="scoring") as pool:
-            ahead: Future[BatchScores] | None = None
-            watch = Stopwatch()
-            for batch in iter_batches(images, self.image_size, batch_size or self.batch_size, workers, skip_errors, preview_side):
-                watch.lap("decode")
-                scoring = pool.submit(self._score_batch, batch, watch.ms)
-                if ahead is not None:
-                    yield self._delivered(ahead, bar)
-                ahead = scoring
+        batch_size = batch_size or self.batch_size
+        batches = iter_batches(images, self.image_size, batch_size, workers, skip_errors, preview_side)
+        with tqdm(total=len(images), desc="scoring", unit="img", disable=not progress, leave=False) as bar:
+            if len(images) <= batch_size:
                 watch = Stopwatch()
-            if ahead is not None:
-                yield self._delivered(ahead, bar)
-        bar.close()
+                for batch in batches:
+                    watch.lap("decode")
+                    yield self._delivered(self._score_batch(batch, watch.ms), bar)
+                return
+            with ThreadPoolExecutor(1, thread_name_prefix="scoring", initializer=_carry_thread_settings()) as pool:
+                ahead: Future[BatchScores] | None = None
+                while True:
+                    watch = Stopwatch()
+                    try:
+                        batch = next(batches, None)
+                    except Exception:
+                        if ahead is not None:  # what was scored before an unreadable image is still handed out
+                            yield self._delivered(ahead.result(), bar)
+                        raise
+                    watch.lap("decode")
+                    scoring = pool.submit(self._score_batch, batch, watch.ms) if batch is not None else None
+                    if ahead is not None:
+                        yield self._delivered(ahead.result(), bar)
+                    if scoring is None:
+                        return
+                    ahead = scoring
 
     def _score_batch(self, batch: Batch, decode_ms: dict[str, float]) -> BatchScores:
         if len(batch.indices) == 0:
@@ -159,8 +190,7 @@ class Detector(BaseEstimator, ABC):
         return BatchScores(batch, scores, maps, features, {**decode_ms, **watch.ms})
 
     @staticmethod
-    def _delivered(scoring: Future[BatchScores], bar: tqdm) -> BatchScores:
-        out = scoring.result()
+    def _delivered(out: BatchScores, bar: tqdm) -> BatchScores:
         bar.update(len(out.batch.indices) + len(out.batch.errors))
         return out
 
