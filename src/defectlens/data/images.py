@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -167,6 +168,15 @@ def _open(image: ImageInput) -> tuple[Image.Image | np.ndarray, str | None]:
     path = Path(image)
     data = read_file(path)
     return _upright(_decode(io.BytesIO(data), str(path), MAX_PIXELS)), hashlib.sha256(data).hexdigest()
+
+
+T = TypeVar("T")
+
+
+def spread(items: Sequence[T], n: int) -> list[T]:
+    """Up to ``n`` items evenly spaced over the whole sequence, first included: a folder sorted by
+    time would otherwise give one shift's images."""
+    return list(items)[:: max(1, len(items) // n)][:n]
 
 
 def preview(rgb: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:

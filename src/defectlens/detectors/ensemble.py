@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from defectlens.data.images import ImageInput, ModelSize
+from defectlens.data.images import ImageInput, ModelSize, spread
 from defectlens.detectors.base import Detector, PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.registry import create_detector, detector_class, register_detector
 from defectlens.errors import DefectLensError
@@ -79,7 +79,7 @@ class EnsembleDetector(Detector):
         if not images:
             raise DefectLensError("fit needs at least one good image, got none")
         self.members_ = [m.fit(images) for m in members]
-        sample = images[:: max(1, len(images) // self.norm_images)][: self.norm_images]
+        sample = spread(images, self.norm_images)
         stats = []
         for m in self.members_:
             scores, maps = m.score(sample)

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from defectlens.backbones import FEATURE_KINDS, FeatureExtractor, create_backbone, get_spec
-from defectlens.data.images import Batch, ImageInput, iter_batches
+from defectlens.data.images import Batch, ImageInput, iter_batches, spread
 from defectlens.detectors.anomaly_map import AnomalyMapHead
 from defectlens.detectors.base import Detector, PixelScores, Stopwatch, check_size
 from defectlens.detectors.features import PatchEmbedder
@@ -87,9 +87,8 @@ class FeatureDetector(Detector):
     def _projection_sample(self, images: Sequence[ImageInput], n_images: int = PCA_IMAGES) -> np.ndarray:
         """Patch embeddings of all channels of up to ``n_images`` images spread over the whole set (a
         folder sorted by time would otherwise give one shift's), up to PCA_PATCHES patches."""
-        spread = images[:: max(1, len(images) // n_images)][:n_images]
         rows: list[np.ndarray] = []
-        for _, emb in self._iter_embeddings(spread, desc="projection"):
+        for _, emb in self._iter_embeddings(spread(images, n_images), desc="projection"):
             rows.append(emb.transpose(0, 2, 3, 1).reshape(-1, emb.shape[1]))
             if sum(len(r) for r in rows) >= PCA_PATCHES:
                 break

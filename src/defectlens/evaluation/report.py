@@ -25,7 +25,7 @@ from defectlens._version import __version__
 from defectlens.bundle import Bundle
 from defectlens.calibration.record import Calibration, guarantee_sentence
 from defectlens.data.defects import contact_sheet, resize_longest, synthesize
-from defectlens.data.images import load_rgb, resize_rgb
+from defectlens.data.images import load_rgb, resize_rgb, spread
 from defectlens.errors import ImageError
 from defectlens.evaluation.evaluate import Evaluation, fmt, load_mask
 from defectlens.inference.overlay import colourise
@@ -163,7 +163,7 @@ def _synthetic_sheet(bundle: Bundle, n: int = 8) -> bytes | None:
     """A few of the synthetic defects a model is chosen (and its recall estimated) on, made from
     its own training images, so a reader can judge whether they resemble the part's real ones."""
     files = [Path(f) for f in bundle.metadata.get("train_files", [])]
-    files = [f for f in files[:: max(1, len(files) // 4)][:4] if f.is_file()]
+    files = [f for f in spread(files, 4) if f.is_file()]
     if not files:
         return None
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectlens.data.images import ImageInput, iter_batches
+from defectlens.data.images import ImageInput, iter_batches, spread
 from defectlens.detectors.feature_based import FeatureDetector
 from defectlens.export.runtime import embedder_graph
 
@@ -34,9 +34,7 @@ def quantize_embedder(detector: FeatureDetector, images: Sequence[ImageInput], c
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    images = list(images)
-    chosen = images[:: max(1, len(images) // calibration_images)][:calibration_images]
-    batches = [batch.pixels for batch in iter_batches(chosen, detector.image_size, detector.batch_size)]
+    batches = [batch.pixels for batch in iter_batches(spread(images, calibration_images), detector.image_size, detector.batch_size)]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

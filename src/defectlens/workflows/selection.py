@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from defectlens.data.defects import LOGICAL, defects_from, synthesize
-from defectlens.data.images import ImageInput, ModelSize, format_size, size_hw
+from defectlens.data.images import ImageInput, ModelSize, format_size, size_hw, spread
 from defectlens.detectors import Detector, available_detectors, create_from_spec, detector_class
 from defectlens.detectors.feature_based import FeatureDetector
 from defectlens.errors import DefectLensError
@@ -124,7 +124,7 @@ def format_figure(v: float | None, digits: int = 3) -> str:
 def native_sizes(images: Sequence[ImageInput], sample: int = 16) -> list[tuple[int, int]]:
     """(height, width) of a spread of the images, read from file headers where possible."""
     sizes = []
-    for img in list(images)[:: max(1, len(images) // sample)][:sample]:
+    for img in spread(images, sample):
         if isinstance(img, np.ndarray):
             sizes.append(img.shape[:2])
         elif isinstance(img, Image.Image):
