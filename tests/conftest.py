@@ -108,14 +108,16 @@ def inputs(tiny_dataset, tmp_path):
 
 
 def ray_worker_pids(n: int = 2, timeout_s: float = 60) -> list[int]:
-    """The processes of the Ray inspection actors, once at least ``n`` are up (or none found in time)."""
+    """The processes of the Ray inspection actors, once exactly ``n`` are up (or none found in time):
+    an earlier Ray test's actors can outlive its teardown for a moment, and counting them too made
+    the killed-worker test see four workers where its run had two (once in five full runs)."""
     import subprocess
     import time
 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         found = subprocess.run(["pgrep", "-f", "ray::InspectWorker"], capture_output=True, text=True).stdout.split()
-        if len(found) >= n:
+        if len(found) == n:
             return [int(p) for p in found]
         time.sleep(0.2)
     return []
