@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from defectlens.data import images as img_mod
-from defectlens.data.images import iter_batches, load_for_model, load_rgb
+from defectlens.data.images import iter_batches, load_for_model, load_rgb, spread
 from defectlens.errors import ImageError
 
 
@@ -132,3 +132,12 @@ def test_batches_keep_order_and_report_errors(tmp_path, gradient):
     np.testing.assert_allclose(first_pixels, [0, 40 / 255, 80 / 255, 120 / 255, 160 / 255], atol=1e-6)
     with pytest.raises(ImageError, match="bad.png"):
         list(iter_batches(inputs, 8, batch_size=2))
+
+
+def test_spread_covers_the_whole_set():
+    items = list(range(30))
+    picked = spread(items, 16)
+    assert len(picked) == 16 and picked[0] == 0 and picked[-1] == 29  # a fixed stride gave 0..15
+    assert np.diff(picked).min() >= 1 and np.diff(picked).max() <= 2
+    assert spread(items, 30) == items and spread(items, 99) == items
+    assert spread(items, 1) == [0]

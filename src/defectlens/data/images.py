@@ -174,9 +174,13 @@ T = TypeVar("T")
 
 
 def spread(items: Sequence[T], n: int) -> list[T]:
-    """Up to ``n`` items evenly spaced over the whole sequence, first included: a folder sorted by
-    time would otherwise give one shift's images."""
-    return list(items)[:: max(1, len(items) // n)][:n]
+    """Up to ``n`` items evenly spaced over the whole sequence, first and last included: a folder
+    sorted by time would otherwise give one shift's images. (A fixed stride cut off the end: 30
+    images and n = 16 gave the first 16.)"""
+    items = list(items)
+    if n >= len(items):
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
 def preview(rgb: np.ndarray, side: int = PREVIEW_SIDE) -> np.ndarray:

@@ -196,13 +196,6 @@ def candidates(images: Sequence[ImageInput], backbone: str = "mobilenet_v2", ima
     return out
 
 
-def _spread(items: list, n: int) -> list:
-    """n items evenly spread over the list (a folder sorted by time gives every shift a say)."""
-    if n >= len(items):
-        return list(items)
-    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
-
-
 @dataclass
 class ValidationSet:
     """Held-out good images plus synthetic defects made from them, with their masks; the logical
@@ -391,7 +384,7 @@ def select_detector(
     n_syn = int(validation.labels[validation.local].sum())
 
     results: list[CandidateResult] = []
-    screen = _spread(fit_pool, screen_images)
+    screen = spread(fit_pool, screen_images)
     for c in pool:
         if work_clock() - start > budget_s and results:
             results.append(CandidateResult(c.label, "skipped", 0, note="over the time budget"))
@@ -400,7 +393,7 @@ def select_detector(
         results.append(measure(c, screen, validation, seed, "screen"))
         say(f"  synthetic AUROC {format_figure(results[-1].image_auroc)}, AUPRO {format_figure(results[-1].aupro)} {results[-1].note}")
 
-    final = _spread(fit_pool, final_images)
+    final = spread(fit_pool, final_images)
     ranked = rank(results)
     if (len(final) > len(screen) or test is not None) and ranked:
         by_label = {c.label: c for c in pool}
