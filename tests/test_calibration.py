@@ -204,6 +204,18 @@ def test_pac_threshold_holds_at_its_confidence(family, n, alpha, confidence):
     assert guarantees[0].rank <= st.conformal_rank(n, alpha)
 
 
+@pytest.mark.parametrize("family", sorted(DISTRIBUTIONS))
+@pytest.mark.parametrize(("n", "alpha"), [(20, 0.01), (200, 0.01)])
+def test_the_stated_spread_of_one_calibration_set_holds_at_its_confidence(family, n, alpha):
+    """fit says how far one set's FRR may stray from the average: over 1,000 sets, the true FRR
+    of the conformal threshold exceeds frr_upper(rank, n, 0.9) in about 10 % of them."""
+    draw, sf = DISTRIBUTIONS[family]
+    rng = np.random.default_rng(9)
+    guarantees = [st.threshold_conformal(draw(rng, n), alpha) for _ in range(1000)]
+    exceeded = np.mean([sf(g.threshold) > st.frr_upper(g.rank, g.n, 0.9) for g in guarantees])
+    assert abs(exceeded - 0.1) <= 3 * np.sqrt(0.9 * 0.1 / 1000)
+
+
 def test_conformal_rank_and_images_needed():
     assert st.conformal_rank(99, 0.01) == 1 and st.conformal_rank(98, 0.01) == 0
     assert st.images_needed(0.01) == 99 and st.images_needed(0.05) == 19
@@ -219,6 +231,7 @@ def test_too_few_images_give_the_largest_score_and_say_so():
     assert g.threshold == 2.0 and g.bound == pytest.approx(1 / 22) and not g.achievable and g.images_needed == 99
     cal = calibrate_scores(np.linspace(1, 2, 21), np.linspace(1, 2, 21))
     assert "21 images: FRR <= 4.5 % guaranteed on average" in cal.describe()
+    assert "<= 10 % for this calibration set with 90 % confidence" in cal.describe()  # 1 - 0.1 ** (1 / 21)
     assert "the 1 % target needs >= 99 images" in cal.describe()
 
 

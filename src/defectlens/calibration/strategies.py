@@ -115,6 +115,13 @@ def pac_rank(n: int, alpha: float, delta: float) -> int:
     return int(ks[ok].max()) if ok.any() else 0
 
 
+def frr_upper(rank: int, n: int, confidence: float) -> float:
+    """The FRR that the rank-th largest of n scores, as threshold, stays under with ``confidence``
+    over calibration sets: that FRR is Beta(rank, n - rank + 1) distributed. With 20 images and
+    the largest as threshold, 4.8 % on average but up to 11 % at 90 %."""
+    return float(stats.beta.ppf(confidence, rank, n - rank + 1))
+
+
 def images_needed(alpha: float, delta: float | None = None) -> int:
     """Fewest calibration images for which the target can be guaranteed at all (with the largest score)."""
     if delta is None:
@@ -136,7 +143,7 @@ def threshold_conformal(values: np.ndarray, alpha: float, confidence: float | No
     achievable = k >= 1
     k = min(max(k, 1), n)
     # PAC: the FRR that the k-th largest stays under with the asked confidence
-    bound = k / (n + 1) if confidence is None else float(stats.beta.ppf(confidence, k, n - k + 1))
+    bound = k / (n + 1) if confidence is None else frr_upper(k, n, confidence)
     needed = images_needed(alpha, None if confidence is None else 1.0 - confidence)
     return Guarantee(float(values[k - 1]), k, n, float(bound), alpha, confidence, achievable, needed)
 
