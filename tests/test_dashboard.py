@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from scipy import stats
 
 from .servers import Server
 
@@ -62,6 +63,8 @@ def test_upload_shows_verdict_overlay_and_boxes_and_the_slider_rejudges(server, 
     above = sum(v > high + 1e-3 for v in details["good_scores"])
     promise = page.inner_text("#threshold-promise")
     assert f"≤ {100 * (above + 1) / (n_good + 1):.1f} % guaranteed on average" in promise
+    upper = 100 * stats.beta.ppf(0.9, above + 1, n_good - above)
+    assert f"≤ {upper:.1f} % for this calibration set with 90 % confidence" in promise
     assert details["synthetic_scores"] and f"estimated recall on {len(details['synthetic_scores'])} synthetic defects" in promise
     drawn = page.eval_on_selector("#histogram", "c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some(v => v > 0)")
     assert drawn

@@ -122,6 +122,13 @@ def frr_upper(rank: int, n: int, confidence: float) -> float:
     return float(stats.beta.ppf(confidence, rank, n - rank + 1))
 
 
+def frr_upper_by_rejects(n: int, confidence: float) -> list[float]:
+    """``frr_upper`` for a threshold with 0, 1, ..., n of the n calibration scores above it (the
+    dashboard's slider looks its threshold up here); with all n above nothing is promised."""
+    ranks = np.arange(1, n + 1)
+    return [float(v) for v in stats.beta.ppf(confidence, ranks, n - ranks + 1)] + [1.0]
+
+
 def images_needed(alpha: float, delta: float | None = None) -> int:
     """Fewest calibration images for which the target can be guaranteed at all (with the largest score)."""
     if delta is None:

@@ -33,6 +33,8 @@ from starlette.datastructures import UploadFile
 
 from defectlens._version import __version__
 from defectlens.calibration.drift import DriftSettings
+from defectlens.calibration.record import SPREAD_CONFIDENCE
+from defectlens.calibration.strategies import frr_upper_by_rejects
 from defectlens.data.images import MAX_PIXELS, decode_bytes, to_rgb_float
 from defectlens.errors import DefectLensError, ImageError, ImageFormatError, ImageTooLargeError
 from defectlens.history.journal import JournaledStore
@@ -266,6 +268,9 @@ class InspectionService:
             "defect_scores": [] if cal is None else cal.defect_scores,
             "synthetic_scores": [] if cal is None else cal.synthetic_scores,  # an estimate of recall, not real defects
             "guarantee": None if cal is None else cal.guarantee,
+            # [i]: the FRR one calibration set keeps with SPREAD_CONFIDENCE when i good scores lie above the threshold
+            "frr_upper": [] if cal is None or not cal.good_scores else frr_upper_by_rejects(len(cal.good_scores), SPREAD_CONFIDENCE),
+            "frr_upper_confidence": SPREAD_CONFIDENCE,
             "threshold_changes": self.store.threshold_history(name, model.checksum),
             "selection": model.bundle.metadata.get("selection"),  # how fit --detector auto chose, when it did
             "versions": self.registry.versions(name),

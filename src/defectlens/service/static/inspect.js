@@ -159,8 +159,10 @@ function promise(thr) {
   const d = state.details;
   if (!d || Number.isNaN(thr) || !d.good_scores.length) return "";
   const n = d.good_scores.length, above = d.good_scores.filter((v) => v > thr).length;
-  let text = `At this threshold: false-reject rate ≤ ${(100 * Math.min(1, (above + 1) / (n + 1))).toFixed(1)} % guaranteed on average `
-    + `(${n} good calibration images)`;
+  let text = `At this threshold: false-reject rate ≤ ${(100 * Math.min(1, (above + 1) / (n + 1))).toFixed(1)} % guaranteed on average`;
+  const upper = (d.frr_upper || [])[above];
+  if (upper !== undefined) text += `, ≤ ${(100 * upper).toFixed(1)} % for this calibration set with ${100 * d.frr_upper_confidence} % confidence`;
+  text += ` (${n} good calibration images)`;
   const syn = d.synthetic_scores || [];
   if (syn.length) text += `; estimated recall on ${syn.length} synthetic defects ${(100 * syn.filter((v) => v > thr).length / syn.length).toFixed(0)} %`;
   return text + ".";
