@@ -56,6 +56,20 @@ def test_auto_calibrates_each_sizes_pick_as_fit_does(tiny_dataset):
     assert f"12 [{entry.rows[0].pick}]" in markdown([entry], "test machine", "auto")
 
 
+@pytest.mark.slow
+def test_repeated_draws_calibrate_as_fit_does_and_tabulate_the_spread(tiny_dataset):
+    entry = _run_category(str(tiny_dataset), "discs", "padim", {"image_size": 64, "n_features": 20}, [8], 0, draws=3)
+    assert not entry.error, entry.error
+    default = [r for r in entry.rows if r.default]
+    assert [r.draw for r in default] == [0, 1, 2] and {r.scheme for r in entry.rows} == {"kfold-8"} and not entry.folds
+    assert len({r.threshold for r in default}) > 1  # each draw has its own folds, so its own threshold
+    text = markdown([entry], "test machine", "padim")
+    assert "over repeated draws" in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| discs | 8 |")]
+    frr = [r.frr for r in default]
+    assert f"| 3 | {100 * np.mean(frr):.1f} % | {100 * max(frr):.1f} % | {sum(f > 0.05 for f in frr)} |" in row
+
+
 def test_extrapolation_recovers_scores_that_fall_as_one_over_training_size():
     n, a, b = 20, np.array([1.0, 2.0, 3.0]), np.array([4.0, 8.0, 2.0])
     at = lambda m: a + b / m  # noqa: E731

@@ -26,6 +26,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="benchmark_results", help="folder for benchmark.md and benchmark.json (comparison mode)")
     _add_modes(p)
     p.add_argument("--sizes", default="10,20,50,100,all", help="training-set sizes for --thresholds (default: 10,20,50,100,all)")
+    p.add_argument("--draws", type=int, default=1, help=(
+        "--thresholds: draw each size this many times (seeds --seed, --seed + 1, ...), each calibrated only as fit calibrates, "
+        "and tabulate how the default threshold's false-reject rate spreads over the draws (default: 1, with every source "
+        "of calibration scores)"))
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS", help=(
         "time for trying candidates per category (default: 3600 with --selection, which carries every candidate to the "
         "final stage; 300, as fit, for --detectors auto)"))
@@ -207,7 +211,7 @@ def _thresholds(args: argparse.Namespace) -> int:
     except ValueError:
         raise DefectLensError(f"--sizes takes comma-separated image counts or 'all', got {args.sizes!r}") from None
     params = {"budget_s": args.budget or 300.0} if detector == "auto" else detector_params(args, detector)
-    entries = run_threshold_benchmark(args.data, detector, params, sizes, args.seed)
+    entries = run_threshold_benchmark(args.data, detector, params, sizes, args.seed, draws=args.draws)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "thresholds.md").write_text(markdown(entries, machine_description(), detector))

@@ -55,6 +55,7 @@ class ThresholdRow:
     default: bool = False  # what plain `fit` does with this many images
     standard: bool = False  # the calibration scores plain `fit` would use (any rule)
     pick: str = ""  # with --detector auto: the configuration the selection chose at this size
+    draw: int = 0  # with --draws N: which of the N seeded draws of the training images and their split
 
 
 @dataclass
@@ -186,8 +187,35 @@ def _fold_row(label: str, n: int, folds: int, fold_scores: np.ndarray, deployed:
     return row
 
 
-def _run_category(category: str, label: str, detector: str, params: dict, sizes: list[int | None], seed: int) -> CategoryThresholds:
-    """Runs in a fresh child process."""
+def _as_fit(proto, label: str, train: list, seed: int, test_paths: list, labels: np.ndarray, pick: str, draw: int) -> list[ThresholdRow]:
+    """Rows for ``train`` calibrated exactly as plain `fit` calibrates it: a holdout from 100
+    images, 10-fold scores below, the deployed model judged on the test split."""
+    from sklearn.base import clone
+
+    from defectlens.data.datasets import _split_validation
+    from defectlens.workflows.fitting import FOLDS, SYNTHETIC_DEFECTS, kfold_scores, resolve_scheme, score_images, synthetic_scores
+
+    fit_part, held = _split_validation(train, 0.1, seed)
+    if resolve_scheme("auto", len(fit_part), len(held)) == "holdout":
+        det = clone(proto).fit(fit_part)
+        good, syn, scheme = score_images(det, held), synthetic_scores(det, held, SYNTHETIC_DEFECTS, seed), "holdout"
+    else:
+        det = clone(proto).fit(train)
+        good, syn = kfold_scores(proto, train, min(FOLDS, len(train)), seed, SYNTHETIC_DEFECTS)
+        scheme = f"kfold-{min(FOLDS, len(train))}"
+    test = score_images(det, test_paths).scores
+    rows = _rows(label, len(train), scheme, good, syn, test[labels == 0], test[labels == 1], True, pick)
+    for r in rows:
+        r.draw = draw
+    return rows
+
+
+def _run_category(category: str, label: str, detector: str, params: dict, sizes: list[int | None], seed: int,
+                  draws: int = 1) -> CategoryThresholds:
+    """Runs in a fresh child process. With ``draws`` > 1 each size is drawn that many times (seeds
+    seed, seed + 1, ...: the subsample, the holdout, the folds, the synthetic defects and, with
+    auto, the pick), each calibrated only as plain `fit` calibrates: one draw says little about a
+    threshold set on 20 images, whose false-reject rate is itself a random variable."""
     import warnings
 
     from sklearn.base import clone
@@ -203,7 +231,6 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
         resolve_scheme,
         score_images,
         single_image_views,
-        synthetic_scores,
     )
 
     out = CategoryThresholds(label)
@@ -217,6 +244,15 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
         auto = detector == "auto"
         proto, pick = None if auto else create_detector(detector, **params), ""
         for size in sizes:
+            for draw in range(draws if draws > 1 else 0):
+                train = subsample(ds.train_good, size, seed + draw)
+                if auto:
+                    chosen = select_detector(train, seed=seed + draw, **params).chosen
+                    proto, pick = chosen.build(verbose=False, random_state=seed + draw), chosen.label
+                out.rows += _as_fit(proto, label, train, seed + draw, test_paths, labels, pick, draw)
+                print(f"  {label}: {len(train)} images, draw {draw + 1} of {draws}{f' ({pick})' if auto else ''}", flush=True)
+            if draws > 1:
+                continue
             train = subsample(ds.train_good, size, seed)
             n = len(train)
             fit_part, held = _split_validation(train, 0.1, seed)
@@ -226,12 +262,9 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
                 chosen = select_detector(train, seed=seed, **params).chosen
                 proto, pick = chosen.build(verbose=False, random_state=seed), chosen.label
                 print(f"  {label}: {n} images, auto picks {pick}", flush=True)
-            if resolve_scheme("auto", len(fit_part), len(held)) == "holdout":  # what fit does
-                det = clone(proto).fit(fit_part)
-                test = score_images(det, test_paths).scores
-                good = score_images(det, held)
-                syn = synthetic_scores(det, held, SYNTHETIC_DEFECTS, seed)
-                out.rows += _rows(label, n, "holdout", good, syn, test[labels == 0], test[labels == 1], True, pick)
+            if auto or resolve_scheme("auto", len(fit_part), len(held)) == "holdout":  # what fit does (auto: the pick
+                # only as fit calibrates it; the other sources of scores were measured on fixed detectors)
+                out.rows += _as_fit(proto, label, train, seed, test_paths, labels, pick, 0)
                 continue
             det = clone(proto).fit(train)  # the deployed model of every k-fold variant
             test = score_images(det, test_paths).scores
@@ -243,10 +276,6 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
                 held_fold[left_out] = len(fold_probe)
                 fold_probe.append(score_images(model, [test_paths[i] for i in probe]).scores)
 
-            if auto:  # the pick, calibrated as fit does; the other sources were measured on fixed detectors
-                good, syn = kfold_scores(proto, train, standard, seed, SYNTHETIC_DEFECTS)
-                out.rows += _rows(label, n, f"kfold-{standard}", good, syn, test_good, test_defect, True, pick)
-                continue
             for folds in sorted({min(5, n), standard} | ({n} if n <= 20 else set())):
                 good, syn = kfold_scores(proto, train, folds, seed, SYNTHETIC_DEFECTS, on_fold=on_fold if folds == standard else None)
                 by_folds[folds] = good
@@ -272,8 +301,11 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
 
 
 def run_threshold_benchmark(root: str | Path, detector: str = "patchcore", params: dict | None = None,
-                            sizes: Sequence[int | None] = (10, 20, 50, 100, None), seed: int = 0, progress=print) -> list[CategoryThresholds]:
-    return each_category(root, f"threshold benchmark ({detector})", _run_category, (detector, dict(params or {}), list(sizes), seed),
+                            sizes: Sequence[int | None] = (10, 20, 50, 100, None), seed: int = 0, progress=print,
+                            draws: int = 1) -> list[CategoryThresholds]:
+    if draws < 1:
+        raise DefectLensError(f"--draws must be 1 or more, got {draws}")
+    return each_category(root, f"threshold benchmark ({detector})", _run_category, (detector, dict(params or {}), list(sizes), seed, draws),
                          lambda label: CategoryThresholds(label, error=KILLED), markdown_category, progress)
 
 
@@ -349,9 +381,28 @@ def fold_table(entries: list[CategoryThresholds]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def draws_table(entries: list[CategoryThresholds]) -> str:
+    """The default rule over repeated draws, per category and size: how its false-reject rate
+    spreads, which one seed per size cannot show."""
+    lines = ["| category | train images | calibration | draws | test FRR, mean | worst | draws over 5 % | recall / oracle at the same FRR, mean (worst) |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = [r for e in entries for r in e.rows if r.default and r.frr is not None]
+    for key in dict.fromkeys((r.category, r.n_train) for r in rows):
+        group = [r for r in rows if (r.category, r.n_train) == key]
+        frr = np.array([r.frr for r in group])
+        ratio = [r.recall / r.oracle_same if r.oracle_same else 1.0 for r in group]
+        schemes = ", ".join(sorted({f"{r.scheme} ({r.n_calibration})" for r in group}))
+        lines.append(f"| {key[0]} | {key[1]} | {schemes} | {len(group)} | {_pct(float(frr.mean()))} | {_pct(float(frr.max()))} | "
+                     f"{int((frr > ORACLE_FRR + 1e-12).sum())} | {format_figure(float(np.mean(ratio)), 2)} ({format_figure(float(np.min(ratio)), 2)}) |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(entries: list[CategoryThresholds], machine: str, detector: str) -> str:
+    repeated = any(r.draw for e in entries for r in e.rows)
     return "\n".join([f"Machine: {machine}. Detector: {detector}. Synthetic recall is an estimate from synthetic defects; "
                       "test FRR, recall and the oracle come from the real test split, which no rule sees.", "",
+                      *(["### The default rule over repeated draws (each calibrated as plain `fit` calibrates)", "", draws_table(entries)]
+                        if repeated else []),
                       "### Summary: each rule on the calibration scores plain `fit` uses", "", summary(entries),
                       "### Summary: the default rule on each source of k-fold calibration scores", "", scheme_summary(entries),
                       "### The fold models against the deployed model (a probe of the test split)", "", fold_table(entries),
