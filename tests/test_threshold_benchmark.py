@@ -64,7 +64,7 @@ def test_repeated_draws_calibrate_as_fit_does_and_tabulate_the_spread(tiny_datas
     assert [r.draw for r in default] == [0, 1, 2] and {r.scheme for r in entry.rows} == {"kfold-8"} and not entry.folds
     assert len({r.threshold for r in default}) > 1  # each draw has its own folds, so its own threshold
     text = markdown([entry], "test machine", "padim")
-    assert "over repeated draws" in text
+    assert "over repeated draws" in text and "| 8 (draw 3) | kfold-8 (8) | conformal 1 % **default** |" in text
     (row,) = [line for line in text.splitlines() if line.startswith("| discs | 8 |")]
     frr = [r.frr for r in default]
     assert f"| 3 | {100 * np.mean(frr):.1f} % | {100 * max(frr):.1f} % | {sum(f > 0.05 for f in frr)} |" in row

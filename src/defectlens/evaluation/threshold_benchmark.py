@@ -320,11 +320,13 @@ def markdown_category(c: CategoryThresholds) -> str:
              "| train images | calibration scores | rule | threshold | largest good | guaranteed FRR | test FRR | recall | synthetic recall "
              "| oracle recall, same FRR | recall / oracle | oracle recall, FRR 5 % |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    repeated = any(r.draw for r in c.rows)
     for r in c.rows:
         mark = " **default**" if r.default else ""
         ratio = None if r.recall is None or not r.oracle_same else r.recall / r.oracle_same
         pick = f" [{r.pick}]" if r.pick else ""
-        lines.append(f"| {r.n_train}{pick} | {r.scheme} ({r.n_calibration}) | {r.rule}{mark} | {format_figure(r.threshold, 4)} | "
+        draw = f" (draw {r.draw + 1})" if repeated else ""
+        lines.append(f"| {r.n_train}{draw}{pick} | {r.scheme} ({r.n_calibration}) | {r.rule}{mark} | {format_figure(r.threshold, 4)} | "
                      f"{format_figure(r.largest_good, 4)} | <= {_pct(r.bound)} | {_pct(r.frr)} | {_pct(r.recall)} | {_pct(r.synthetic_recall)} | "
                      f"{_pct(r.oracle_same)} | {format_figure(ratio, 2)} | {_pct(r.oracle_5)} |")
     lines += ["", f"{format_figure(c.seconds, 0)} s."]
