@@ -11,6 +11,9 @@ For every category, with the training images subsampled (20, 50, all), it fits o
 The real test split, which no rule sees, then gives each threshold's false-reject rate on good
 parts and its recall on defects, beside the oracle: the best recall any threshold reaches at
 the same false-reject rate, and at 5 %. Recall / oracle near 1 is a tight threshold.
+
+With ``--draws N`` each size is drawn N times and calibrated only as ``fit`` calibrates, to show
+how one threshold's false-reject rate spreads around the average that the guarantee speaks of.
 """
 
 from __future__ import annotations
