@@ -246,28 +246,19 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
         probe = _probe(labels, PROBE, seed)
         auto = detector == "auto"
         proto, pick = None if auto else create_detector(detector, **params), ""
-        for size in sizes:
-            for draw in range(draws if draws > 1 else 0):
-                train = subsample(ds.train_good, size, seed + draw)
-                if auto:
-                    chosen = select_detector(train, seed=seed + draw, **params).chosen
-                    proto, pick = chosen.build(verbose=False, random_state=seed + draw), chosen.label
-                out.rows += _as_fit(proto, label, train, seed + draw, test_paths, labels, pick, draw)
-                print(f"  {label}: {len(train)} images, draw {draw + 1} of {draws}{f' ({pick})' if auto else ''}", flush=True)
-            if draws > 1:
-                continue
-            train = subsample(ds.train_good, size, seed)
+        for size, draw in ((size, draw) for size in sizes for draw in range(draws)):
+            train = subsample(ds.train_good, size, seed + draw)
             n = len(train)
-            fit_part, held = _split_validation(train, 0.1, seed)
-            print(f"  {label}: {n} training images", flush=True)
+            fit_part, held = _split_validation(train, 0.1, seed + draw)
             if auto:  # choose from this many good images, then calibrate the pick as fit does. Unlike fit, the
                 # choice sees the holdout images too (as its own held-out images: they never fit the pick)
-                chosen = select_detector(train, seed=seed, **params).chosen
-                proto, pick = chosen.build(verbose=False, random_state=seed), chosen.label
-                print(f"  {label}: {n} images, auto picks {pick}", flush=True)
-            if auto or resolve_scheme("auto", len(fit_part), len(held)) == "holdout":  # what fit does (auto: the pick
-                # only as fit calibrates it; the other sources of scores were measured on fixed detectors)
-                out.rows += _as_fit(proto, label, train, seed, test_paths, labels, pick, 0)
+                chosen = select_detector(train, seed=seed + draw, **params).chosen
+                proto, pick = chosen.build(verbose=False, random_state=seed + draw), chosen.label
+            print(f"  {label}: {n} training images" + (f", draw {draw + 1} of {draws}" if draws > 1 else "")
+                  + (f", auto picks {pick}" if auto else ""), flush=True)
+            if draws > 1 or auto or resolve_scheme("auto", len(fit_part), len(held)) == "holdout":  # only what fit does (auto:
+                # the other sources of scores were measured on fixed detectors)
+                out.rows += _as_fit(proto, label, train, seed + draw, test_paths, labels, pick, draw)
                 continue
             det = clone(proto).fit(train)  # the deployed model of every k-fold variant
             test = score_images(det, test_paths).scores
