@@ -190,16 +190,25 @@ def _fold_row(label: str, n: int, folds: int, fold_scores: np.ndarray, deployed:
     return row
 
 
+def _fit_split(train: list, seed: int) -> tuple[list, list, bool]:
+    """The images plain `fit` would fit on and hold out, and whether it calibrates on the holdout
+    (True) or on 10-fold scores of all of them."""
+    from defectlens.data.datasets import _split_validation
+    from defectlens.workflows.fitting import resolve_scheme
+
+    fit_part, held = _split_validation(train, 0.1, seed)
+    return fit_part, held, resolve_scheme("auto", len(fit_part), len(held)) == "holdout"
+
+
 def _as_fit(proto, label: str, train: list, seed: int, test_paths: list, labels: np.ndarray, pick: str, draw: int) -> list[ThresholdRow]:
     """Rows for ``train`` calibrated exactly as plain `fit` calibrates it: a holdout from 100
     images, 10-fold scores below, the deployed model judged on the test split."""
     from sklearn.base import clone
 
-    from defectlens.data.datasets import _split_validation
-    from defectlens.workflows.fitting import FOLDS, SYNTHETIC_DEFECTS, kfold_scores, resolve_scheme, score_images, synthetic_scores
+    from defectlens.workflows.fitting import FOLDS, SYNTHETIC_DEFECTS, kfold_scores, score_images, synthetic_scores
 
-    fit_part, held = _split_validation(train, 0.1, seed)
-    if resolve_scheme("auto", len(fit_part), len(held)) == "holdout":
+    fit_part, held, holdout = _fit_split(train, seed)
+    if holdout:
         det = clone(proto).fit(fit_part)
         good, syn, scheme = score_images(det, held), synthetic_scores(det, held, SYNTHETIC_DEFECTS, seed), "holdout"
     else:
@@ -224,14 +233,12 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
     from sklearn.base import clone
 
     from defectlens.data import load_dataset
-    from defectlens.data.datasets import _split_validation
     from defectlens.detectors import create_detector
     from defectlens.workflows.fitting import (
         FOLDS,
         SYNTHETIC_DEFECTS,
         ScoredImages,
         kfold_scores,
-        resolve_scheme,
         score_images,
         single_image_views,
     )
@@ -249,14 +256,13 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
         for size, draw in ((size, draw) for size in sizes for draw in range(draws)):
             train = subsample(ds.train_good, size, seed + draw)
             n = len(train)
-            fit_part, held = _split_validation(train, 0.1, seed + draw)
             if auto:  # choose from this many good images, then calibrate the pick as fit does. Unlike fit, the
                 # choice sees the holdout images too (as its own held-out images: they never fit the pick)
                 chosen = select_detector(train, seed=seed + draw, **params).chosen
                 proto, pick = chosen.build(verbose=False, random_state=seed + draw), chosen.label
             print(f"  {label}: {n} training images" + (f", draw {draw + 1} of {draws}" if draws > 1 else "")
                   + (f", auto picks {pick}" if auto else ""), flush=True)
-            if draws > 1 or auto or resolve_scheme("auto", len(fit_part), len(held)) == "holdout":  # only what fit does (auto:
+            if draws > 1 or auto or _fit_split(train, seed + draw)[2]:  # only what fit does (auto:
                 # the other sources of scores were measured on fixed detectors)
                 out.rows += _as_fit(proto, label, train, seed + draw, test_paths, labels, pick, draw)
                 continue
