@@ -119,14 +119,18 @@ def frr_upper(rank: int, n: int, confidence: float) -> float:
     """The FRR that the rank-th largest of n scores, as threshold, stays under with ``confidence``
     over calibration sets: that FRR is Beta(rank, n - rank + 1) distributed. With 20 images and
     the largest as threshold, 4.8 % on average but up to 11 % at 90 %."""
-    return float(stats.beta.ppf(confidence, rank, n - rank + 1))
+    return float(_beta_upper(np.asarray(rank), n, confidence))
 
 
 def frr_upper_by_rejects(n: int, confidence: float) -> list[float]:
     """``frr_upper`` for a threshold with 0, 1, ..., n of the n calibration scores above it (the
-    dashboard's slider looks its threshold up here); with all n above nothing is promised."""
-    ranks = np.arange(1, n + 1)
-    return [float(v) for v in stats.beta.ppf(confidence, ranks, n - ranks + 1)] + [1.0]
+    dashboard's slider looks its threshold up here, for every rank in one call rather than n);
+    with all n above nothing is promised."""
+    return [float(v) for v in _beta_upper(np.arange(1, n + 1), n, confidence)] + [1.0]
+
+
+def _beta_upper(ranks: np.ndarray, n: int, confidence: float) -> np.ndarray:
+    return stats.beta.ppf(confidence, ranks, n - ranks + 1)
 
 
 def images_needed(alpha: float, delta: float | None = None) -> int:
