@@ -84,3 +84,13 @@ def test_cross_conformal_with_identical_fold_models_is_the_conformal_rule():
     assert rejected.tolist() == [False, False, False, True]  # above the largest: floor(0.01 * 20) = 0, so rank 1
     rejected = cross_conformal_rejects(np.tile(new, (3, 1)), held, folds, 0.1)
     assert rejected.tolist() == [False, True, True, True]  # rank 2: reject above the second largest (18)
+
+
+def test_draws_table_leaves_out_draws_no_threshold_could_catch_anything_in_as_the_summary_does():
+    from defectlens.evaluation.threshold_benchmark import DEFAULT_RULE, CategoryThresholds, ThresholdRow, draws_table
+
+    row = dict(category="c", n_train=20, scheme="kfold-10", rule=DEFAULT_RULE, n_calibration=20, default=True, standard=True)
+    entry = CategoryThresholds("c", [ThresholdRow(**row, frr=0.0, recall=0.4, oracle_same=0.8, draw=0),
+                                     ThresholdRow(**row, frr=0.1, recall=0.0, oracle_same=0.0, draw=1)])
+    line = draws_table([entry]).splitlines()[-1]
+    assert "| 2 | 5.0 % | 10.0 % | 1 | 0.50 (0.50) |" in line  # the second draw's 0 / 0 is no ratio, not 1.0

@@ -392,10 +392,11 @@ def draws_table(entries: list[CategoryThresholds]) -> str:
     for key in dict.fromkeys((r.category, r.n_train) for r in rows):
         group = [r for r in rows if (r.category, r.n_train) == key]
         frr = np.array([r.frr for r in group])
-        ratio = [r.recall / r.oracle_same if r.oracle_same else 1.0 for r in group]
+        ratio = [r.recall / r.oracle_same for r in group if r.oracle_same]  # as in summary: no ratio where no threshold catches any
         schemes = ", ".join(sorted({f"{r.scheme} ({r.n_calibration})" for r in group}))
         lines.append(f"| {key[0]} | {key[1]} | {schemes} | {len(group)} | {_pct(float(frr.mean()))} | {_pct(float(frr.max()))} | "
-                     f"{int((frr > ORACLE_FRR + 1e-12).sum())} | {format_figure(float(np.mean(ratio)), 2)} ({format_figure(float(np.min(ratio)), 2)}) |")
+                     f"{int((frr > ORACLE_FRR + 1e-12).sum())} | {format_figure(float(np.mean(ratio)) if ratio else None, 2)} "
+                     f"({format_figure(float(np.min(ratio)) if ratio else None, 2)}) |")
     return "\n".join(lines) + "\n"
 
 
