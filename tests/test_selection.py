@@ -55,42 +55,74 @@ def test_validation_set_pairs_held_out_goods_with_their_synthetic_defects(tiny_d
 
 
 @pytest.mark.slow
-def test_held_out_images_never_fit_a_candidate(tiny_dataset, monkeypatch):
+def test_held_out_images_never_fit_a_candidate_measured_on_them(tiny_dataset, monkeypatch):
     ds = load_dataset(tiny_dataset, validation_fraction=0.0)
-    seen_fit, seen_validation = [], []
+    held_by_set, fit_by_set = {}, {}
     real_make, real_measure = ValidationSet.make, selection.measure
 
     def spy_make(heldout, seed, target_defects=64):
-        seen_validation.extend(str(p) for p in heldout)
-        return real_make(heldout, seed, target_defects=16)
+        v = real_make(heldout, seed, target_defects=16)
+        held_by_set[id(v)] = {str(p) for p in heldout}
+        return v
 
     def spy_measure(candidate, fit_images, validation, seed, stage, test=None):
-        seen_fit.extend(str(p) for p in fit_images)
+        fit_by_set.setdefault(id(validation), set()).update(str(p) for p in fit_images)
         return real_measure(candidate, fit_images, validation, seed, stage, test)
 
     monkeypatch.setattr(ValidationSet, "make", staticmethod(spy_make))
     monkeypatch.setattr(selection, "measure", spy_measure)
     sel = select_detector(ds.train_good, pool=SMALL_POOL, screen_images=6, final_images=12, seed=0)
-    assert seen_validation and seen_fit and not set(seen_validation) & set(seen_fit)
+    # 16 images: a fifth is 4, so the finalists see 4 disjoint held-out shares, 16 good images in all
+    assert sel.n_splits == 4 and len(held_by_set) == 4 and set(fit_by_set) == set(held_by_set)
+    assert all(held_by_set[k] and fit_by_set[k] and not held_by_set[k] & fit_by_set[k] for k in held_by_set)
+    assert set().union(*held_by_set.values()) == {str(p) for p in ds.train_good}
     assert sel.chosen.label in {"patchcore", "padim"}
     assert {r.stage for r in sel.results} == {"screen", "final"}
     chosen = [r for r in sel.results if r.label == sel.chosen.label and r.stage == "final"][0]
-    assert chosen is rank([r for r in sel.results if r.stage == "final"])[0]
-    assert sel.n_heldout == len(seen_validation) and sel.n_synthetic == 16
-    assert "**chosen**" in sel.table() and "synthetic" in sel.describe()
+    assert chosen is rank([r for r in sel.results if r.stage == "final" and "+global" not in r.label])[0]  # the term was declined
+    assert sel.n_heldout == 16 and sel.n_synthetic == 4 * 16
+    assert "**chosen**" in sel.table() and "4 disjoint shares" in sel.describe() and "means over 4 held-out shares" in sel.reason
 
 
-def test_too_few_images_fall_back_to_the_first_candidate_and_say_why(tiny_dataset):
-    ds = load_dataset(tiny_dataset, validation_fraction=0.0)
-    sel = select_detector(ds.train_good[:5], pool=SMALL_POOL)
-    assert sel.chosen.label == "patchcore" and not sel.results and "5 good images" in sel.reason
+def test_finalists_are_ranked_by_their_mean_over_the_held_out_shares(monkeypatch):
+    """One share of 4 good images favoured "lucky"; over five shares "steady" is better."""
+    figures = {"lucky": [0.95, 0.60, 0.60, 0.60, 0.60], "steady": [0.80, 0.80, 0.80, 0.80, 0.80]}
+    shares: dict[int, int] = {}  # validation set -> which share
+
+    def fake_make(heldout, seed, target_defects=64):
+        v = ValidationSet([np.zeros((8, 8, 3))] * len(heldout), np.zeros(len(heldout), int), [np.zeros((8, 8), bool)] * len(heldout),
+                          ["good"] * len(heldout))
+        shares[id(v)] = len(shares)
+        return v
+
+    def fake_measure(candidate, fit_images, validation, seed, stage, test=None):
+        return CandidateResult(candidate.label, stage, len(fit_images), image_auroc=figures[candidate.label][shares[id(validation)]],
+                               aupro=0.5, fit_s=0.1, ms_per_image=1.0)
+
+    monkeypatch.setattr(selection, "measure", fake_measure)
+    monkeypatch.setattr(ValidationSet, "make", staticmethod(fake_make))
+    pool = [Candidate("lucky", "tiled:padim"), Candidate("steady", "tiled:padim")]  # wrapped: no global term
+    sel = select_detector([np.zeros((8, 8, 3))] * 20, pool=pool)
+    screen = {r.label: r.image_auroc for r in sel.results if r.stage == "screen"}
+    final = {r.label: r.image_auroc for r in sel.results if r.stage == "final"}
+    assert screen == {"lucky": 0.95, "steady": 0.80}  # the first share alone would pick "lucky"
+    assert final == pytest.approx({"lucky": 0.67, "steady": 0.80}) and sel.chosen.label == "steady" and sel.n_splits == 5
+
+
+def test_held_out_shares_are_disjoint_and_aim_at_twenty_good_images():
+    counts = {n: len(selection.held_out_shares(n, 0.2, 0)) for n in (8, 12, 20, 50, 99, 100, 209)}
+    assert counts == {8: 2, 12: 3, 20: 5, 50: 2, 99: 1, 100: 1, 209: 1}  # from 100 a fifth is 20: one share, as before
+    shares = selection.held_out_shares(20, 0.2, 3)
+    assert all(len(s) == 4 for s in shares) and sorted(sum(shares, [])) == list(range(20))
+    assert selection.held_out_shares(209, 0.2, 3)[0] == selection.held_out_shares(209, 0.2, 3)[0]
+
 
 
 def test_a_failing_candidate_becomes_a_note(tiny_dataset):
     ds = load_dataset(tiny_dataset, validation_fraction=0.0)
     broken = Candidate("broken", "patchcore", {"image_size": 64, "coreset_ratio": 7.0})
     sel = select_detector(ds.train_good, pool=[broken, SMALL_POOL[1]], screen_images=8, final_images=8)
-    assert sel.chosen.label == "padim"
+    assert sel.chosen.label in {"padim", "padim+global"}
     assert [r.note for r in sel.results if r.label == "broken"][0].startswith("failed: coreset_ratio")
 
 
@@ -141,7 +173,7 @@ def test_global_term_is_kept_only_when_it_raises_the_synthetic_score_or_the_logi
     pool = [Candidate("padim/blocks", "padim", {"features": "blocks"})]
     results: list[CandidateResult] = []
     validation = ValidationSet([np.zeros((8, 8, 3))] * 4, np.array([0, 0, 1, 1]), [np.zeros((8, 8), bool)] * 4, ["good"] * 4)
-    ranked, pool = selection._try_global_term([best], pool, list(range(12)), validation, 0, 0.0, 1e9, results, lambda _m: None, None)
+    ranked, pool = selection._try_global_term([best], pool, [selection.Split(list(range(12)), validation)], 0, 0.0, 1e9, results, lambda _m: None, None)
     assert tried[0].spec == "global:padim" and tried[0].params == {"features": "blocks"}
     assert (ranked[0].label == "padim/blocks+global") is kept and results[-1].label == "padim/blocks+global"
     assert ("kept" if kept else "not kept") in results[-1].note
@@ -152,7 +184,7 @@ def test_global_term_is_not_tried_on_wrappers(monkeypatch):
     monkeypatch.setattr(selection, "measure", lambda *a, **k: pytest.fail("must not be measured"))
     best = CandidateResult("patchcore+padim", "final", 12, image_auroc=0.9)
     pool = [Candidate("patchcore+padim", "ensemble", {"detector": "patchcore,padim"})]
-    ranked, _ = selection._try_global_term([best], pool, [], None, 0, 0.0, 1e9, [], lambda _m: None, None)
+    ranked, _ = selection._try_global_term([best], pool, [], 0, 0.0, 1e9, [], lambda _m: None, None)
     assert ranked == [best]
 
 
