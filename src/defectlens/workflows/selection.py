@@ -265,7 +265,8 @@ def held_out_splits(images: Sequence[ImageInput], heldout_fraction: float, seed:
     """A Split for each of ``held_out_shares``, its synthetic defects seeded apart."""
     splits = []
     for k, held in enumerate(held_out_shares(len(images), heldout_fraction, seed)):
-        fit_pool = [img for i, img in enumerate(images) if i not in set(held)]
+        kept_out = set(held)
+        fit_pool = [img for i, img in enumerate(images) if i not in kept_out]
         splits.append(Split(fit_pool, ValidationSet.make([images[i] for i in held], seed + 2 * k)))  # 2 k: make uses seed and seed + 1
     return splits
 
