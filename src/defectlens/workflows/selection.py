@@ -7,8 +7,8 @@ Users have no defect images to tell, so the choice is made the way SWSA (Fung et
 validates anomaly detectors: some good images are held out, synthetic defects are made from
 them (``data.defects``), every candidate is fitted on the other good images and scored on the
 held-out good images and their defective copies, and the candidate that separates and locates
-them best (the mean of image AUROC and AUPRO; ties by speed) is kept. The held-out images never
-fit a candidate.
+them best (the mean of image AUROC and AUPRO; ties by speed) is kept. Held-out images never
+fit a candidate measured on them.
 
 Screening is cheap first: every candidate on a spread of 40 images, then the three finalists
 on 120 and, with fewer than about 100 images, on further held-out shares (``held_out_shares``),
@@ -320,12 +320,12 @@ def measure(candidate: Candidate, fit_images: Sequence[ImageInput], validation: 
 
 
 def measure_splits(candidate: Candidate, splits: Sequence[Split], n_images: int, seed: int, stage: str,
-                   test: TestSet | None = None, first: CandidateResult | None = None) -> CandidateResult:
+                   test: TestSet | None = None, known: CandidateResult | None = None) -> CandidateResult:
     """``measure`` on every split, each fitted on up to ``n_images`` of its own fit pool; the figures
     are the means over the splits (the real test AUROC, for the benchmark, only on the first).
-    ``first``: the candidate already measured so on the first split (the screen, when the final
+    ``known``: the candidate already measured so on the first split (the screen, when the final
     stage fits no more images than it did), not measured again."""
-    runs = [first] if first is not None else []
+    runs = [known] if known is not None else []
     for k, split in enumerate(splits[len(runs):], start=len(runs)):
         runs.append(measure(candidate, spread(split.fit_pool, n_images), split.validation, seed, stage, test if k == 0 else None))
         if runs[-1].note:  # failed
