@@ -117,6 +117,11 @@ def test_held_out_shares_are_disjoint_and_aim_at_twenty_good_images():
     assert selection.held_out_shares(209, 0.2, 3)[0] == selection.held_out_shares(209, 0.2, 3)[0]
 
 
+def test_too_few_images_fall_back_to_the_first_candidate_and_say_why(tiny_dataset):
+    ds = load_dataset(tiny_dataset, validation_fraction=0.0)
+    sel = select_detector(ds.train_good[:5], pool=SMALL_POOL)
+    assert sel.chosen.label == "patchcore" and not sel.results and "5 good images" in sel.reason
+
 
 def test_a_failing_candidate_becomes_a_note(tiny_dataset):
     ds = load_dataset(tiny_dataset, validation_fraction=0.0)

@@ -47,7 +47,7 @@ SCORE_TIE = 0.005  # candidates this close in selection score are tied: the fast
 LOGICAL_DEFECTS = 16  # synthetic logical defects, scored apart from the local ones
 LOGICAL_GAIN = 0.05  # the logical-defect AUROC gain that earns the global term at an equal local score
 MIN_HELD_GOOD = 20  # finalists are measured on further held-out splits until this many good images were held out
-MAX_SPLITS = 5
+MAX_SPLITS = 5  # and at most this many shares: each costs the finalists another fit
 
 
 @dataclass(frozen=True)
