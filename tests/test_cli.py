@@ -53,6 +53,12 @@ def test_only_given_detector_options_reach_the_detector():
     assert detector_params(args, "patchcore") == {"embed_dim": None, "coreset_ratio": 0.2, "reweight": True, "random_state": 0}
 
 
+@pytest.mark.parametrize(("text", "value"), [("auto", "auto"), ("0.25", 0.25)])
+def test_a_setting_that_is_a_number_or_a_word_takes_either(text, value):
+    args = build_parser().parse_args(["fit", "data", "-o", "m.dlens", "--detector", "simplenet", "--pooling", text])
+    assert args.pooling == value
+
+
 def test_help_loads_no_model_code():
     import subprocess
     import sys

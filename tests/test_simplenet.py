@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from defectlens import create_detector, load_dataset
-from defectlens.detectors.simplenet import DiscriminatorScorer, SimpleNet, perlin_masks, position_gaussians
+from defectlens.detectors.position_gaussians import POOLING_GRID
+from defectlens.detectors.simplenet import DiscriminatorScorer, SimpleNet, perlin_masks
+from defectlens.errors import DefectLensError
 
 SMALL = {"image_size": 64, "embed_dim": 16, "hidden": 32}
 
@@ -97,21 +99,6 @@ def test_folded_scorer_scores_like_the_trained_one(frequencies):
     assert (folded.positional_bias is not None) == (frequencies > 0)
 
 
-def test_position_gaussians_whiten_to_the_mahalanobis_distance():
-    gen = torch.Generator().manual_seed(3)
-    feats = torch.randn(40, 2, 3, 4, generator=gen) @ torch.randn(4, 4, generator=gen) + 5.0
-    means, whiteners = position_gaussians(feats)
-    assert means.shape == (6, 4) and whiteners.shape == (6, 4, 4)
-    x = torch.randn(5, 2, 3, 4, generator=gen) + 5.0
-    scorer = DiscriminatorScorer(4, 8, (2, 3)).use_gaussian(means, whiteners)
-    z = scorer.whiten(x).reshape(5, 6, 4)
-    for p in range(6):
-        w = whiteners[p].double()
-        precision = w @ w.T
-        d = x.reshape(5, 6, 4)[:, p].double() - means[p].double()
-        torch.testing.assert_close((z[:, p].double() ** 2).sum(1), torch.einsum("nd,de,ne->n", d, precision, d), rtol=1e-4, atol=1e-4)
-
-
 def test_a_model_saved_before_the_gaussians_loads_without_them_and_scores_as_before(ds):
     paths = [s.path for s in ds.test]
     plain = create_detector("simplenet", **SMALL, max_epochs=3, gaussian=False).fit(ds.train_good)
@@ -120,3 +107,24 @@ def test_a_model_saved_before_the_gaussians_loads_without_them_and_scores_as_bef
     old = SimpleNet(**{k: v for k, v in plain.get_params().items() if k != "gaussian"}).set_state(state)  # saved before the setting
     assert old.gaussian is False and old.scorer_.whitener is None
     np.testing.assert_array_equal(old.score(paths)[0], plain.score(paths)[0])
+
+
+def test_pooling_is_chosen_per_fit_or_taken_as_given_and_kept_in_the_saved_model(ds):
+    paths = [s.path for s in ds.test]
+    auto = create_detector("simplenet", **SMALL, max_epochs=2).fit(ds.train_good)
+    assert auto.pooling_ in POOLING_GRID and set(auto.pooling_recall_) == set(POOLING_GRID)
+    assert auto.pooling_recall_[auto.pooling_] == max(auto.pooling_recall_.values())
+    given = create_detector("simplenet", **SMALL, max_epochs=2, pooling="0.3").fit(ds.train_good)  # as --pooling 0.3 passes it
+    assert given.pooling_ == 0.3 and given.pooling_recall_ == {}
+    state = given.get_state()
+    restored = SimpleNet(**given.get_params()).set_state(state)
+    assert restored.pooling_ == 0.3
+    np.testing.assert_array_equal(restored.score(paths)[0], given.score(paths)[0])
+    del state["pooling"]  # a model saved before the pooling existed had none
+    assert SimpleNet(**given.get_params()).set_state(state).pooling_ == 0.0
+
+
+@pytest.mark.parametrize("pooling", ["sometimes", 1.5, -0.1])
+def test_a_pooling_that_is_neither_auto_nor_a_share_is_refused(ds, pooling):
+    with pytest.raises(DefectLensError, match="pooling must be 'auto' or a share"):
+        create_detector("simplenet", **SMALL, pooling=pooling).fit(ds.train_good)

@@ -131,6 +131,8 @@ def _converter(p: Parameter) -> Callable[[str], Any]:
         try:
             return base(text)
         except ValueError:
+            if p.kind != "str" and re.search(r"\bstr\b", p.annotation):
+                return text  # a number or a word, as SimpleNet's --pooling 0.25 or auto: the detector checks the word
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {p.kind}") from None
 
     convert.__name__ = p.kind  # argparse names the type in its error message

@@ -28,17 +28,22 @@ position's embeddings are whitened by their own Gaussian before the adaptor, and
 score (the whitened embedding's squared length) is a term of the logit with a learned weight:
 Magnetic Tile 0.962, bottle 0.994, AITEX 0.773, DeepPCB 0.616 (``defectlens benchmark
 ../shared/datasets --detectors simplenet``, 2026-12-04; docs/measurements.md has both tables).
+
+On a small set each position's covariance rests on a few patches and is blind along directions
+they did not vary in; the k-fold calibration then sets the threshold on good images that vary
+there. So each covariance is pooled with the mean over positions, by a share chosen per fit from
+synthetic defects (``pooling``; :mod:`defectlens.detectors.position_gaussians` says why and how).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.covariance import ledoit_wolf
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
@@ -46,6 +51,7 @@ from tqdm.auto import tqdm
 from defectlens.data.images import ImageInput, ModelSize, iter_batches
 from defectlens.detectors.base import PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.feature_based import FeatureDetector
+from defectlens.detectors.position_gaussians import POOLING_GRID, choose_pooling, position_gaussians, whiten
 from defectlens.detectors.registry import register_detector
 from defectlens.errors import DefectLensError
 
@@ -222,31 +228,6 @@ class DiscriminatorScorer(nn.Module):
         return scorer.eval().requires_grad_(False)
 
 
-def whiten(x: torch.Tensor, center: torch.Tensor, whitener: torch.Tensor) -> torch.Tensor:
-    """Patch grids (n, h, w, d) whitened by (P, d) means and (P, d, d) whitening matrices."""
-    n, h, w, d = x.shape
-    return torch.einsum("npd,pde->npe", x.reshape(n, h * w, d) - center, whitener).reshape(n, h, w, d)
-
-
-def position_gaussians(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each grid position's Gaussian over training patch grids (n, h, w, d): the (P, d) means and
-    (P, d, d) whitening matrices W with W W^T the inverse of the Ledoit-Wolf-shrunk covariance, so
-    that ``(x - mean) @ W`` has the Mahalanobis distance as its length. One image has no spread to
-    estimate: its covariance is shrunk fully to the identity's scale."""
-    n, h, w, d = features.shape
-    x = features.reshape(n, h * w, d).double().numpy()
-    means = x.mean(axis=0)
-    covs = np.empty((h * w, d, d))
-    for p in range(h * w):
-        if n > 1:
-            covs[p] = ledoit_wolf(x[:, p])[0]
-        else:
-            covs[p] = np.eye(d) * max(float(np.mean(x[0, p] ** 2)), 1e-6)
-    covs += np.eye(d) * 1e-6 * np.trace(covs, axis1=1, axis2=2)[:, None, None] / d  # never singular
-    whiteners = np.linalg.cholesky(np.linalg.inv(covs))
-    return torch.from_numpy(means.astype(np.float32)), torch.from_numpy(np.ascontiguousarray(whiteners, dtype=np.float32))
-
-
 def fourier_positions(shape: tuple[int, int], frequencies: int) -> torch.Tensor:
     """(h * w, 4 * frequencies): sin and cos of pi k u for k = 1..frequencies, u in [-1, 1]
     the patch centre's coordinate along each axis."""
@@ -295,6 +276,12 @@ class SimpleNet(FeatureDetector):
         0.567 -> 0.616, bottle 0.994 -> 0.994 (pixel AUROC 0.965 -> 0.970). It costs a (d x d)
         matrix per position in the model (16 MiB at 256 px and 64 dimensions). A model saved
         before it existed loads without it and scores as before.
+    pooling : share of each position's covariance replaced by the mean covariance over positions
+        (with ``gaussian``), or "auto": chosen per fit from POOLING_GRID by synthetic defects made
+        from good images (``defectlens.detectors.position_gaussians`` says why and how; the choice
+        is ``pooling_``, each share's synthetic recall ``pooling_recall_``). On a small set a
+        position's covariance has directions in which no training image varied; unpooled, good
+        images the fit never saw score far out there, and the k-fold threshold sits on them.
     positional : number of Fourier frequencies of the patch's grid coordinates the discriminator
         sees (0: none, as in the papers, which score every position alike). Aligned parts look
         different in different places (an edge is good at the border, a crack in the middle).
@@ -335,6 +322,7 @@ class SimpleNet(FeatureDetector):
         noise_std: float = 2.0,
         noise_range: float = 4.0,
         gaussian: bool = True,
+        pooling: float | str = "auto",
         positional: int = 4,
         shift_share: float = 0.5,
         max_epochs: int = 40,
@@ -357,6 +345,7 @@ class SimpleNet(FeatureDetector):
         self.noise_std = noise_std
         self.noise_range = noise_range
         self.gaussian = gaussian
+        self.pooling = pooling
         self.positional = positional
         self.shift_share = shift_share
         self.max_epochs = max_epochs
@@ -383,6 +372,8 @@ class SimpleNet(FeatureDetector):
             raise DefectLensError(f"noise_range must be at least 1, got {self.noise_range}")
         if not (isinstance(self.positional, int) and self.positional >= 0):
             raise DefectLensError(f"positional must be a non-negative integer, got {self.positional!r}")
+        if self._fixed_pooling() is None and self.pooling != "auto":
+            raise DefectLensError(f"pooling must be 'auto' or a share in [0, 1], got {self.pooling!r}")
         if not 0 <= self.shift_share <= 1:
             raise DefectLensError(f"shift_share must be in [0, 1], got {self.shift_share}")
         if not self.lr > 0:
@@ -391,6 +382,18 @@ class SimpleNet(FeatureDetector):
             raise DefectLensError(f"max_train_seconds must be positive, got {self.max_train_seconds}")
         if not 0 <= self.validation_fraction < 1:
             raise DefectLensError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+
+    def chosen_params(self) -> dict[str, Any]:
+        self._require_fitted()
+        return {"pooling": self.pooling_} if self._fixed_pooling() is None else {}
+
+    def _fixed_pooling(self) -> float | None:
+        """The pooling share as given (a number, or its text from the command line); None for 'auto' or nonsense."""
+        try:
+            share = float(self.pooling)
+        except (TypeError, ValueError):
+            return None
+        return share if 0 <= share <= 1 else None
 
     # -- fitting -------------------------------------------------------------------------------
     def fit(self, images: Sequence[ImageInput], labels: Sequence[int] | None = None) -> SimpleNet:
@@ -459,28 +462,43 @@ class SimpleNet(FeatureDetector):
             fake = torch.where(shifted, torch.roll(z, shifts=(1, dy, dx), dims=(0, 1, 2)), fake)
         return torch.where(masks.bool()[..., None], fake, z)
 
-    def _synthetic_validation(self, images: list[ImageInput], ids: torch.Tensor) -> torch.Tensor | None:
-        """Patch embeddings (n, h, w, d) of image-space synthetic defects made from the held-out
+    def _synthetic_features(self, images: list[ImageInput], ids: torch.Tensor | np.ndarray, count: int, seed: int) -> torch.Tensor | None:
+        """Patch embeddings (count, h, w, d) of image-space synthetic defects made from the given
         images (``defectlens.data.defects``, where installed): stand-ins for real defects, which
-        choose the epoch better than noise like the training's own."""
+        choose the epoch and the pooling better than noise like the training's own."""
         try:
             from defectlens.data.defects import synthesize
         except ImportError:
             return None
         held = [images[int(i)] for i in ids]
         pixels = np.concatenate([b.pixels for b in iter_batches(held, self.image_size, self.batch_size)])
-        defects = synthesize(list(pixels.transpose(0, 2, 3, 1)), len(held), seed=self.random_state)
+        defects = synthesize(list(pixels.transpose(0, 2, 3, 1)), count, seed=seed)
         stack = np.stack([d.image for d in defects]).transpose(0, 3, 1, 2).astype(np.float32)
         with torch.inference_mode():
             emb = [self._embed(torch.from_numpy(stack[i : i + self.batch_size])) for i in range(0, len(stack), self.batch_size)]
         return torch.cat(emb).permute(0, 2, 3, 1).contiguous()
+
+    def _choose_pooling(self, features: torch.Tensor, images: list[ImageInput] | None) -> float:
+        fixed = self._fixed_pooling()
+        if fixed is not None:
+            self.pooling_ = fixed
+            return fixed
+
+        def defects(ids: np.ndarray, count: int, seed: int) -> torch.Tensor | None:
+            return self._synthetic_features(images, ids, count, seed) if images is not None else None
+        choice = choose_pooling(features, defects, seed=self.random_state, grid=POOLING_GRID)
+        self.pooling_, self.pooling_recall_ = choice.pooling, choice.recall
+        if self.verbose:
+            print(f"simplenet: position covariances pooled {choice.pooling:.0%}: {choice.reason}")
+        return choice.pooling
 
     def _train(self, features: torch.Tensor, images: list[ImageInput] | None = None) -> None:
         torch.manual_seed(self.random_state)
         gen = torch.Generator().manual_seed(self.random_state)
         train_ids, val_ids = self._split(len(features), gen)
         n, h, w, d = len(train_ids), *features.shape[1:]
-        gaussian = position_gaussians(features[train_ids].float()) if self.gaussian else None
+        self.pooling_, self.pooling_recall_ = 0.0, {}
+        gaussian = position_gaussians(features[train_ids].float(), self._choose_pooling(features, images)) if self.gaussian else None
         if gaussian is not None:  # the whole training runs on whitened embeddings, as the scorer will see them
             features = torch.cat([whiten(features[i : i + 64].float(), *gaussian) for i in range(0, len(features), 64)]).half()
         std = features[train_ids].reshape(-1, d)[:: max(1, (n * h * w) // 200_000)].float().std(dim=0)
@@ -492,7 +510,8 @@ class SimpleNet(FeatureDetector):
         self.input_scale_ = float(std.pow(2).mean().sqrt())
         train = (features[train_ids].float() / self.input_scale_).half()
         unit = self.noise_unit_ / self.input_scale_
-        defects = self._synthetic_validation(images, val_ids) if images is not None and len(val_ids) < len(features) else None
+        held_out = images is not None and len(val_ids) < len(features)
+        defects = self._synthetic_features(images, val_ids, len(val_ids), self.random_state) if held_out else None
         if defects is not None and gaussian is not None:
             defects = whiten(defects, *gaussian)
         if defects is not None:
@@ -590,6 +609,7 @@ class SimpleNet(FeatureDetector):
             "fit_info": np.asarray([self.n_train_images_, self.best_epoch_], dtype=np.int64),
             "train_seconds": np.asarray([self.train_seconds_], dtype=np.float64),
             "validation": np.frombuffer(self.validation_.encode(), dtype=np.uint8),
+            "pooling": np.asarray([self.pooling_], dtype=np.float64),
             **self._backbone_state(),
         }
 
@@ -609,7 +629,9 @@ class SimpleNet(FeatureDetector):
         self.train_seconds_ = float(state["train_seconds"][0])
         self.validation_ = bytes(np.asarray(state["validation"], dtype=np.uint8)).decode()
         self.gaussian = self.scorer_.whitener is not None  # a model saved before the setting existed has none
+        self.pooling_ = float(state["pooling"][0]) if "pooling" in state else 0.0  # saved before pooling: none
+        self.pooling_recall_ = {}
         return self
 
 
-__all__ = ["DiscriminatorScorer", "SimpleNet", "perlin_masks", "perlin_noise", "position_gaussians"]
+__all__ = ["DiscriminatorScorer", "SimpleNet", "perlin_masks", "perlin_noise"]
