@@ -29,6 +29,23 @@ def test_kfold_scores_come_from_models_that_did_not_see_the_image(tiny_dataset):
     assert np.all(out_of_fold.scores > in_sample.scores)
 
 
+def test_kfold_fold_models_take_what_the_deployed_model_chose_from_the_data(tiny_dataset, monkeypatch):
+    """SimpleNet chooses its pooling per fit; the fold models the threshold is set on must be
+    fitted with the deployed model's choice, not make their own, whose scale would then set it."""
+    import defectlens.workflows.fitting as fitting
+
+    seen = []
+    monkeypatch.setattr(fitting, "kfold_scores", lambda det, *a, **k: seen.append(det) or kfold_scores(det, *a, **k))
+    good = load_dataset(tiny_dataset, validation_fraction=0.0).train_good[:8]
+    det = create_detector("simplenet", image_size=64, embed_dim=16, hidden=32, max_epochs=2)
+    fit_calibrated(det, good, scheme="kfold", folds=2)
+    assert det.get_params()["pooling"] == "auto" and seen[0].get_params()["pooling"] == det.pooling_
+    tiled = create_detector("tiled", detector="simplenet", detector_params={"embed_dim": 16, "hidden": 32, "max_epochs": 2}, tile_size=64)
+    tiled.fit(good[:6])
+    assert tiled.chosen_params() == {"detector_params": {"embed_dim": 16, "hidden": 32, "max_epochs": 2, "pooling": tiled.inner_.pooling_}}
+    assert create_detector("patchcore", **SMALL).fit(good[:4]).chosen_params() == {}
+
+
 @pytest.mark.slow
 def test_auto_scheme_picks_holdout_kfold_or_single_image(tiny_dataset):
     ds = load_dataset(tiny_dataset, validation_fraction=0.0)

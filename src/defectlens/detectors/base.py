@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -122,6 +122,14 @@ class Detector(BaseEstimator, ABC):
     @abstractmethod
     def set_state(self, state: dict[str, np.ndarray]) -> Detector:
         """Restore learned state saved by :meth:`get_state`; returns self."""
+
+    def chosen_params(self) -> dict[str, Any]:
+        """The settings this fit chose from its data (given as "auto"), as the values it chose.
+
+        k-fold calibration fits its fold models with them: the scores a threshold is set on must
+        come from the model that will judge the line, and a fold model that chose differently
+        scores on another scale, where the threshold would then be set."""
+        return {}
 
     @property
     def learns_incrementally(self) -> bool:

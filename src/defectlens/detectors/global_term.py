@@ -16,6 +16,7 @@ on logical defects it may still be worth naming (``--detector global:padim``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,6 +121,11 @@ class GlobalTerm(Detector):
         total = (np.asarray(scores, dtype=np.float64) + self.global_scores(features)).astype(np.float32)
         watch.lap("global")
         return PixelScores(total, maps, features)
+
+    def chosen_params(self) -> dict[str, Any]:
+        self._require_fitted()
+        inner = self.inner_.chosen_params()
+        return {"detector_params": {**(self.detector_params or {}), **inner}} if inner else {}
 
     def get_state(self) -> dict[str, np.ndarray]:
         self._require_fitted()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -230,6 +231,11 @@ class TiledDetector(Detector):
             batch = Batch([i], np.zeros((1, 0), np.float32), [(h0, w0)], [], [digest], [preview(original, preview_side) if preview_side else None])
             yield BatchScores(batch,
                               np.array([np.concatenate(tile_scores).max()], np.float32), small.numpy(), None, dict(watch.ms))
+
+    def chosen_params(self) -> dict[str, Any]:
+        self._require_fitted()
+        inner = self.inner_.chosen_params()
+        return {"detector_params": {**(self.detector_params or {}), **inner}} if inner else {}
 
     def get_state(self) -> dict[str, np.ndarray]:
         self._require_fitted()

@@ -205,7 +205,7 @@ def _as_fit(proto, label: str, train: list, seed: int, test_paths: list, labels:
     images, 10-fold scores below, the deployed model judged on the test split."""
     from sklearn.base import clone
 
-    from defectlens.workflows.fitting import FOLDS, SYNTHETIC_DEFECTS, kfold_scores, score_images, synthetic_scores
+    from defectlens.workflows.fitting import FOLDS, SYNTHETIC_DEFECTS, fold_prototype, kfold_scores, score_images, synthetic_scores
 
     fit_part, held, holdout = _fit_split(train, seed)
     if holdout:
@@ -213,7 +213,7 @@ def _as_fit(proto, label: str, train: list, seed: int, test_paths: list, labels:
         good, syn, scheme = score_images(det, held), synthetic_scores(det, held, SYNTHETIC_DEFECTS, seed), "holdout"
     else:
         det = clone(proto).fit(train)
-        good, syn = kfold_scores(proto, train, min(FOLDS, len(train)), seed, SYNTHETIC_DEFECTS)
+        good, syn = kfold_scores(fold_prototype(det), train, min(FOLDS, len(train)), seed, SYNTHETIC_DEFECTS)
         scheme = f"kfold-{min(FOLDS, len(train))}"
     test = score_images(det, test_paths).scores
     rows = _rows(label, len(train), scheme, good, syn, test[labels == 0], test[labels == 1], True, pick)
@@ -238,6 +238,7 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
         FOLDS,
         SYNTHETIC_DEFECTS,
         ScoredImages,
+        fold_prototype,
         kfold_scores,
         score_images,
         single_image_views,
@@ -277,7 +278,8 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
                 fold_probe.append(score_images(model, [test_paths[i] for i in probe]).scores)
 
             for folds in sorted({min(5, n), standard} | ({n} if n <= 20 else set())):
-                good, syn = kfold_scores(proto, train, folds, seed, SYNTHETIC_DEFECTS, on_fold=on_fold if folds == standard else None)
+                good, syn = kfold_scores(fold_prototype(det), train, folds, seed, SYNTHETIC_DEFECTS,
+                                         on_fold=on_fold if folds == standard else None)
                 by_folds[folds] = good
                 scheme = "leave-one-out" if folds == n else f"kfold-{folds}"
                 out.rows += _rows(label, n, scheme, good, syn, test_good, test_defect, folds == standard)

@@ -113,6 +113,12 @@ def synthetic_scores(detector: Detector, good_images: Sequence[ImageInput], n: i
     return SyntheticScores(score_images(detector, [d.image for d in defects]), [d.family for d in defects])
 
 
+def fold_prototype(fitted: Detector) -> Detector:
+    """What a k-fold calibration's fold models are cloned from: the deployed model's settings,
+    with what its fit chose from the data fixed to its choices (:meth:`Detector.chosen_params`)."""
+    return clone(fitted).set_params(**fitted.chosen_params())
+
+
 def kfold_scores(detector: Detector, images: Sequence[ImageInput], folds: int, seed: int = 0, synthetic: int = 0,
                  on_fold: Callable[[Detector, np.ndarray], None] | None = None) -> tuple[ScoredImages, SyntheticScores | None]:
     """Out-of-fold scores: each image scored by a model fitted without it; with ``synthetic``,
@@ -202,8 +208,8 @@ def fit_calibrated(
         calib_files = [str(v) for v in validation if not isinstance(v, np.ndarray)]
     elif scheme == "kfold":
         everything = train + validation
-        good, syn = kfold_scores(detector, everything, folds, settings.seed, synthetic)
-        detector.fit(everything)
+        detector.fit(everything)  # first: the fold models take the settings it chose from the data
+        good, syn = kfold_scores(fold_prototype(detector), everything, folds, settings.seed, synthetic)
         source = f"kfold-{min(folds, len(everything))}"
     else:
         if len(train) + len(validation) != 1:
