@@ -131,6 +131,11 @@ class Detector(BaseEstimator, ABC):
         scores on another scale, where the threshold would then be set."""
         return {}
 
+    def _inner_choices(self, inner: Detector) -> dict[str, Any]:
+        """A wrapper's chosen_params: its inner detector's choices, carried in its ``detector_params``."""
+        choices = inner.chosen_params()
+        return {"detector_params": {**(getattr(self, "detector_params", None) or {}), **choices}} if choices else {}
+
     @property
     def learns_incrementally(self) -> bool:
         """Whether :meth:`partial_fit` can teach a fitted model more good images without a refit

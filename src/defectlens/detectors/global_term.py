@@ -124,8 +124,7 @@ class GlobalTerm(Detector):
 
     def chosen_params(self) -> dict[str, Any]:
         self._require_fitted()
-        inner = self.inner_.chosen_params()
-        return {"detector_params": {**(self.detector_params or {}), **inner}} if inner else {}
+        return self._inner_choices(self.inner_)
 
     def get_state(self) -> dict[str, np.ndarray]:
         self._require_fitted()

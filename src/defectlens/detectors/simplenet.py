@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from defectlens.data.images import ImageInput, ModelSize, iter_batches
 from defectlens.detectors.base import PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.feature_based import FeatureDetector
-from defectlens.detectors.position_gaussians import POOLING_GRID, choose_pooling, position_gaussians, whiten
+from defectlens.detectors.position_gaussians import PoolingChoice, choose_pooling, position_gaussians, whiten
 from defectlens.detectors.registry import register_detector
 from defectlens.errors import DefectLensError
 
@@ -482,27 +482,26 @@ class SimpleNet(FeatureDetector):
             emb = [self._embed(torch.from_numpy(stack[i : i + self.batch_size])) for i in range(0, len(stack), self.batch_size)]
         return torch.cat(emb).permute(0, 2, 3, 1).contiguous()
 
-    def _choose_pooling(self, features: torch.Tensor, images: list[ImageInput] | None) -> float:
+    def _choose_pooling(self, features: torch.Tensor, images: list[ImageInput] | None) -> PoolingChoice:
         fixed = self._fixed_pooling()
         if fixed is not None:
-            self.pooling_ = fixed
-            return fixed
+            return PoolingChoice(fixed, "as given")
 
         def defects(ids: np.ndarray, count: int, seed: int) -> torch.Tensor | None:
             return self._synthetic_features(images, ids, count, seed) if images is not None else None
-        choice = choose_pooling(features, defects, seed=self.random_state, grid=POOLING_GRID)
-        self.pooling_, self.pooling_recall_ = choice.pooling, choice.recall
+        choice = choose_pooling(features, defects, seed=self.random_state)
         if self.verbose:
             print(f"simplenet: position covariances pooled {choice.pooling:.0%}: {choice.reason}")
-        return choice.pooling
+        return choice
 
     def _train(self, features: torch.Tensor, images: list[ImageInput] | None = None) -> None:
         torch.manual_seed(self.random_state)
         gen = torch.Generator().manual_seed(self.random_state)
         train_ids, val_ids = self._split(len(features), gen)
         n, h, w, d = len(train_ids), *features.shape[1:]
-        self.pooling_, self.pooling_recall_ = 0.0, {}
-        gaussian = position_gaussians(features[train_ids], self._choose_pooling(features, images)) if self.gaussian else None
+        choice = self._choose_pooling(features, images) if self.gaussian else PoolingChoice(0.0, "no Gaussians to pool")
+        self.pooling_, self.pooling_recall_ = choice.pooling, choice.recall
+        gaussian = position_gaussians(features[train_ids], choice.pooling) if self.gaussian else None
         if gaussian is not None:  # the whole training runs on whitened embeddings, as the scorer will see them
             features = torch.cat([whiten(features[i : i + 64].float(), *gaussian) for i in range(0, len(features), 64)]).half()
         std = features[train_ids].reshape(-1, d)[:: max(1, (n * h * w) // 200_000)].float().std(dim=0)
