@@ -280,6 +280,15 @@ def test_one_outlying_calibration_image_is_named():
     assert cal.image_threshold == 3.0
     assert any("set by one calibration image (good_29.png)" in n for n in cal.notes)
     assert not calibrate_scores(np.linspace(1.0, 1.2, 30), np.linspace(1.0, 1.2, 30)).notes
+    # with synthetic defects the note prices the image: what the next good score as threshold would catch and promise
+    synthetic = np.r_[np.full(6, 2.0), np.full(2, 4.0)]
+    priced = calibrate_scores(good, good, files=files, synthetic_scores=synthetic).notes
+    assert any("at the next good score (1.2) an estimated 100 % of synthetic defects would be caught instead of 25 %, "
+               "with FRR <= 6.5 % guaranteed instead of 3.2 %" in n for n in priced), priced
+    # labelled defects' files follow the good ones; the good image is still the one named
+    labelled = calibrate_scores(good, good, files=files + ["bad.png"], defect_scores=np.array([5.0]),
+                                settings=CalibrationSettings()).notes
+    assert any("(good_29.png)" in n for n in labelled), labelled
 
 
 def test_a_few_calibration_images_far_above_the_rest_are_named():

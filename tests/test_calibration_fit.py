@@ -50,7 +50,9 @@ def test_kfold_fold_models_take_what_the_deployed_model_chose_from_the_data(tiny
 def test_auto_scheme_picks_holdout_kfold_or_single_image(tiny_dataset):
     ds = load_dataset(tiny_dataset, validation_fraction=0.0)
     good = ds.train_good
-    assert fit_calibrated(create_detector("patchcore", **SMALL), good[:6], good[6:10]).calibration.source == "kfold-10"
+    kfold = fit_calibrated(create_detector("patchcore", **SMALL), good[:6], good[6:10]).calibration
+    assert kfold.source == "kfold-10"
+    assert kfold.files == [str(p) for p in good[:10]]  # each out-of-fold score keeps its image's name, for the notes
     bundle = fit_calibrated(create_detector("patchcore", **SMALL), good[:4], good[4:16])
     assert bundle.calibration.source == "holdout" and bundle.calibration.n_good == 12
     assert bundle.calibration.files == [str(p) for p in good[4:16]]

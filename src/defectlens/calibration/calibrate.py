@@ -72,11 +72,12 @@ FAR_SPREADS = 7.0
 FAR_AT_MOST = 3  # more than this many far out is a heavy tail, not a few unusual images
 
 
-def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str]) -> list[str]:
+def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str], synthetic: np.ndarray) -> list[str]:
     """When the largest good score sets the threshold and it, or it and one or two others, stand
     far above the rest, a few unusual calibration images decide how much the detector may catch:
     say which (MVTec bottle's 30 held-out images under PaDiM: 138 and 111 against a median of 27,
-    9.5 and 7.2 robust spreads above it)."""
+    9.5 and 7.2 robust spreads above it), and what they cost: this is where a small set's
+    threshold gives up recall, and the user can only judge it with the price beside it."""
     if good.size < 5 or threshold != good.max():
         return []
     order = np.argsort(good)[::-1]
@@ -87,8 +88,8 @@ def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str]) -> l
     gap = (good.max() - good[order[1]]) / st.robust_std(good[order[1:]])
     if gap >= OUTLIER_SPREADS:
         return [f"the threshold is set by one calibration image{named(order[:1])} scoring {gap:.1f} spreads of the other good "
-                "scores above the next: if it is a fair good part the threshold is right; if not, remove it and re-calibrate, "
-                "or add good images (with 99+ the largest alone no longer decides)"]
+                f"scores above the next{_price(good, synthetic, 1)}: if it is a fair good part the threshold is right; if not, "
+                "remove it and re-calibrate, or add good images (with 99+ the largest alone no longer decides)"]
     median = float(np.median(good))
     spread = max(float(stats.median_abs_deviation(good, scale="normal")), 1e-12)
     far = order[: int((good > median + FAR_SPREADS * spread).sum())]
@@ -96,9 +97,21 @@ def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str]) -> l
         return []
     scores = ", ".join(f"{good[i]:.4g}" for i in far)
     return [f"the threshold is set by {far.size} calibration image{'s' if far.size > 1 else ''}{named(far)} scoring {scores} "
-            f"against a median of {median:.4g} ({FAR_SPREADS:g}+ robust spreads above it): if they are fair good parts the "
-            "threshold is right, and defects scoring below them are let through; if not, remove them and re-calibrate, "
-            "or add good images"]
+            f"against a median of {median:.4g} ({FAR_SPREADS:g}+ robust spreads above it){_price(good, synthetic, far.size)}: "
+            "if they are fair good parts the threshold is right, and defects scoring below them are let through; if not, "
+            "remove them and re-calibrate, or add good images"]
+
+
+def _price(good: np.ndarray, synthetic: np.ndarray, above: int) -> str:
+    """What the ``above`` largest good scores cost: the synthetic recall and the guarantee with the
+    threshold at the next good score instead."""
+    if not synthetic.size or above >= good.size:
+        return ""
+    ranked = np.sort(good)[::-1]
+    top, below = float(ranked[0]), float(ranked[above])
+    return (f"; at the next good score ({below:.4g}) an estimated {100 * _recall(synthetic, below):.0f} % of synthetic defects "
+            f"would be caught instead of {100 * _recall(synthetic, top):.0f} %, with FRR <= {100 * st.conformal_bound(good, below):.1f} % "
+            f"guaranteed instead of {100 * st.conformal_bound(good, top):.1f} %")
 
 
 def calibrate_scores(
@@ -152,7 +165,8 @@ def calibrate_scores(
         bound = st.conformal_bound(good, threshold)
         guarantee = st.Guarantee(threshold, int((good > threshold).sum()) + 1, int(good.size), bound, settings.target_frr, None,
                                  bound <= settings.target_frr, st.images_needed(settings.target_frr))
-    notes = _outlier_note(good, threshold, files)
+    good_files = files[: good.size] if len(files) == good.size + defect.size else ()  # good files come first, each one named
+    notes = _outlier_note(good, threshold, good_files, synthetic)
     if threshold > good.max():
         gap = (threshold - good.max()) / st.robust_std(good)
         notes.append(f"the threshold lies {gap:.1f} good-score spreads above the largest good score, where no calibration image "

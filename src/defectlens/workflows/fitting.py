@@ -211,6 +211,7 @@ def fit_calibrated(
         detector.fit(everything)  # first: the fold models take the settings it chose from the data
         good, syn = kfold_scores(fold_prototype(detector), everything, folds, settings.seed, synthetic)
         source = f"kfold-{min(folds, len(everything))}"
+        calib_files = [str(v) for v in everything if not isinstance(v, np.ndarray)]  # out-of-fold scores keep their order
     else:
         if len(train) + len(validation) != 1:
             raise DefectLensError("the single-image set-up takes exactly one good image")
