@@ -79,8 +79,8 @@ def test_precision_is_the_inverse_even_after_the_thread_count_was_set():
     loading a tuned model does), so a later PaDiM fit in that process raised."""
     torch.set_num_threads(torch.get_num_threads())
     rng = np.random.default_rng(0)
-    sample = rng.standard_normal((8, 40, 160)) * np.linspace(0.5, 2.0, 160)
-    cov = np.einsum("pnd,pne->pde", sample, sample) / 40
+    sample = rng.standard_normal((40, 8, 160)) * np.linspace(0.5, 2.0, 160)  # (images, positions, channels)
+    cov = np.einsum("npd,npe->pde", sample, sample) / 40
     detector = create_detector("padim")
     precision = detector._shrunk_precision(cov.copy(), sample)
     alpha = detector.shrinkage_.astype(np.float64)[:, None, None]

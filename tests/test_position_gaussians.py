@@ -7,9 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.covariance import ledoit_wolf
+from sklearn.covariance import ledoit_wolf, ledoit_wolf_shrinkage
 
-from defectlens.detectors.position_gaussians import POOLING_GRID, choose_pooling, covariances, position_gaussians
+from defectlens.detectors.position_gaussians import (
+    POOLING_GRID,
+    choose_pooling,
+    covariances,
+    position_gaussians,
+    shrinkages,
+)
 from defectlens.detectors.simplenet import DiscriminatorScorer
 
 
@@ -20,6 +26,10 @@ def test_covariances_are_scikit_learns_ledoit_wolf_at_every_position(n):
     np.testing.assert_allclose(means, x.mean(axis=0))
     for p in range(5):
         np.testing.assert_allclose(covs[p], ledoit_wolf(x[:, p])[0], rtol=1e-10, atol=1e-12)
+    # PaDiM's shrinkages, a chunk of positions at a time (chunks smaller than the grid included)
+    expected = [ledoit_wolf_shrinkage(x[:, p]) for p in range(5)]
+    np.testing.assert_allclose(shrinkages(x, chunk=2), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(shrinkages(x.astype(np.float32)), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_one_image_gets_the_identity_at_its_scale():
@@ -101,3 +111,4 @@ def test_no_choice_without_enough_images_or_synthetic_defects():
     assert few.pooling == 0.0 and "fewer than" in few.reason and few.recall == {}
     none = choose_pooling(torch.randn(10, 2, 2, 3), lambda ids, count, seed: None)
     assert none.pooling == 0.0 and "no synthetic defects" in none.reason
+

@@ -17,13 +17,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.covariance import ledoit_wolf_shrinkage
 from threadpoolctl import threadpool_limits
 from torch import nn
 
 from defectlens.data.images import ImageInput, ModelSize
 from defectlens.detectors.base import PixelScores, Stopwatch, good_images_only
 from defectlens.detectors.feature_based import FeatureDetector
+from defectlens.detectors.position_gaussians import shrinkages
 from defectlens.detectors.registry import register_detector
 from defectlens.errors import DefectLensError
 
@@ -160,7 +160,7 @@ class PaDiM(FeatureDetector):
         # One BLAS thread: thousands of 160x160 inversions gain nothing from threads, and two BLAS
         # threads beside torch's on two busy cores made them 100x slower (34 s instead of 0.3 s for 128)
         with threadpool_limits(1, user_api="blas"):
-            self.precision_ = self._shrunk_precision(cov, np.stack(reservoir, axis=1)).astype(np.float32)
+            self.precision_ = self._shrunk_precision(cov, np.stack(reservoir)).astype(np.float32)
         self.n_train_images_ = n
         self.learned_mean_: np.ndarray | None = None  # the second centre partial_fit learns
         self.n_learned_ = 0
@@ -196,11 +196,12 @@ class PaDiM(FeatureDetector):
         return x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1).astype(np.float64)
 
     def _shrunk_precision(self, cov: np.ndarray, sample: np.ndarray) -> np.ndarray:
-        """Ledoit-Wolf: (1 - a) S + a (tr S / d) I, with a estimated per position. Also keeps
-        the inverse defined when there are fewer images than channels."""
+        """Ledoit-Wolf: (1 - a) S + a (tr S / d) I, with a estimated per position on ``sample``
+        (n, P, d), a reservoir of the images. Also keeps the inverse defined when there are fewer
+        images than channels."""
         d = cov.shape[-1]
         # with a single image there is no spread to estimate: shrink fully to the identity
-        alphas = np.array([ledoit_wolf_shrinkage(s) for s in sample]) if sample.shape[1] > 1 else np.ones(cov.shape[0])
+        alphas = shrinkages(sample) if len(sample) > 1 else np.ones(cov.shape[0])
         self.shrinkage_ = alphas.astype(np.float32)
         scale = np.trace(cov, axis1=1, axis2=2) / d
         shrunk = cov * (1 - alphas)[:, None, None]  # the identity's share goes on the diagonal in place: no (P, d, d) eye

@@ -50,6 +50,40 @@ class PoolingChoice:
     recall: dict[float, float] = field(default_factory=dict)
 
 
+def _ledoit_wolf(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p, n, d) float64 patches -> their means (p, d), empirical covariances (p, d, d),
+    Ledoit-Wolf shrinkages (p,) and identity scales tr/d (p,): Ledoit & Wolf (2004), as
+    ``sklearn.covariance.ledoit_wolf_shrinkage`` writes it, for a chunk of positions at once."""
+    n, d = c.shape[1:]
+    mean = c.mean(dim=1)
+    c = c - mean[:, None]
+    emp = c.transpose(1, 2) @ c / n
+    sq = c * c
+    trace = emp.diagonal(dim1=1, dim2=2).sum(-1)
+    mu = trace / d
+    beta_ = (sq.transpose(1, 2) @ sq).sum((1, 2))
+    delta_ = (emp * emp).sum((1, 2))
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - 2 * mu * trace + d * mu**2) / d
+    shrinkage = torch.where(beta == 0, torch.zeros_like(beta), torch.minimum(beta, delta) / delta)
+    return mean, emp, shrinkage, mu
+
+
+def _chunks(x: np.ndarray, chunk: int):
+    """(n, P, d) patches (any float type) as (p, n, d) float64 tensors, ``chunk`` positions at a time."""
+    for p0 in range(0, x.shape[1], chunk):
+        yield p0, torch.from_numpy(np.ascontiguousarray(x[:, p0 : p0 + chunk].transpose(1, 0, 2))).double()
+
+
+def shrinkages(x: np.ndarray, chunk: int = 128) -> np.ndarray:
+    """(n, P, d) patches -> (P,) each position's Ledoit-Wolf shrinkage towards the scaled identity
+    (PaDiM estimates it on a sample of its images and applies it to the covariance it streams)."""
+    out = np.empty(x.shape[1])
+    for p0, c in _chunks(x, chunk):
+        out[p0 : p0 + chunk] = _ledoit_wolf(c)[2].numpy()
+    return out
+
+
 def covariances(x: np.ndarray, chunk: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """(n, P, d) patches (any float type) -> (P, d) means and (P, d, d) Ledoit-Wolf-shrunk
     covariances, float64. Positions go ``chunk`` at a time, as one batched product each:
@@ -61,21 +95,9 @@ def covariances(x: np.ndarray, chunk: int = 128) -> tuple[np.ndarray, np.ndarray
         first = x[0].astype(np.float64)
         return first, np.eye(d) * np.maximum((first**2).mean(axis=1), 1e-6)[:, None, None]
     means, covs = np.empty((positions, d)), np.empty((positions, d, d))
-    for p0 in range(0, positions, chunk):
-        c = torch.from_numpy(np.ascontiguousarray(x[:, p0 : p0 + chunk].transpose(1, 0, 2))).double()  # (p, n, d)
-        mean = c.mean(dim=1)
-        c = c - mean[:, None]
-        emp = c.transpose(1, 2) @ c / n
-        sq = c * c
-        trace = emp.diagonal(dim1=1, dim2=2).sum(-1)
-        mu = trace / d
-        # Ledoit & Wolf (2004), as sklearn.covariance.ledoit_wolf_shrinkage writes it
-        beta_ = (sq.transpose(1, 2) @ sq).sum((1, 2))
-        delta_ = (emp * emp).sum((1, 2))
-        beta = (beta_ / n - delta_) / (d * n)
-        delta = (delta_ - 2 * mu * trace + d * mu**2) / d
-        shrinkage = torch.where(beta == 0, torch.zeros_like(beta), torch.minimum(beta, delta) / delta)
-        eye = torch.eye(d, dtype=emp.dtype)
+    eye = torch.eye(d, dtype=torch.float64)
+    for p0, c in _chunks(x, chunk):
+        mean, emp, shrinkage, mu = _ledoit_wolf(c)
         means[p0 : p0 + chunk] = mean.numpy()
         covs[p0 : p0 + chunk] = ((1 - shrinkage)[:, None, None] * emp + (shrinkage * mu)[:, None, None] * eye).numpy()
     return means, covs
@@ -158,4 +180,4 @@ def choose_pooling(features: torch.Tensor, defects: DefectFeatures, seed: int = 
 
 
 __all__ = ["POOLING_GRID", "PoolingChoice", "choose_pooling", "covariances", "largest_distance", "pool",
-           "position_gaussians", "whiten", "whiteners"]
+           "position_gaussians", "shrinkages", "whiten", "whiteners"]
