@@ -11,6 +11,7 @@ from sklearn.covariance import ledoit_wolf, ledoit_wolf_shrinkage
 
 from defectlens.detectors.position_gaussians import (
     POOLING_GRID,
+    best_share,
     choose_pooling,
     covariances,
     position_gaussians,
@@ -112,3 +113,15 @@ def test_no_choice_without_enough_images_or_synthetic_defects():
     none = choose_pooling(torch.randn(10, 2, 2, 3), lambda ids, count, seed: None)
     assert none.pooling == 0.0 and "no synthetic defects" in none.reason
 
+
+def test_a_tie_at_the_largest_good_score_is_broken_at_the_next():
+    grid = (0.0, 0.5)
+    good = np.array([[1.0, 2.0, 10.0], [1.0, 5.0, 10.0]])
+    # both shares catch 2 of 4 above 10; above the next good score the unpooled one catches 4, the pooled 2
+    synthetic = [np.array([3.0, 4.0, 11.0, 12.0]), np.array([3.0, 4.0, 11.0, 12.0])]
+    assert best_share(grid, good, synthetic) == (0.0, {0.0: 0.5, 0.5: 0.5})
+    synthetic[1] = np.array([6.0, 7.0, 11.0, 12.0])
+    assert best_share(grid, good[::-1], synthetic)[0] == 0.5
+    # the largest decides before the next does; a full tie goes to the smaller share
+    assert best_share(grid, good, [np.array([11.0, 3.0, 4.0, 5.0]), np.array([11.0, 12.0, 1.0, 1.0])])[0] == 0.5
+    assert best_share(grid, good[[0, 0]], [np.array([3.0, 11.0])] * 2)[0] == 0.0
