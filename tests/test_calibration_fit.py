@@ -44,6 +44,16 @@ def test_kfold_fold_models_take_what_the_deployed_model_chose_from_the_data(tiny
     tiled.fit(good[:6])
     assert tiled.chosen_params() == {"detector_params": {"embed_dim": 16, "hidden": 32, "max_epochs": 2, "pooling": tiled.inner_.pooling_}}
     assert create_detector("patchcore", **SMALL).fit(good[:4]).chosen_params() == {}
+    # an ensemble's members may choose differently: each member's choice is carried on its own
+    ensemble = create_detector("ensemble", detector="simplenet,padim", backbones="mobilenet_v2", image_size=64,
+                               detector_params={"embed_dim": 16, "hidden": 32, "max_epochs": 2, "n_features": 16}).fit(good[:6])
+    chosen = ensemble.chosen_params()
+    assert chosen == {"member_params": [{"pooling": ensemble.members_[0].pooling_}, {}]}
+    fold = fitting.fold_prototype(ensemble)
+    assert fold._members()[0].get_params()["pooling"] == ensemble.members_[0].pooling_
+    assert fold._members()[1].get_params()["n_features"] == 16
+    with pytest.raises(DefectLensError, match="member_params gives 1 members' settings for an ensemble of 2"):
+        create_detector("ensemble", detector="simplenet,padim", member_params=[{}]).fit(good[:6])
 
 
 @pytest.mark.slow

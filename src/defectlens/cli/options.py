@@ -25,7 +25,7 @@ from defectlens.errors import DefectLensError
 DETECTORS_DIR = Path(__file__).resolve().parents[1] / "detectors"
 # settings no flag stands for: a wrapper's inner detector is --detector, several backbones are
 # --backbone a,b, the seed is --seed (it also seeds the data split and calibration)
-NOT_FLAGS = {"verbose", "detector", "detector_params", "backbones", "random_state"}
+NOT_FLAGS = {"verbose", "detector", "detector_params", "member_params", "backbones", "random_state"}
 FLAG_NAMES = {"tile_size": "--tile", "overlap": "--tile-overlap", "scale": "--tile-scale"}  # the tiling flags users know
 _ENTRY = re.compile(r"^(\w+(?:\s*,\s*\w+)*)\s*:\s*(.*)$")
 

@@ -30,6 +30,9 @@ class EnsembleDetector(Detector):
         detector, and one detector runs on every backbone.
     detector_params : settings for the members; each member takes those it has (not image_size,
         set here).
+    member_params : settings for each member in turn, over ``detector_params``. k-fold calibration
+        gives the fold models what each deployed member chose from its data (a SimpleNet member's
+        pooling), as members may choose differently.
     image_size, batch_size : shared, so every member sees the same pixels and maps align.
     norm_images : training images scored after fitting to standardise each member.
     """
@@ -37,10 +40,12 @@ class EnsembleDetector(Detector):
     name = "ensemble"
 
     def __init__(self, detector: str = "patchcore", backbones: str = "mobilenet_v2,efficientnet_lite0", detector_params: dict | None = None,
-                 image_size: ModelSize = 256, batch_size: int = 2, norm_images: int = 32, verbose: bool = False) -> None:
+                 member_params: list[dict] | None = None, image_size: ModelSize = 256, batch_size: int = 2, norm_images: int = 32,
+                 verbose: bool = False) -> None:
         self.detector = detector
         self.backbones = backbones
         self.detector_params = detector_params
+        self.member_params = member_params
         self.image_size = image_size
         self.batch_size = batch_size
         self.norm_images = norm_images
@@ -62,10 +67,13 @@ class EnsembleDetector(Detector):
     def _members(self) -> list[Detector]:
         params = {**(self.detector_params or {}), "image_size": self.image_size, "batch_size": self.batch_size, "verbose": self.verbose}
         names = self._names()
+        per_member = self.member_params or [{}] * len(names)
+        if len(per_member) != len(names):
+            raise DefectLensError(f"member_params gives {len(per_member)} members' settings for an ensemble of {len(names)}")
         mixed = len({d for d, _ in names}) > 1  # then each takes only its own settings; alone, a wrong one is an error
         members = []
-        for name, backbone in names:
-            own = {**params, "backbone": backbone}
+        for (name, backbone), given in zip(names, per_member, strict=True):
+            own = {**params, "backbone": backbone, **given}
             if mixed:
                 accepted = detector_class(name)._get_param_names()
                 own = {k: v for k, v in own.items() if k in accepted}
@@ -87,6 +95,14 @@ class EnsembleDetector(Detector):
                           maps.mean(), max(maps.std(), 1e-6 * abs(maps.mean()) + 1e-12)])
         self.norm_ = np.asarray(stats, dtype=np.float64)  # per member: score mean, std, map mean, std
         return self
+
+    def chosen_params(self) -> dict:
+        self._require_fitted()
+        choices = [m.chosen_params() for m in self.members_]
+        if not any(choices):
+            return {}
+        given = self.member_params or [{}] * len(choices)
+        return {"member_params": [{**g, **c} for g, c in zip(given, choices, strict=True)]}
 
     @property
     def learns_incrementally(self) -> bool:
