@@ -88,7 +88,7 @@ def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str], synt
     gap = (good.max() - good[order[1]]) / st.robust_std(good[order[1:]])
     if gap >= OUTLIER_SPREADS:
         return [f"the threshold is set by one calibration image{named(order[:1])} scoring {gap:.1f} spreads of the other good "
-                f"scores above the next{_price(good, synthetic, 1)}: if it is a fair good part the threshold is right; if not, "
+                f"scores above the next{_price(good, order, synthetic, 1)}: if it is a fair good part the threshold is right; if not, "
                 "remove it and re-calibrate, or add good images (with 99+ the largest alone no longer decides)"]
     median = float(np.median(good))
     spread = max(float(stats.median_abs_deviation(good, scale="normal")), 1e-12)
@@ -97,18 +97,17 @@ def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str], synt
         return []
     scores = ", ".join(f"{good[i]:.4g}" for i in far)
     return [f"the threshold is set by {far.size} calibration image{'s' if far.size > 1 else ''}{named(far)} scoring {scores} "
-            f"against a median of {median:.4g} ({FAR_SPREADS:g}+ robust spreads above it){_price(good, synthetic, far.size)}: "
+            f"against a median of {median:.4g} ({FAR_SPREADS:g}+ robust spreads above it){_price(good, order, synthetic, far.size)}: "
             "if they are fair good parts the threshold is right, and defects scoring below them are let through; if not, "
             "remove them and re-calibrate, or add good images"]
 
 
-def _price(good: np.ndarray, synthetic: np.ndarray, above: int) -> str:
-    """What the ``above`` largest good scores cost: the synthetic recall and the guarantee with the
-    threshold at the next good score instead."""
+def _price(good: np.ndarray, order: np.ndarray, synthetic: np.ndarray, above: int) -> str:
+    """What the ``above`` largest good scores cost (``order`` ranks the good scores, largest
+    first): the synthetic recall and the guarantee with the threshold at the next good score instead."""
     if not synthetic.size or above >= good.size:
         return ""
-    ranked = np.sort(good)[::-1]
-    top, below = float(ranked[0]), float(ranked[above])
+    top, below = float(good[order[0]]), float(good[order[above]])
     return (f"; at the next good score ({below:.4g}) an estimated {100 * _recall(synthetic, below):.0f} % of synthetic defects "
             f"would be caught instead of {100 * _recall(synthetic, top):.0f} %, with FRR <= {100 * st.conformal_bound(good, below):.1f} % "
             f"guaranteed instead of {100 * st.conformal_bound(good, top):.1f} %")

@@ -67,9 +67,7 @@ class EnsembleDetector(Detector):
     def _members(self) -> list[Detector]:
         params = {**(self.detector_params or {}), "image_size": self.image_size, "batch_size": self.batch_size, "verbose": self.verbose}
         names = self._names()
-        per_member = self.member_params or [{}] * len(names)
-        if len(per_member) != len(names):
-            raise DefectLensError(f"member_params gives {len(per_member)} members' settings for an ensemble of {len(names)}")
+        per_member = self._given_per_member(len(names))
         mixed = len({d for d, _ in names}) > 1  # then each takes only its own settings; alone, a wrong one is an error
         members = []
         for (name, backbone), given in zip(names, per_member, strict=True):
@@ -101,8 +99,14 @@ class EnsembleDetector(Detector):
         choices = [m.chosen_params() for m in self.members_]
         if not any(choices):
             return {}
-        given = self.member_params or [{}] * len(choices)
-        return {"member_params": [{**g, **c} for g, c in zip(given, choices, strict=True)]}
+        return {"member_params": [{**g, **c} for g, c in zip(self._given_per_member(len(choices)), choices, strict=True)]}
+
+    def _given_per_member(self, n: int) -> list[dict]:
+        """``member_params`` as given, or no settings for each of the ``n`` members."""
+        given = self.member_params or [{}] * n
+        if len(given) != n:
+            raise DefectLensError(f"member_params gives {len(given)} members' settings for an ensemble of {n}")
+        return given
 
     @property
     def learns_incrementally(self) -> bool:
