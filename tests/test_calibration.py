@@ -221,6 +221,9 @@ def test_conformal_rank_and_images_needed():
     assert st.images_needed(0.01) == 99 and st.images_needed(0.05) == 19
     assert st.images_needed(0.05, delta=0.1) == 45  # 0.95 ** 45 < 0.1 <= 0.95 ** 44
     assert st.pac_rank(44, 0.05, 0.1) == 0 and st.pac_rank(45, 0.05, 0.1) == 1
+    # from how many images the second largest score is the threshold: one image no longer sets it alone
+    assert st.images_needed(0.01, rank=2) == 199 and st.conformal_rank(199, 0.01) == 2 and st.conformal_rank(198, 0.01) == 1
+    assert st.images_needed(0.05, delta=0.1, rank=2) == 77 and st.pac_rank(76, 0.05, 0.1) == 1 and st.pac_rank(77, 0.05, 0.1) == 2
     values = np.arange(1.0, 201.0)  # 200 scores: 1 % of 201 -> the 2nd largest
     g = st.threshold_conformal(values, 0.01)
     assert g.threshold == 199.0 and g.rank == 2 and g.bound == pytest.approx(2 / 201) and g.achievable
@@ -279,6 +282,10 @@ def test_one_outlying_calibration_image_is_named():
     cal = calibrate_scores(good, good, files=files)
     assert cal.image_threshold == 3.0
     assert any("set by one calibration image (good_29.png)" in n for n in cal.notes)
+    # at 1 % the largest of 30..198 images is the threshold: more images help only from 199 on (2.5 %: from 79)
+    assert any("from 199 calibration images on, one image no longer sets the threshold alone" in n for n in cal.notes)
+    looser = calibrate_scores(good, good, CalibrationSettings(target_frr=0.025), files=files).notes
+    assert any("from 79 calibration images on" in n for n in looser), looser
     assert not calibrate_scores(np.linspace(1.0, 1.2, 30), np.linspace(1.0, 1.2, 30)).notes
     # with synthetic defects the note prices the image: what the next good score as threshold would catch and promise
     synthetic = np.r_[np.full(6, 2.0), np.full(2, 4.0)]

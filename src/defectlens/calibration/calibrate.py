@@ -72,12 +72,14 @@ FAR_SPREADS = 7.0
 FAR_AT_MOST = 3  # more than this many far out is a heavy tail, not a few unusual images
 
 
-def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str], synthetic: np.ndarray) -> list[str]:
+def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str], synthetic: np.ndarray, shared_from: int | None = None) -> list[str]:
     """When the largest good score sets the threshold and it, or it and one or two others, stand
     far above the rest, a few unusual calibration images decide how much the detector may catch:
     say which (MVTec bottle's 30 held-out images under PaDiM: 138 and 111 against a median of 27,
     9.5 and 7.2 robust spreads above it), and what they cost: this is where a small set's
-    threshold gives up recall, and the user can only judge it with the price beside it."""
+    threshold gives up recall, and the user can only judge it with the price beside it.
+    ``shared_from``: the number of calibration images from which the target's threshold is the
+    second largest score, so that one image no longer sets it alone (199 for 1 %)."""
     if good.size < 5 or threshold != good.max():
         return []
     order = np.argsort(good)[::-1]
@@ -89,7 +91,9 @@ def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str], synt
     if gap >= OUTLIER_SPREADS:
         return [f"the threshold is set by one calibration image{named(order[:1])} scoring {gap:.1f} spreads of the other good "
                 f"scores above the next{_price(good, order, synthetic, 1)}: if it is a fair good part the threshold is right; if not, "
-                "remove it and re-calibrate, or add good images (with 99+ the largest alone no longer decides)"]
+                "remove it and re-calibrate, or add good images"
+                + (f" (from {shared_from} calibration images on, one image no longer sets the threshold alone)"
+                   if shared_from and shared_from > good.size else "")]
     median = float(np.median(good))
     spread = max(float(stats.median_abs_deviation(good, scale="normal")), 1e-12)
     far = order[: int((good > median + FAR_SPREADS * spread).sum())]
@@ -165,7 +169,10 @@ def calibrate_scores(
         guarantee = st.Guarantee(threshold, int((good > threshold).sum()) + 1, int(good.size), bound, settings.target_frr, None,
                                  bound <= settings.target_frr, st.images_needed(settings.target_frr))
     good_files = files[: good.size] if len(files) == good.size + defect.size else ()  # good files come first, each one named
-    notes = _outlier_note(good, threshold, good_files, synthetic)
+    shared_from = None
+    if settings.strategy == "target_frr":
+        shared_from = st.images_needed(settings.target_frr, None if settings.confidence is None else 1.0 - settings.confidence, rank=2)
+    notes = _outlier_note(good, threshold, good_files, synthetic, shared_from)
     if threshold > good.max():
         gap = (threshold - good.max()) / st.robust_std(good)
         notes.append(f"the threshold lies {gap:.1f} good-score spreads above the largest good score, where no calibration image "

@@ -133,11 +133,16 @@ def _beta_upper(ranks: np.ndarray, n: int, confidence: float) -> np.ndarray:
     return stats.beta.ppf(confidence, ranks, n - ranks + 1)
 
 
-def images_needed(alpha: float, delta: float | None = None) -> int:
-    """Fewest calibration images for which the target can be guaranteed at all (with the largest score)."""
+def images_needed(alpha: float, delta: float | None = None, rank: int = 1) -> int:
+    """Fewest calibration images for which the target can be guaranteed at all with the
+    ``rank``-th largest score as threshold (1: the largest; 2: the first size at which one
+    unusual image no longer decides the threshold alone)."""
     if delta is None:
-        return int(math.ceil(1.0 / alpha - 1.0 - 1e-9))
-    return int(math.ceil(math.log(delta) / math.log1p(-alpha)))
+        return int(math.ceil(rank / alpha - 1.0 - 1e-9))
+    n = int(math.ceil(math.log(delta) / math.log1p(-alpha)))
+    while pac_rank(n, alpha, delta) < rank:
+        n += 1
+    return n
 
 
 def threshold_conformal(values: np.ndarray, alpha: float, confidence: float | None = None) -> Guarantee:
