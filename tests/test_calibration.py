@@ -311,6 +311,19 @@ def test_a_few_calibration_images_far_above_the_rest_are_named():
     assert quiet <= 20  # on Gumbel scores, as image maxima are, the two rules speak up in about 6 sets in a hundred
 
 
+def test_from_199_images_the_two_images_that_set_a_1_percent_threshold_are_named():
+    rng = np.random.default_rng(1)
+    good = np.r_[3.0, 2.8, rng.normal(1.0, 0.1, 197)]
+    files = [f"good_{i:03d}.png" for i in range(199)]
+    cal = calibrate_scores(good, good, files=files, synthetic_scores=np.r_[np.full(6, 2.0), np.full(2, 2.9)])
+    assert cal.guarantee["rank"] == 2 and cal.image_threshold == 2.8
+    note = next(n for n in cal.notes if "set by 2 calibration images (good_000.png, good_001.png)" in n)
+    assert "would be caught instead of 25 %, with FRR <= 1.5 % guaranteed instead of 1.0 %" in note, note
+    assert "no longer sets the threshold alone" not in note  # it no longer does
+    quiet = sum(bool(calibrate_scores(s, s).notes) for s in rng.gumbel(1.0, 0.1, (100, 199)))
+    assert quiet <= 3  # on Gumbel scores the second largest stands apart far more rarely than the largest
+
+
 def test_the_decision_rule_is_one_expression_for_numpy_and_torch():
     import torch
     from scipy.special import expit

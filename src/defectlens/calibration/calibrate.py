@@ -73,48 +73,51 @@ FAR_AT_MOST = 3  # more than this many far out is a heavy tail, not a few unusua
 
 
 def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str], synthetic: np.ndarray, shared_from: int | None = None) -> list[str]:
-    """When the largest good score sets the threshold and it, or it and one or two others, stand
-    far above the rest, a few unusual calibration images decide how much the detector may catch:
-    say which (MVTec bottle's 30 held-out images under PaDiM: 138 and 111 against a median of 27,
-    9.5 and 7.2 robust spreads above it), and what they cost: this is where a small set's
-    threshold gives up recall, and the user can only judge it with the price beside it.
-    ``shared_from``: the number of calibration images from which the target's threshold is the
-    second largest score, so that one image no longer sets it alone (199 for 1 %)."""
-    if good.size < 5 or threshold != good.max():
-        return []
+    """When the good score that sets the threshold (the largest, or from 199 images on at 1 % the
+    second largest) stands far above the rest, alone or with one or two others, a few unusual
+    calibration images decide how much the detector may catch: say which (MVTec bottle's 30
+    held-out images under PaDiM: 138 and 111 against a median of 27, 9.5 and 7.2 robust spreads
+    above it), and what they cost: this is where a threshold gives up recall, and the user can
+    only judge it with the price beside it. ``shared_from``: the number of calibration images
+    from which the target's threshold is the second largest score (199 for 1 %)."""
     order = np.argsort(good)[::-1]
+    rank = int((good >= threshold).sum())  # the threshold is the rank-th largest good score
+    if good.size < 5 or not 1 <= rank <= FAR_AT_MOST or rank >= good.size or threshold != good[order[rank - 1]]:
+        return []
 
     def named(idx: np.ndarray) -> str:
         return f" ({', '.join(files[i] for i in idx)})" if len(files) == good.size else ""
 
-    gap = (good.max() - good[order[1]]) / st.robust_std(good[order[1:]])
+    gap = (threshold - good[order[rank]]) / st.robust_std(good[order[rank:]])
     if gap >= OUTLIER_SPREADS:
-        return [f"the threshold is set by one calibration image{named(order[:1])} scoring {gap:.1f} spreads of the other good "
-                f"scores above the next{_price(good, order, synthetic, 1)}: if it is a fair good part the threshold is right; if not, "
-                "remove it and re-calibrate, or add good images"
+        who, it, fair = ("one calibration image", "it", "it is a fair good part") if rank == 1 else (
+            f"{rank} calibration images", "them", "they are fair good parts")
+        return [f"the threshold is set by {who}{named(order[:rank])} scoring {gap:.1f} spreads of the other good "
+                f"scores above the next{_price(good, order, synthetic, rank, threshold)}: if {fair} the threshold is right; "
+                f"if not, remove {it} and re-calibrate, or add good images"
                 + (f" (from {shared_from} calibration images on, one image no longer sets the threshold alone)"
-                   if shared_from and shared_from > good.size else "")]
+                   if rank == 1 and shared_from and shared_from > good.size else "")]
     median = float(np.median(good))
     spread = max(float(stats.median_abs_deviation(good, scale="normal")), 1e-12)
     far = order[: int((good > median + FAR_SPREADS * spread).sum())]
-    if not 1 <= far.size <= FAR_AT_MOST:
+    if not rank <= far.size <= FAR_AT_MOST:
         return []
     scores = ", ".join(f"{good[i]:.4g}" for i in far)
     return [f"the threshold is set by {far.size} calibration image{'s' if far.size > 1 else ''}{named(far)} scoring {scores} "
-            f"against a median of {median:.4g} ({FAR_SPREADS:g}+ robust spreads above it){_price(good, order, synthetic, far.size)}: "
+            f"against a median of {median:.4g} ({FAR_SPREADS:g}+ robust spreads above it){_price(good, order, synthetic, far.size, threshold)}: "
             "if they are fair good parts the threshold is right, and defects scoring below them are let through; if not, "
             "remove them and re-calibrate, or add good images"]
 
 
-def _price(good: np.ndarray, order: np.ndarray, synthetic: np.ndarray, above: int) -> str:
+def _price(good: np.ndarray, order: np.ndarray, synthetic: np.ndarray, above: int, threshold: float) -> str:
     """What the ``above`` largest good scores cost (``order`` ranks the good scores, largest
     first): the synthetic recall and the guarantee with the threshold at the next good score instead."""
     if not synthetic.size or above >= good.size:
         return ""
-    top, below = float(good[order[0]]), float(good[order[above]])
+    below = float(good[order[above]])
     return (f"; at the next good score ({below:.4g}) an estimated {100 * _recall(synthetic, below):.0f} % of synthetic defects "
-            f"would be caught instead of {100 * _recall(synthetic, top):.0f} %, with FRR <= {100 * st.conformal_bound(good, below):.1f} % "
-            f"guaranteed instead of {100 * st.conformal_bound(good, top):.1f} %")
+            f"would be caught instead of {100 * _recall(synthetic, threshold):.0f} %, with FRR <= {100 * st.conformal_bound(good, below):.1f} % "
+            f"guaranteed instead of {100 * st.conformal_bound(good, threshold):.1f} %")
 
 
 def calibrate_scores(
