@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from defectlens.evaluation.threshold_benchmark import CARRIED, VIEWS, _run_category, cross_conformal_rejects, extrapolate, markdown, oracle_recall, subsample
+from defectlens.errors import DefectLensError
+from defectlens.evaluation.threshold_benchmark import (
+    CARRIED,
+    VIEWS,
+    _run_category,
+    cross_conformal_rejects,
+    extrapolate,
+    markdown,
+    oracle_recall,
+    run_threshold_benchmark,
+    subsample,
+)
 
 
 def test_oracle_recall_is_the_best_any_threshold_reaches_at_that_false_reject_rate():
@@ -58,13 +71,16 @@ def test_auto_calibrates_each_sizes_pick_as_fit_does(tiny_dataset):
 
 @pytest.mark.slow
 def test_repeated_draws_calibrate_as_fit_does_and_tabulate_the_spread(tiny_dataset):
-    entry = _run_category(str(tiny_dataset), "discs", "padim", {"image_size": 64, "n_features": 20}, [8], 0, draws=3)
+    entry = _run_category(str(tiny_dataset), "discs", "padim", {"image_size": 64, "n_features": 20}, [8], 0, draws=3, group_by=r"^\d")
     assert not entry.error, entry.error
     default = [r for r in entry.rows if r.default]
     assert [r.draw for r in default] == [0, 1, 2] and {r.scheme for r in entry.rows} == {"kfold-8"} and not entry.folds
     assert len({r.threshold for r in default}) > 1  # each draw has its own folds, so its own threshold
     text = markdown([entry], "test machine", "padim")
     assert "over repeated draws" in text and "| 8 (draw 3) | kfold-8 (8) | conformal 1 % **default** |" in text
+    for r in default:  # the test's good images are 000-003: one group, whose training images each draw counts
+        assert list(r.groups) == ["0"] and r.groups["0"]["test_good"] == 4 and r.groups["0"]["frr"] == pytest.approx(r.frr)
+    assert "per group of good test images" in text and "| discs | 8 (draw 2) |" in text
     (row,) = [line for line in text.splitlines() if line.startswith("| discs | 8 |")]
     frr = [r.frr for r in default]
     assert f"| 3 | {100 * np.mean(frr):.1f} % | {100 * max(frr):.1f} % | {sum(f > 0.05 for f in frr)} |" in row
@@ -94,3 +110,24 @@ def test_draws_table_leaves_out_draws_no_threshold_could_catch_anything_in_as_th
                                      ThresholdRow(**row, frr=0.1, recall=0.0, oracle_same=0.0, draw=1)])
     line = draws_table([entry]).splitlines()[-1]
     assert "| 2 | 5.0 % | 10.0 % | 1 | 0.50 (0.50) |" in line  # the second draw's 0 / 0 is no ratio, not 1.0
+
+
+def test_group_by_gives_the_default_thresholds_false_reject_rate_per_group_of_good_test_images():
+    """DeepPCB's good test boards are mostly of designs absent from training: per group, with the
+    groups' training images counted, the split shows which rejects are parts the model never saw."""
+    import re
+
+    from defectlens.evaluation.threshold_benchmark import CategoryThresholds, ThresholdRow, group_rejects
+
+    rows = [ThresholdRow("pcb", 3, "holdout", "conformal 1 %", threshold=1.0, default=True), ThresholdRow("pcb", 3, "holdout", "tail", threshold=1.0)]
+    train = [Path("12000_1.png"), Path("12000_2.png"), Path("90100_3.png")]
+    test = [Path("12000_a.png"), Path("12100_b.png"), Path("12100_c.png"), Path("12100_d.png"), Path("board.png")]
+    group_rejects(rows, re.compile(r"^\d{5}"), train, test, np.array([0, 0, 0, 1, 0]), np.array([0.5, 2.0, 0.5, 3.0, 1.5]))
+    assert rows[0].groups == {"(no match)": {"train": 0, "test_good": 1, "frr": 1.0}, "12000": {"train": 2, "test_good": 1, "frr": 0.0},
+                              "12100": {"train": 0, "test_good": 2, "frr": 0.5}}
+    assert not rows[1].groups  # the default rule only
+    text = markdown([CategoryThresholds("pcb", rows)], "test machine", "padim")
+    line = next(line for line in text.splitlines() if line.startswith("| pcb | 3 |"))
+    assert "| 1, 0.0 % | 3, 66.7 % |" in line and "12100: 50.0 % (0 / 2)" in line, line
+    with pytest.raises(DefectLensError, match="not a regular expression"):
+        run_threshold_benchmark(".", group_by="(")

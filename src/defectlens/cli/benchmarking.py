@@ -30,6 +30,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--thresholds: draw each size this many times (seeds --seed, --seed + 1, ...), each calibrated only as fit calibrates, "
         "and tabulate how the default threshold's false-reject rate spreads over the draws (default: 1, with every source "
         "of calibration scores)"))
+    p.add_argument("--group-by", default=None, metavar="REGEX", help=(
+        "--thresholds: group the good test images by this regular expression on the file name (its first group, else the "
+        "whole match) and give the default threshold's false-reject rate per group, and on groups with and without "
+        "training images (e.g. '^\\d{5}' for DeepPCB's board designs)"))
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS", help=(
         "time for trying candidates per category (default: 3600 with --selection, which carries every candidate to the "
         "final stage; 300, as fit, for --detectors auto)"))
@@ -211,7 +215,7 @@ def _thresholds(args: argparse.Namespace) -> int:
     except ValueError:
         raise DefectLensError(f"--sizes takes comma-separated image counts or 'all', got {args.sizes!r}") from None
     params = {"budget_s": args.budget or 300.0} if detector == "auto" else detector_params(args, detector)
-    entries = run_threshold_benchmark(args.data, detector, params, sizes, args.seed, draws=args.draws)
+    entries = run_threshold_benchmark(args.data, detector, params, sizes, args.seed, draws=args.draws, group_by=args.group_by)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "thresholds.md").write_text(markdown(entries, machine_description(), detector))

@@ -14,13 +14,20 @@ the same false-reject rate, and at 5 %. Recall / oracle near 1 is a tight thresh
 
 With ``--draws N`` each size is drawn N times and calibrated only as ``fit`` calibrates, to show
 how one threshold's false-reject rate spreads around the average that the guarantee speaks of.
+
+With ``--group-by REGEX`` the good test images are grouped by their file names (DeepPCB's first
+five digits are the board design) and the default threshold's false-reject rate is given per
+group, and on the groups with and without training images: a promise made on good images says
+nothing of a kind of part it never saw, and a test split with such parts shows it here.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +66,8 @@ class ThresholdRow:
     standard: bool = False  # the calibration scores plain `fit` would use (any rule)
     pick: str = ""  # with --detector auto: the configuration the selection chose at this size
     draw: int = 0  # with --draws N: which of the N seeded draws of the training images and their split
+    groups: dict[str, dict] = field(default_factory=dict)  # with --group-by, the default rule only: per group of good test
+    # images, its training images ("train"), good test images ("test_good") and test FRR ("frr")
 
 
 @dataclass
@@ -106,6 +115,32 @@ def oracle_recall(good: np.ndarray, defect: np.ndarray, frr: float) -> float:
     allowed = int(math.floor(frr * ranked.size + 1e-9))
     t = ranked[allowed] if allowed < ranked.size else -np.inf
     return float((np.asarray(defect) > t).mean())
+
+
+NO_GROUP = "(no match)"
+
+
+def group_of(path: str | Path, pattern: re.Pattern) -> str:
+    """The group a file belongs to: the pattern's first group in the file's stem, else its whole match."""
+    found = pattern.search(Path(path).stem)
+    if found is None:
+        return NO_GROUP
+    return found.group(1) if pattern.groups else found.group(0)
+
+
+def group_rejects(rows: list[ThresholdRow], pattern: re.Pattern | None, train: Sequence[Path], test_paths: Sequence[Path],
+                  labels: np.ndarray, test_scores: np.ndarray) -> None:
+    """The default row's false-reject rate per group of good test images, each group with its
+    count of training images: what separates a threshold's spread from parts it never saw."""
+    if pattern is None:
+        return
+    seen = Counter(group_of(p, pattern) for p in train)
+    good_scores = test_scores[labels == 0]
+    groups = np.array([group_of(p, pattern) for p, label in zip(test_paths, labels, strict=True) if label == 0])
+    for row in rows:
+        if row.default and row.threshold is not None:
+            row.groups = {g: {"train": seen.get(g, 0), "test_good": int((groups == g).sum()),
+                              "frr": float((good_scores[groups == g] > row.threshold).mean())} for g in sorted(set(groups.tolist()))}
 
 
 def subsample(paths: Sequence[Path], n: int | None, seed: int) -> list[Path]:
@@ -200,7 +235,8 @@ def _fit_split(train: list, seed: int) -> tuple[list, list, bool]:
     return fit_part, held, resolve_scheme("auto", len(fit_part), len(held)) == "holdout"
 
 
-def _as_fit(proto, label: str, train: list, seed: int, test_paths: list, labels: np.ndarray, pick: str, draw: int) -> list[ThresholdRow]:
+def _as_fit(proto, label: str, train: list, seed: int, test_paths: list, labels: np.ndarray, pick: str, draw: int,
+            pattern: re.Pattern | None = None) -> list[ThresholdRow]:
     """Rows for ``train`` calibrated exactly as plain `fit` calibrates it: a holdout from 100
     images, 10-fold scores below, the deployed model judged on the test split."""
     from sklearn.base import clone
@@ -217,13 +253,14 @@ def _as_fit(proto, label: str, train: list, seed: int, test_paths: list, labels:
         scheme = f"kfold-{min(FOLDS, len(train))}"
     test = score_images(det, test_paths).scores
     rows = _rows(label, len(train), scheme, good, syn, test[labels == 0], test[labels == 1], True, pick)
+    group_rejects(rows, pattern, train, test_paths, labels, test)
     for r in rows:
         r.draw = draw
     return rows
 
 
 def _run_category(category: str, label: str, detector: str, params: dict, sizes: list[int | None], seed: int,
-                  draws: int = 1) -> CategoryThresholds:
+                  draws: int = 1, group_by: str | None = None) -> CategoryThresholds:
     """Runs in a fresh child process. With ``draws`` > 1 each size is drawn that many times (seeds
     seed, seed + 1, ...: the subsample, the holdout, the folds, the synthetic defects and, with
     auto, the pick), each calibrated only as plain `fit` calibrates: one draw says little about a
@@ -247,6 +284,7 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
     out = CategoryThresholds(label)
     t0 = time.perf_counter()
     warnings.simplefilter("ignore")
+    pattern = re.compile(group_by) if group_by else None
     try:
         ds = load_dataset(category, validation_fraction=0.0)
         test_paths = [s.path for s in ds.test]
@@ -265,7 +303,7 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
                   + (f", auto picks {pick}" if auto else ""), flush=True)
             if draws > 1 or auto or _fit_split(train, seed + draw)[2]:  # only what fit does (auto:
                 # the other sources of scores were measured on fixed detectors)
-                out.rows += _as_fit(proto, label, train, seed + draw, test_paths, labels, pick, draw)
+                out.rows += _as_fit(proto, label, train, seed + draw, test_paths, labels, pick, draw, pattern)
                 continue
             det = clone(proto).fit(train)  # the deployed model of every k-fold variant
             test = score_images(det, test_paths).scores
@@ -282,7 +320,9 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
                                          on_fold=on_fold if folds == standard else None)
                 by_folds[folds] = good
                 scheme = "leave-one-out" if folds == n else f"kfold-{folds}"
-                out.rows += _rows(label, n, scheme, good, syn, test_good, test_defect, folds == standard)
+                rows = _rows(label, n, scheme, good, syn, test_good, test_defect, folds == standard)
+                group_rejects(rows, pattern, train, test_paths, labels, test)
+                out.rows += rows
                 print(f"  {label}: {n} images, {scheme} done", flush=True)
             fewer = min(by_folds)
             corrected = by_folds[standard].scores
@@ -304,10 +344,15 @@ def _run_category(category: str, label: str, detector: str, params: dict, sizes:
 
 def run_threshold_benchmark(root: str | Path, detector: str = "patchcore", params: dict | None = None,
                             sizes: Sequence[int | None] = (10, 20, 50, 100, None), seed: int = 0, progress=print,
-                            draws: int = 1) -> list[CategoryThresholds]:
+                            draws: int = 1, group_by: str | None = None) -> list[CategoryThresholds]:
     if draws < 1:
         raise DefectLensError(f"--draws must be 1 or more, got {draws}")
-    return each_category(root, f"threshold benchmark ({detector})", _run_category, (detector, dict(params or {}), list(sizes), seed, draws),
+    if group_by is not None:
+        try:
+            re.compile(group_by)
+        except re.error as exc:
+            raise DefectLensError(f"--group-by {group_by!r} is not a regular expression: {exc}") from None
+    return each_category(root, f"threshold benchmark ({detector})", _run_category, (detector, dict(params or {}), list(sizes), seed, draws, group_by),
                          lambda label: CategoryThresholds(label, error=KILLED), markdown_category, progress)
 
 
@@ -402,12 +447,33 @@ def draws_table(entries: list[CategoryThresholds]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def groups_table(entries: list[CategoryThresholds]) -> str:
+    """The default threshold's false-reject rate per group of good test images (--group-by), and
+    pooled over the groups with and without training images."""
+    lines = ["| category | train images | groups with training images: good test images, FRR | groups without: good test images, FRR "
+             "| each group: FRR (training / good test images) |", "|---|---|---|---|---|"]
+
+    def pooled(groups: list[dict]) -> str:
+        n = sum(g["test_good"] for g in groups)
+        return f"{n}, {_pct(sum(g['frr'] * g['test_good'] for g in groups) / n)}" if n else "-"
+
+    for r in (r for e in entries for r in e.rows if r.groups):
+        each = "; ".join(f"{name}: {_pct(g['frr'])} ({g['train']} / {g['test_good']})" for name, g in r.groups.items())
+        draw = f" (draw {r.draw + 1})" if any(o.draw for e in entries for o in e.rows) else ""
+        lines.append(f"| {r.category} | {r.n_train}{draw} | {pooled([g for g in r.groups.values() if g['train']])} | "
+                     f"{pooled([g for g in r.groups.values() if not g['train']])} | {each} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(entries: list[CategoryThresholds], machine: str, detector: str) -> str:
     repeated = any(r.draw for e in entries for r in e.rows)
+    grouped = any(r.groups for e in entries for r in e.rows)
     return "\n".join([f"Machine: {machine}. Detector: {detector}. Synthetic recall is an estimate from synthetic defects; "
                       "test FRR, recall and the oracle come from the real test split, which no rule sees.", "",
                       *(["### The default rule over repeated draws (each calibrated as plain `fit` calibrates)", "", draws_table(entries)]
                         if repeated else []),
+                      *(["### The default threshold's false-reject rate per group of good test images (--group-by)", "",
+                         groups_table(entries)] if grouped else []),
                       "### Summary: each rule on the calibration scores plain `fit` uses", "", summary(entries),
                       "### Summary: the default rule on each source of k-fold calibration scores", "", scheme_summary(entries),
                       "### The fold models against the deployed model (a probe of the test split)", "", fold_table(entries),
