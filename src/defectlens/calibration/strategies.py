@@ -139,10 +139,17 @@ def images_needed(alpha: float, delta: float | None = None, rank: int = 1) -> in
     unusual image no longer decides the threshold alone)."""
     if delta is None:
         return int(math.ceil(rank / alpha - 1.0 - 1e-9))
-    n = int(math.ceil(math.log(delta) / math.log1p(-alpha)))
-    while pac_rank(n, alpha, delta) < rank:
-        n += 1
-    return n
+
+    def enough(n: int) -> bool:  # as pac_rank: the rank-th largest of n keeps the FRR <= alpha with 1 - delta
+        return bool(stats.binom.sf(rank - 1, n, alpha) >= 1.0 - delta - 1e-12)
+
+    low, high = rank - 1, max(rank, int(math.ceil(math.log(delta) / math.log1p(-alpha))))
+    while not enough(high):  # grows with n: bracket, then bisect
+        low, high = high, 2 * high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if enough(mid) else (mid, high)
+    return high
 
 
 def threshold_conformal(values: np.ndarray, alpha: float, confidence: float | None = None) -> Guarantee:
