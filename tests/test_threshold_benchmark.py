@@ -117,7 +117,7 @@ def test_group_by_gives_the_default_thresholds_false_reject_rate_per_group_of_go
     groups' training images counted, the split shows which rejects are parts the model never saw."""
     import re
 
-    from defectlens.evaluation.threshold_benchmark import CategoryThresholds, ThresholdRow, group_rejects
+    from defectlens.evaluation.threshold_benchmark import CategoryThresholds, ThresholdRow, group_of, group_rejects
 
     rows = [ThresholdRow("pcb", 3, "holdout", "conformal 1 %", threshold=1.0, default=True), ThresholdRow("pcb", 3, "holdout", "tail", threshold=1.0)]
     train = [Path("12000_1.png"), Path("12000_2.png"), Path("90100_3.png")]
@@ -129,5 +129,6 @@ def test_group_by_gives_the_default_thresholds_false_reject_rate_per_group_of_go
     text = markdown([CategoryThresholds("pcb", rows)], "test machine", "padim")
     line = next(line for line in text.splitlines() if line.startswith("| pcb | 3 |"))
     assert "| 1, 0.0 % | 3, 66.7 % |" in line and "12100: 50.0 % (0 / 2)" in line, line
+    assert group_of("x_12.png", re.compile(r"(a)?\d+")) == "12"  # an optional group that did not take part: the whole match
     with pytest.raises(DefectLensError, match="not a regular expression"):
         run_threshold_benchmark(".", group_by="(")

@@ -126,7 +126,7 @@ def group_of(path: str | Path, pattern: re.Pattern) -> str:
     found = pattern.search(Path(path).stem)
     if found is None:
         return NO_GROUP
-    return found.group(1) if pattern.groups else found.group(0)
+    return found.group(1) if pattern.groups and found.group(1) is not None else found.group(0)
 
 
 def group_rejects(rows: list[ThresholdRow], pattern: re.Pattern | None, train: Sequence[Path], test_paths: Sequence[Path],
