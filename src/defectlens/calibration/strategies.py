@@ -111,8 +111,13 @@ def pac_rank(n: int, alpha: float, delta: float) -> int:
     is P(Binomial(n, alpha) >= k) >= 1 - delta. 0 if no k qualifies.
     """
     ks = np.arange(1, n + 1)
-    ok = stats.binom.sf(ks - 1, n, alpha) >= 1.0 - delta - 1e-12
+    ok = _pac_holds(ks, n, alpha, delta)
     return int(ks[ok].max()) if ok.any() else 0
+
+
+def _pac_holds(ranks: int | np.ndarray, n: int, alpha: float, delta: float) -> np.ndarray:
+    """Whether the rank-th largest of n scores keeps the FRR <= alpha with probability >= 1 - delta."""
+    return stats.binom.sf(np.asarray(ranks) - 1, n, alpha) >= 1.0 - delta - 1e-12
 
 
 def frr_upper(rank: int, n: int, confidence: float) -> float:
@@ -140,15 +145,12 @@ def images_needed(alpha: float, delta: float | None = None, rank: int = 1) -> in
     if delta is None:
         return int(math.ceil(rank / alpha - 1.0 - 1e-9))
 
-    def enough(n: int) -> bool:  # as pac_rank: the rank-th largest of n keeps the FRR <= alpha with 1 - delta
-        return bool(stats.binom.sf(rank - 1, n, alpha) >= 1.0 - delta - 1e-12)
-
     low, high = rank - 1, max(rank, int(math.ceil(math.log(delta) / math.log1p(-alpha))))
-    while not enough(high):  # grows with n: bracket, then bisect
+    while not _pac_holds(rank, high, alpha, delta):  # holds from some n on: bracket, then bisect
         low, high = high, 2 * high
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (low, mid) if enough(mid) else (mid, high)
+        low, high = (low, mid) if _pac_holds(rank, mid, alpha, delta) else (mid, high)
     return high
 
 

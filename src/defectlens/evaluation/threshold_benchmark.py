@@ -458,9 +458,10 @@ def groups_table(entries: list[CategoryThresholds]) -> str:
         n = sum(g["test_good"] for g in groups)
         return f"{n}, {_pct(sum(g['frr'] * g['test_good'] for g in groups) / n)}" if n else "-"
 
+    repeated = any(r.draw for e in entries for r in e.rows)
     for r in (r for e in entries for r in e.rows if r.groups):
         each = "; ".join(f"{name}: {_pct(g['frr'])} ({g['train']} / {g['test_good']})" for name, g in r.groups.items())
-        draw = f" (draw {r.draw + 1})" if any(o.draw for e in entries for o in e.rows) else ""
+        draw = f" (draw {r.draw + 1})" if repeated else ""
         lines.append(f"| {r.category} | {r.n_train}{draw} | {pooled([g for g in r.groups.values() if g['train']])} | "
                      f"{pooled([g for g in r.groups.values() if not g['train']])} | {each} |")
     return "\n".join(lines) + "\n"
