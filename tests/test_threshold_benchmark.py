@@ -132,3 +132,43 @@ def test_group_by_gives_the_default_thresholds_false_reject_rate_per_group_of_go
     assert group_of("x_12.png", re.compile(r"(a)?\d+")) == "12"  # an optional group that did not take part: the whole match
     with pytest.raises(DefectLensError, match="not a regular expression"):
         run_threshold_benchmark(".", group_by="(")
+
+
+def test_resplit_pass_rate_is_the_chance_that_one_holdout_meets_the_acceptance():
+    """Pooled held-out and test good scores split again at their sizes: with defects far above
+    every good part recall always matches the oracle's, so a pass is test FRR <= 5 %, which the
+    largest of 19 scores keeps with probability 1 - 0.95 ** 19 (Beta law of the largest)."""
+    from defectlens.evaluation.threshold_benchmark import passes, resplit_pass
+
+    rng = np.random.default_rng(1)
+    good, defect = rng.uniform(size=1000), np.full(50, 10.0)
+    rate, frr95 = resplit_pass(np.max, good[:19], good[19:], defect)
+    assert rate == pytest.approx(1 - 0.95**19, abs=0.07) and 0.05 < frr95 < 0.3
+    assert resplit_pass(np.max, good[:19], good[19:], defect) == (rate, frr95)  # seeded
+    assert resplit_pass(lambda s: np.inf, good[:19], good[19:], defect)[0] == 0.0  # catches nothing the oracle catches
+    assert resplit_pass(lambda s: 2.0, good[:19], good[19:], defect) == (1.0, 0.0)
+    assert passes(0.05, 0.45, 0.5) and not passes(0.06, 0.5, 0.5) and not passes(0.0, 0.44, 0.5) and passes(0.0, 0.0, 0.0)
+
+
+def test_only_holdout_rows_are_split_again_and_the_tables_show_their_pass_rate(monkeypatch):
+    """Fold models' scores are not exchangeable with the deployed model's test scores, so only a
+    holdout's rows get a pass rate; the summary says how many runs passed as drawn and the mean rate."""
+    from defectlens.evaluation import threshold_benchmark
+    from defectlens.evaluation.threshold_benchmark import CategoryThresholds, _rows, summary
+    from defectlens.workflows.fitting import ScoredImages
+
+    monkeypatch.setattr(threshold_benchmark, "RESPLITS", 20)  # each re-split calibrates every rule again
+
+    rng = np.random.default_rng(2)
+    held, test_good, defect = rng.normal(size=199), rng.normal(size=191), rng.normal(3.0, 1.0, size=100)
+    scored = ScoredImages(held, held, np.zeros(199), np.zeros(199))
+    holdout = _rows("c", 761, "holdout", scored, None, test_good, defect, True)
+    folds = _rows("c", 761, "kfold-10", scored, None, test_good, defect, False)
+    assert all(0.0 <= r.resplit_pass <= 1.0 and 0.0 <= r.resplit_frr95 <= 1.0 for r in holdout)
+    assert all(r.resplit_pass is None for r in folds)
+    default = next(r for r in holdout if r.default)
+    assert default.threshold == pytest.approx(np.sort(held)[-2])  # 1 % of 199: the second largest
+    text = summary([CategoryThresholds("c", holdout)])
+    line = next(line for line in text.splitlines() if "**default**" in line)
+    assert f"| {int(default.frr <= 0.05 and default.recall >= 0.9 * default.oracle_same)} of 1 | {default.resplit_pass:.2f} (1) |" in line, line
+    assert "| - |" in markdown([CategoryThresholds("c", folds)], "test machine", "padim")  # no rate where none was measured
