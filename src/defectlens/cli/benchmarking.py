@@ -57,7 +57,7 @@ def _add_modes(p: argparse.ArgumentParser) -> None:
         "measure the threshold rules on every category: with the training images subsampled (--sizes), each rule's "
         "false-reject rate and recall on the real test split beside the best any threshold reaches (the oracle), for "
         "holdout, k-fold and leave-one-out calibration scores (--detector, default patchcore; auto: each size's pick, "
-        "calibrated as fit does); holdout runs also give each rule's pass rate (test FRR <= 5 %, recall >= 0.9 of the "
+        "calibrated as fit does); holdout runs also give each rule's pass rate (test FRR <= 5 %%, recall >= 0.9 of the "
         "oracle's) over re-splits of their held-out and good test scores"))
     p.add_argument("--end-to-end", action="store_true", help=(
         "on one category: images/s of the detector's scoring, the Inspector, and inspect --out with records, overlays and a "
