@@ -127,10 +127,20 @@ def oracle_recall(good: np.ndarray, defect: np.ndarray, frr: float) -> float:
     return float((np.asarray(defect) > t).mean())
 
 
+def within_frr(frr: float) -> bool:
+    """The acceptance's bound on false rejects (to float rounding: 1 of 20 is exactly 5 %)."""
+    return frr <= ORACLE_FRR + 1e-12
+
+
 def passes(frr: float, recall: float, oracle: float) -> bool:
     """The acceptance for one threshold on one test split; where no threshold at that false-reject
     rate catches anything, recall cannot fall short of the oracle's."""
-    return frr <= ORACLE_FRR + 1e-12 and (oracle <= 0 or recall >= ORACLE_SHARE * oracle - 1e-12)
+    return within_frr(frr) and (oracle <= 0 or recall >= ORACLE_SHARE * oracle - 1e-12)
+
+
+def _passing(rows: list[ThresholdRow]) -> int:
+    """How many of these runs pass the acceptance as drawn."""
+    return sum(passes(r.frr, r.recall, r.oracle_same) for r in rows)
 
 
 def resplit_pass(threshold_of, calibration: np.ndarray, test_good: np.ndarray, test_defect: np.ndarray,
@@ -445,12 +455,12 @@ def summary(entries: list[CategoryThresholds]) -> str:
             continue
         same = [r.recall / r.oracle_same for r in rows if r.oracle_same]
         at5 = [r.recall / r.oracle_5 for r in rows if r.oracle_5]
-        ok = sum(r.frr <= ORACLE_FRR + 1e-12 for r in rows)
+        ok = sum(within_frr(r.frr) for r in rows)
         mark = " **default**" if rule == DEFAULT_RULE else ""
         lines.append(f"| {rule}{mark} | {len(rows)} | {ok} of {len(rows)} | {_pct(max(r.frr for r in rows))} | "
                      f"{format_figure(float(np.mean(same)) if same else None, 2)} ({len(same)}) | "
                      f"{format_figure(float(np.mean(at5)) if at5 else None, 2)} ({len(at5)}) | "
-                     f"{sum(passes(r.frr, r.recall, r.oracle_same) for r in rows)} of {len(rows)} | {_mean_pass(rows)} |")
+                     f"{_passing(rows)} of {len(rows)} | {_mean_pass(rows)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -467,7 +477,7 @@ def scheme_summary(entries: list[CategoryThresholds]) -> str:
     for name in dict.fromkeys(kind(r) for r in rows):
         group = [r for r in rows if kind(r) == name]
         same = [r.recall / r.oracle_same for r in group if r.oracle_same]
-        ok = sum(r.frr <= ORACLE_FRR + 1e-12 for r in group)
+        ok = sum(within_frr(r.frr) for r in group)
         lines.append(f"| {name} | {len(group)} | {ok} of {len(group)} | {_pct(max(r.frr for r in group))} | "
                      f"{format_figure(float(np.mean(same)) if same else None, 2)} ({len(same)}) |")
     return "\n".join(lines) + "\n"
@@ -498,9 +508,9 @@ def draws_table(entries: list[CategoryThresholds]) -> str:
         ratio = [r.recall / r.oracle_same for r in group if r.oracle_same]  # as in summary: no ratio where no threshold catches any
         schemes = ", ".join(sorted({f"{r.scheme} ({r.n_calibration})" for r in group}))
         lines.append(f"| {key[0]} | {key[1]} | {schemes} | {len(group)} | {_pct(float(frr.mean()))} | {_pct(float(frr.max()))} | "
-                     f"{int((frr > ORACLE_FRR + 1e-12).sum())} | {format_figure(float(np.mean(ratio)) if ratio else None, 2)} "
+                     f"{sum(not within_frr(f) for f in frr)} | {format_figure(float(np.mean(ratio)) if ratio else None, 2)} "
                      f"({format_figure(float(np.min(ratio)) if ratio else None, 2)}) | "
-                     f"{sum(passes(r.frr, r.recall, r.oracle_same) for r in group)} | {_mean_pass(group)} |")
+                     f"{_passing(group)} | {_mean_pass(group)} |")
     return "\n".join(lines) + "\n"
 
 
