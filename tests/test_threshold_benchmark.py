@@ -77,7 +77,7 @@ def test_repeated_draws_calibrate_as_fit_does_and_tabulate_the_spread(tiny_datas
     assert [r.draw for r in default] == [0, 1, 2] and {r.scheme for r in entry.rows} == {"kfold-8"} and not entry.folds
     assert len({r.threshold for r in default}) > 1  # each draw has its own folds, so its own threshold
     text = markdown([entry], "test machine", "padim")
-    assert "over repeated draws" in text and "| 8 (draw 3) | kfold-8 (8) | conformal 1 % **default** |" in text
+    assert "over repeated draws" in text and "| 8 (draw 3) | kfold-8 (8) | conformal 2 % **default** |" in text
     for r in default:  # the test's good images are 000-003: one group, whose training images each draw counts
         assert list(r.groups) == ["0"] and r.groups["0"]["test_good"] == 4 and r.groups["0"]["frr"] == pytest.approx(r.frr)
     assert "per group of good test images" in text and "| discs | 8 (draw 2) |" in text
@@ -167,8 +167,15 @@ def test_only_holdout_rows_are_split_again_and_the_tables_show_their_pass_rate(m
     assert all(0.0 <= r.resplit_pass <= 1.0 and 0.0 <= r.resplit_frr95 <= 1.0 for r in holdout)
     assert all(r.resplit_pass is None for r in folds)
     default = next(r for r in holdout if r.default)
-    assert default.threshold == pytest.approx(np.sort(held)[-2])  # 1 % of 199: the second largest
+    assert default.threshold == pytest.approx(np.sort(held)[-4])  # 2 % of 199: the fourth largest
     text = summary([CategoryThresholds("c", holdout)])
     line = next(line for line in text.splitlines() if "**default**" in line)
     assert f"| {int(default.frr <= 0.05 and default.recall >= 0.9 * default.oracle_same)} of 1 | {default.resplit_pass:.2f} (1) |" in line, line
     assert "| - |" in markdown([CategoryThresholds("c", folds)], "test machine", "padim")  # no rate where none was measured
+
+
+def test_the_benchmarks_default_rule_is_what_fit_does():
+    from defectlens.calibration.settings import CalibrationSettings
+    from defectlens.evaluation.threshold_benchmark import DEFAULT_RULE, RULES
+
+    assert CalibrationSettings(**RULES[DEFAULT_RULE]) == CalibrationSettings()

@@ -73,13 +73,13 @@ FAR_AT_MOST = 3  # more than this many far out is a heavy tail, not a few unusua
 
 
 def _outlier_note(good: np.ndarray, threshold: float, files: Sequence[str], synthetic: np.ndarray, shared_from: int | None = None) -> list[str]:
-    """When the good score that sets the threshold (the largest, or from 199 images on at 1 % the
+    """When the good score that sets the threshold (the largest, or from 99 images on at 2 % the
     second largest) stands far above the rest, alone or with one or two others, a few unusual
     calibration images decide how much the detector may catch: say which (MVTec bottle's 30
     held-out images under PaDiM: 138 and 111 against a median of 27, 9.5 and 7.2 robust spreads
     above it), and what they cost: this is where a threshold gives up recall, and the user can
     only judge it with the price beside it. ``shared_from``: the number of calibration images
-    from which the target's threshold is the second largest score (199 for 1 %)."""
+    from which the target's threshold is the second largest score (99 for 2 %, 199 for 1 %)."""
     order = np.argsort(good)[::-1]
     rank = int((good >= threshold).sum())  # the threshold is the rank-th largest good score
     if good.size < 5 or not 1 <= rank <= FAR_AT_MOST or rank >= good.size or threshold != good[order[rank - 1]]:

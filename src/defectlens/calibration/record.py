@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy.special import expit
 
-from defectlens.calibration.strategies import frr_upper, robust_std
+from defectlens.calibration.strategies import frr_upper, images_needed, robust_std
 from defectlens.calibration.symmetry import asymmetry, asymmetry_torch
 from defectlens.errors import DefectLensError
 
@@ -163,7 +163,12 @@ def _count(value: int | None) -> str:
 
 def guarantee_sentence(g: dict) -> str:
     """e.g. '21 images: FRR <= 4.5 % guaranteed on average (...), <= 10 % for this calibration set
-    with 90 % confidence; the 1 % target needs >= 99 images'.
+    with 90 % confidence; the 2 % target needs >= 49 images'.
+
+    Where the target is met by the largest score alone (2 % from 49 to 98 images), it says so and
+    from how many images a lower threshold keeps the target: the threshold then sits on one
+    image, and recall below what the detector could reach is the price of the images' number,
+    which the user can only act on if told.
 
     The average is over calibration sets, and one set of 20 images lands anywhere from about 0 to
     11 % (``strategies.frr_upper``): a user who reads only the average is surprised by a 9 % week
@@ -176,6 +181,10 @@ def guarantee_sentence(g: dict) -> str:
                  f"with {100 * SPREAD_CONFIDENCE:g} % confidence")
     if not g["achievable"]:
         text += f"; the {100 * g['target']:g} % target needs >= {g['images_needed']} images"
+    elif int(g["rank"]) == 1 and g.get("target") is not None:  # met, but by the largest score alone
+        delta = None if g.get("confidence") is None else 1.0 - g["confidence"]
+        text += (f"; only the largest score meets the {100 * g['target']:g} % target, so one image sets the threshold: "
+                 f"a lower one needs >= {images_needed(g['target'], delta, rank=2)} images")
     return text
 
 

@@ -92,10 +92,10 @@ def _find_mask(root: Path, defect_type: str, image: Path) -> Path | None:
 MIN_HOLDOUT = 30
 MIN_HOLDOUT_FROM = 100
 # With 597+ good images, at least 199 are held out (while two thirds remain): from 199 calibration
-# images on, the default 1 % threshold is the second largest good score, not the largest, so one
-# unusual held-out image no longer sets it alone. On Magnetic Tile (761 images, PaDiM, 12 draws;
-# docs/thresholds.md) the largest of 76 caught 0.77 of the oracle's recall at the same test FRR
-# (worst 0.39; test FRR worst 2.6 %), the second largest of 199, fitted on 562 images instead of
+# images on, a 1 % threshold is the second largest good score and the default 2 % the fourth, so
+# one unusual held-out image no longer sets it alone. On Magnetic Tile (761 images, PaDiM, 12 draws;
+# docs/thresholds.md), at 1 %, the largest of 76 caught 0.77 of the oracle's recall at the same test
+# FRR (worst 0.39; test FRR worst 2.6 %), the second largest of 199, fitted on 562 images instead of
 # 685, 0.84 (worst 0.60; 1.0 %).
 SHARED_HOLDOUT = 199
 SHARED_HOLDOUT_FROM = 3 * SHARED_HOLDOUT
