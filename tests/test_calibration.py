@@ -249,6 +249,8 @@ def test_a_target_met_by_the_largest_score_alone_says_from_how_many_images_a_low
     pac = calibrate_scores(np.linspace(1, 2, 50), np.linspace(1, 2, 50), CalibrationSettings(target_frr=0.05, confidence=0.9))
     assert "a lower one needs >= 77 images" in pac.describe()  # the second largest keeps 5 % at 90 % from 77 images
     assert "only the largest" not in calibrate_scores(np.linspace(1, 2, 99), np.linspace(1, 2, 99)).describe()  # the second largest
+    outlier = calibrate_scores(np.r_[np.linspace(1.0, 1.2, 49), 3.0], np.linspace(1, 2, 50))
+    assert any("set by one calibration image" in n and "no longer sets" not in n for n in outlier.notes), outlier.notes  # said once
 
 
 def test_tail_rule_beyond_the_largest_score_says_so():

@@ -173,7 +173,7 @@ def calibrate_scores(
                                  bound <= settings.target_frr, st.images_needed(settings.target_frr))
     good_files = files[: good.size] if len(files) == good.size + defect.size else ()  # good files come first, each one named
     shared_from = None
-    if settings.strategy == "target_frr":
+    if settings.strategy == "target_frr" and not guarantee.achievable:  # where it is, the guarantee's sentence says this
         shared_from = st.images_needed(settings.target_frr, None if settings.confidence is None else 1.0 - settings.confidence, rank=2)
     notes = _outlier_note(good, threshold, good_files, synthetic, shared_from)
     if threshold > good.max():
