@@ -83,11 +83,13 @@ def test_errors_name_the_input(tmp_path):
         load_dataset(tmp_path)
 
 
-@pytest.mark.parametrize(("n", "held"), [(40, 4), (112, 28), (209, 30), (596, 60), (597, 199), (761, 199), (1000, 199), (3000, 300)])
+@pytest.mark.parametrize(("n", "held"), [(40, 4), (112, 28), (209, 30), (395, 40), (396, 99), (596, 99), (597, 199), (761, 199),
+                                         (1000, 199), (3000, 300)])
 def test_holdout_keeps_enough_images_for_a_useful_promise(n, held):
     """A tenth, but with 100+ images at least 30 (the largest of 30 promises FRR <= 3.2 %) while
-    three quarters remain to fit on, and with 597+ at least 199 (the 1 % threshold is then the
-    second largest score) while two thirds remain; small sets keep a tenth and are calibrated by k-fold."""
+    three quarters remain to fit on, with 396+ at least 99 (the 2 % threshold is then the second
+    largest score) while three quarters remain, and with 597+ at least 199 (the fourth; 1 %: the
+    second) while two thirds remain; small sets keep a tenth and are calibrated by k-fold."""
     from defectlens.data.datasets import _split_validation
 
     paths = [Path(f"{i:04d}.png") for i in range(n)]

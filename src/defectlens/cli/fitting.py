@@ -17,7 +17,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="model file to write (.dlens)")
     p.add_argument("--validation-fraction", type=float, default=0.1, help=(
         "good images held out to calibrate the threshold (default: 0.1; with 100+ images at least 30, "
-        "while three quarters remain to fit on; with 597+ at least 199, so that one image no longer sets the threshold alone)"))
+        "while three quarters remain to fit on; with 396+ at least 99, and with 597+ at least 199 while two thirds remain, "
+        "so that one image no longer sets the threshold alone)"))
     p.add_argument("--scheme", choices=SCHEMES, default="auto", help=(
         "where unseen good scores come from: holdout, kfold (few images: k models score the images they did not see), "
         "single-image (one image, augmented); auto picks holdout with 10+ held-out images, else kfold (default: auto)"))

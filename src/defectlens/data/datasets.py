@@ -99,6 +99,15 @@ MIN_HOLDOUT_FROM = 100
 # 685, 0.84 (worst 0.60; 1.0 %).
 SHARED_HOLDOUT = 199
 SHARED_HOLDOUT_FROM = 3 * SHARED_HOLDOUT
+# The same step at the default 2 % target: from 396 good images, at least 99 are held out (while
+# three quarters remain), so the threshold is the second largest held-out score. On Magnetic Tile
+# and DeepPCB subsampled to 400 and 500 images (their full-size picks, padim/blocks and tiled PaDiM,
+# 3-6 draws each, a script outside the project; docs/thresholds.md) the acceptance's pass rate over
+# re-splits rose from 0.56-0.66 to 0.68-0.80 and the 95th percentile of test FRR fell from 5.5-7.8 %
+# to 4.7-5.4 %, for 1-2 points of the detector's recall at 2 % false rejects; at 300 images (two
+# thirds remaining) the detector lost 10 points, so the step starts where three quarters remain.
+SECOND_HOLDOUT = 99
+SECOND_HOLDOUT_FROM = 4 * SECOND_HOLDOUT
 
 
 def _split_validation(good: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -107,6 +116,8 @@ def _split_validation(good: list[Path], fraction: float, seed: int) -> tuple[lis
     n_val = round(len(good) * fraction)
     if len(good) >= MIN_HOLDOUT_FROM:
         n_val = max(n_val, min(MIN_HOLDOUT, len(good) // 4))
+    if len(good) >= SECOND_HOLDOUT_FROM:
+        n_val = max(n_val, SECOND_HOLDOUT)
     if len(good) >= SHARED_HOLDOUT_FROM:
         n_val = max(n_val, SHARED_HOLDOUT)
     n_val = min(len(good) - 1, max(1, n_val))

@@ -3,7 +3,7 @@
 For every category, with the training images subsampled (20, 50, all), it fits one detector as
 ``fit`` would and sets the threshold by each rule from each source of unseen good scores:
 
-* holdout (10 % of the good images never fitted on, at least 30, and 199 from 597 images: what
+* holdout (10 % of the good images never fitted on, at least 30, 99 from 396 and 199 from 597 images: what
   ``fit`` does with 100+ images);
 * k-fold with 5 and 10 folds, and leave-one-out up to 20 images (what ``fit`` does with fewer):
   each fold's model scores the images it did not see; the deployed model is then fitted on all,
