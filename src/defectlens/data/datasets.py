@@ -104,7 +104,7 @@ SHARED_HOLDOUT_FROM = 3 * SHARED_HOLDOUT
 # and DeepPCB subsampled to 400 and 500 images (their full-size picks, padim/blocks and tiled PaDiM,
 # 3-6 draws each, a script outside the project; docs/thresholds.md) the acceptance's pass rate over
 # re-splits rose from 0.56-0.66 to 0.68-0.80 and the 95th percentile of test FRR fell from 5.5-7.8 %
-# to 4.7-5.4 %, for 1-2 points of the detector's recall at 2 % false rejects; at 300 images (two
+# to 4.7-5.4 %, for 1.0-2.3 points of the detector's recall at 2 % false rejects; at 300 images (two
 # thirds remaining) the detector lost 10 points, so the step starts where three quarters remain.
 SECOND_HOLDOUT = 99
 SECOND_HOLDOUT_FROM = 4 * SECOND_HOLDOUT
