@@ -181,7 +181,7 @@ def guarantee_sentence(g: dict) -> str:
                  f"with {100 * SPREAD_CONFIDENCE:g} % confidence")
     if not g["achievable"]:
         text += f"; the {100 * g['target']:g} % target needs >= {g['images_needed']} images"
-    elif int(g["rank"]) == 1 and g.get("target") is not None:  # met, but by the largest score alone
+    elif int(g["rank"]) == 1:  # met, but by the largest score alone
         delta = None if g.get("confidence") is None else 1.0 - g["confidence"]
         text += (f"; only the largest score meets the {100 * g['target']:g} % target, so one image sets the threshold: "
                  f"a lower one needs >= {images_needed(g['target'], delta, rank=2)} images")
